@@ -1,0 +1,76 @@
+"""Input checks shared by every public function.
+
+Errors follow DESIGN.md: ``ValueError`` for shapes, ranks and arguments, ``TypeError`` for dtype and
+device, with the offending value in the message, raised before any kernel launches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    """Check that ``t`` is a floating-point tensor with the expected number of dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_device_dtype(named: dict[str, torch.Tensor | None]) -> tuple[torch.device, torch.dtype]:
+    """All given (non-None) tensors share one device and one dtype; returns them."""
+    items = [(k, v) for k, v in named.items() if v is not None]
+    if not items:
+        raise ValueError("no tensors given")
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.device != t0.device:
+            raise TypeError(f"{name} is on {t.device} but {name0} is on {t0.device}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {name0} has dtype {t0.dtype}")
+    return t0.device, t0.dtype
+
+
+def check_dim(actual: int, expected: int, what: str) -> None:
+    if actual != expected:
+        raise ValueError(f"{what}: expected {expected}, got {actual}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``t`` holds NaN or Inf (costs a reduction: use on slow paths only)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}={dim} is out of range for a {ndim}-D tensor")
+    return dim % ndim
+
+
+def as_list(tensors: Iterable[torch.Tensor] | torch.Tensor, name: str) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name} must be a list/tuple of tensors, got a single tensor")
+    out = list(tensors)
+    if not out:
+        raise ValueError(f"{name} must not be empty")
+    return out

@@ -1,0 +1,1 @@
+"""Adapters: spectral (heavy-tailed) LoRA rank allocation and TensLoRA tensor adapters."""

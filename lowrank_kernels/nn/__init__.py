@@ -1,0 +1,1 @@
+"""Low-rank and LoRA modules (drop-in replacements for nn.Linear)."""

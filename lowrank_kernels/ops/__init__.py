@@ -1,0 +1,6 @@
+"""Functional ops. Each stem has a pure-PyTorch ``<op>_ref`` (the oracle and CPU fallback), its
+autograd/custom-op registration and the public function. Dispatch is decided in ``backend.py``."""
+
+from .pad_slices import gather_slices, pad_slices
+
+__all__ = ["gather_slices", "pad_slices"]

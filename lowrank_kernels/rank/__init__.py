@@ -1,0 +1,1 @@
+"""Adaptive rank: stable-rank estimation, RankController, resize with optimizer-state remap."""

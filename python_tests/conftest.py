@@ -1,0 +1,57 @@
+"""Shared pytest setup.
+
+Without a visible GPU the Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must be
+set before ``triton`` is first imported, which is why it happens here, at collection time.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Every test sees the default backend unless it asks for one (a user's env must not leak in).
+os.environ.pop("LOWRANK_KERNELS_BACKEND", None)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (runs on the GPU machine only)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on the CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels (interpreted on CPU, compiled on GPU)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", "triton")
+    return "triton"
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", "torch")
+    return "torch"
