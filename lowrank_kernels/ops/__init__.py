@@ -1,6 +1,7 @@
 """Functional ops. Each stem has a pure-PyTorch ``<op>_ref`` (the oracle and CPU fallback), its
 autograd/custom-op registration and the public function. Dispatch is decided in ``backend.py``."""
 
+from .lowrank_matmul import lowrank_matmul, lowrank_matmul_ref
 from .pad_slices import gather_slices, pad_slices
 
-__all__ = ["gather_slices", "pad_slices"]
+__all__ = ["gather_slices", "lowrank_matmul", "lowrank_matmul_ref", "pad_slices"]

@@ -1,0 +1,194 @@
+"""``LowRankLinear``: a drop-in ``nn.Linear`` whose weight is kept factored as ``W = U V``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._checks import check_positive_int
+from ..ops.lowrank_matmul import lowrank_matmul
+
+
+@dataclass
+class ResizeInfo:
+    """What :meth:`LowRankLinear.resize` did, for remapping optimizer state.
+
+    Shapes: ``left`` and ``right`` are ``(old_rank, new_rank)``; ``singular_values`` is ``(new_rank,)``
+    (the singular values of the new ``U V``, descending, zeros for added directions).
+
+    Exact relations (``k = min(old_rank, new_rank)`` kept directions, the rest ``added`` ones):
+
+    * parameters: ``U_new = U_old @ left`` and ``V_new[:k] = right[:, :k]^T @ V_old``. ``left[:, k:]``
+      and ``right[:, k:]`` are zero: added columns of ``U`` are zero, added rows of ``V`` are new
+      directions orthogonal to the row space of ``V_old`` (so they are *not* ``right^T V_old``).
+      The ``U`` relation is exact when ``U_old`` has full column rank (the generic case; otherwise
+      ``left`` is the least-squares map and ``U_new`` itself is still exact), likewise for ``V``.
+    * gradients (hence Adam's first moment, an average of gradients) transform the other way round:
+      ``dL/dU_new[:, :k] = dL/dU_old @ right[:, :k]`` and ``dL/dV_new = left^T @ dL/dV_old`` (the
+      added rows get 0). These are exact when the resize keeps the function (growing, or resizing to
+      the same rank) and a first-order approximation when shrinking. Use :meth:`map_grad_U` /
+      :meth:`map_grad_V`. Elementwise second moments have no exact map; a caller may map
+      ``sqrt(v)`` like a gradient, or reset them.
+    """
+
+    old_rank: int
+    new_rank: int
+    left: torch.Tensor
+    right: torch.Tensor
+    singular_values: torch.Tensor
+
+    @property
+    def added(self) -> int:
+        """How many new directions were appended (the last ``added`` columns of U / rows of V)."""
+        return max(0, self.new_rank - self.old_rank)
+
+    def map_param_U(self, t: torch.Tensor) -> torch.Tensor:
+        """``(out, old_rank) -> (out, new_rank)`` the way ``U`` was mapped (added columns zero)."""
+        return t @ self.left.to(t.dtype)
+
+    def map_param_V(self, t: torch.Tensor) -> torch.Tensor:
+        """``(old_rank, in) -> (new_rank, in)`` the way the kept rows of ``V`` were mapped (added rows zero)."""
+        return self.right.to(t.dtype).t() @ t
+
+    def map_grad_U(self, t: torch.Tensor) -> torch.Tensor:
+        """``(out, old_rank) -> (out, new_rank)``: a gradient (or Adam ``exp_avg``) of ``U``."""
+        return t @ self.right.to(t.dtype)
+
+    def map_grad_V(self, t: torch.Tensor) -> torch.Tensor:
+        """``(old_rank, in) -> (new_rank, in)``: a gradient (or Adam ``exp_avg``) of ``V``."""
+        return self.left.to(t.dtype).t() @ t
+
+
+class LowRankLinear(nn.Module):
+    """``y = x (U V)^T + bias`` computed as ``(x V^T) U^T + bias`` by :func:`ops.lowrank_matmul`.
+
+    Parameters: ``U (out_features, rank)``, ``V (rank, in_features)``, ``bias (out_features,)`` or None.
+    Input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        check_positive_int(in_features, "in_features")
+        check_positive_int(out_features, "out_features")
+        check_positive_int(rank, "rank")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.V = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def reset_parameters(self) -> None:
+        """Entries of ``U V`` get variance ``1 / (3 in)``, as ``nn.Linear``'s default init gives ``W``."""
+        bound_v = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.V, -bound_v, bound_v)  # Var = 1 / (3 in)
+        nn.init.uniform_(self.U, -math.sqrt(3.0 / self.rank), math.sqrt(3.0 / self.rank))  # Var = 1 / r
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound_v, bound_v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowrank_matmul(x, self.U, self.V, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+    # ------------------------------------------------------------------------------- conversions
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
+        """Best rank-``rank`` approximation of ``linear`` (truncated SVD, split ``U = U_r sqrt(S)``,
+        ``V = sqrt(S) Vh_r``), on the same device and dtype; the bias is copied."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_positive_int(rank, "rank")
+        out_f, in_f = linear.weight.shape
+        if rank > min(out_f, in_f):
+            raise ValueError(f"rank={rank} exceeds min(out_features, in_features) = {min(out_f, in_f)}")
+        w = linear.weight.detach()
+        layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            layer.U.copy_(u[:, :rank] * root)
+            layer.V.copy_(root[:, None] * vh[:rank])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with weight ``U V`` (product formed in fp64) and the same bias."""
+        u = self.U.detach()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=u.device, dtype=u.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(u.double() @ self.V.detach().double())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.detach())
+        return linear
+
+    # ----------------------------------------------------------------------------------- resize
+    @torch.no_grad()
+    def resize(self, new_rank: int) -> ResizeInfo:
+        """Change the rank in place; ``self.U`` / ``self.V`` stay the same ``Parameter`` objects.
+
+        The SVD of ``U V`` is found without forming it: ``U = Q_U R_U``, ``V^T = Q_V R_V`` (QR), then
+        the SVD ``P S Q^T`` of the ``r x r`` core ``R_U R_V^T``; so ``U V = (Q_U P) S (Q_V Q)^T``. The
+        new factors are ``U = Q_U P sqrt(S)``, ``V = sqrt(S) (Q_V Q)^T`` (balanced, descending
+        singular values), truncated to the top ``new_rank`` when shrinking (the best rank-``new_rank``
+        approximation). Growing keeps ``U V`` exactly: the added columns of ``U`` are zero and the added
+        rows of ``V`` are an orthonormal completion of ``V``'s row space, scaled by ``sqrt`` of the
+        smallest kept singular value (zero singular values for the new directions, yet ``dL/dU`` of the
+        new columns is non-zero so they can learn; two zero factors would be a saddle point).
+
+        Raises ``ValueError`` when ``new_rank`` exceeds ``min(in_features, out_features)``. Returns a
+        :class:`ResizeInfo` describing how parameters and gradients map (for optimizer state).
+        Computed in fp64 on the parameters' device.
+        """
+        check_positive_int(new_rank, "new_rank")
+        if new_rank > min(self.in_features, self.out_features):
+            raise ValueError(f"new_rank={new_rank} exceeds min(in_features, out_features) = "
+                             f"{min(self.in_features, self.out_features)}")
+        old = self.rank
+        dtype = self.U.dtype
+        q_u, r_u = torch.linalg.qr(self.U.double())  # (out, r), (r, r)
+        q_v, r_v = torch.linalg.qr(self.V.double().t())  # (in, r), (r, r)
+        p, s, qh = torch.linalg.svd(r_u @ r_v.t())
+        k = min(old, new_rank)
+        root = s[:k].sqrt()
+        u_new = (q_u @ p[:, :k]) * root
+        v_new = root[:, None] * (qh[:k] @ q_v.t())
+        # left/right as least-squares maps (exact for full-rank factors): U_old @ left = U_new etc.
+        left = torch.zeros(old, new_rank, dtype=torch.float64, device=s.device)
+        right = torch.zeros_like(left)
+        left[:, :k] = torch.linalg.pinv(r_u) @ (p[:, :k] * root)
+        right[:, :k] = torch.linalg.pinv(r_v) @ (qh[:k].t() * root)
+        sv = torch.zeros(new_rank, dtype=torch.float64, device=s.device)
+        sv[:k] = s[:k]
+        if new_rank > old:
+            extra = new_rank - old
+            u_new = torch.cat([u_new, u_new.new_zeros(self.out_features, extra)], dim=1)
+            v_new = torch.cat([v_new, self._completion(q_v, extra, s)], dim=0)
+        self.U.data = u_new.to(dtype).contiguous()
+        self.V.data = v_new.to(dtype).contiguous()
+        return ResizeInfo(old, new_rank, left.to(dtype), right.to(dtype), sv.to(dtype))
+
+    @staticmethod
+    def _completion(q: torch.Tensor, extra: int, s: torch.Tensor) -> torch.Tensor:
+        """``(extra, n)`` orthonormal rows orthogonal to the columns of ``q (n, r)``, scaled by ``sqrt(s_min)``."""
+        n = q.shape[0]
+        g = torch.randn(n, extra, dtype=q.dtype, device=q.device)
+        for _ in range(2):  # project twice: one Gram-Schmidt pass loses orthogonality in floating point
+            g = g - q @ (q.t() @ g)
+        basis, _ = torch.linalg.qr(g)
+        positive = s[s > 0]
+        scale = positive.min().sqrt() if positive.numel() else torch.ones((), dtype=q.dtype, device=q.device)
+        return basis.t() * scale
