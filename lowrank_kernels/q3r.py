@@ -1,0 +1,427 @@
+"""Q3R: quadratic reweighted rank regularizer (Nguyen, Ghosh, Kuemmerle 2025, arXiv:2511.04485).
+
+One *operator* per regularised weight matrix, or per slice of a fused one (QKV). Every ``steps`` calls of
+:meth:`Q3R.update` the operator is rebuilt from the current weight ``X (m, n)``: the top singular triplets
+come from :func:`ops.truncated_svd` (rank ``r + 1`` plus oversampling, never a full SVD), ``eps`` moves by
+its schedule, and the triplets with ``sigma_i > eps`` are kept as ``U (m, k)``, ``sigma (k,)``, ``V (n, k)``.
+With ``d_i = min(eps / sigma_i, 1) - 1``, ``L = I + U diag(d) U^T`` and ``R = I + V diag(d) V^T``:
+
+* value ``Q(X) = lmbda <X, L X R>`` (differentiable in ``X``: :attr:`Q3R.val` can be added to a loss);
+* gradient ``G(X) = 2 lmbda L X R = 2 lmbda (X + A B)`` with the rank-``2k`` factors
+  ``A = [U, Q D]`` and ``B = [D (P + C D V^T); V^T]``, ``P = U^T X``, ``Q = X V``, ``C = U^T X V``,
+  so no ``m x m`` or ``n x n`` matrix is ever formed.
+
+Differences from the seed (the authors' research code), on purpose:
+
+* ``target_rank`` as a float is a fraction of ``min(m, n)`` (the seed takes it of ``max(m, n)``, contrary
+  to its own documentation) and an int is an absolute rank (the seed scales it by ``max/min``).
+* ``val`` is differentiable (the seed's is detached, so adding it to the loss did nothing).
+* :func:`extract_linear` selects only the named targets and keeps fused slices (the seed regularises
+  every ``nn.Linear`` and drops the slices).
+* Singular vectors come from a randomized truncated SVD seeded per operator and refresh, so results are
+  reproducible, independent of the global RNG and identical between one process and DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import distributed as _dist
+from . import ops
+from .ops.pad_slices import normalize_slices
+
+EPS_START = 1e8
+SCHEDULES = ("default", "linear", "constant", "exploration")
+Rank = int | float
+
+
+# ------------------------------------------------------------------------------------------ extract_linear
+def _matches(name: str, pattern: str | Sequence[str]) -> bool:
+    """PEFT's rule: a string is a regex that must match the full name; a list matches by name suffix."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == t or name.endswith("." + t) for t in pattern)
+
+
+def extract_linear(model: nn.Module, target_modules: str | Sequence[str] | None = None,
+                   fused: Mapping[str, int | Sequence[Sequence[int]]] | None = None) -> dict:
+    """The ``{module: slices or None}`` mapping that :class:`Q3R` and ``AdamQ3R`` take.
+
+    Args:
+        model: any module; only submodules with a 2-D ``weight`` (``nn.Linear`` and subclasses) qualify.
+        target_modules: ``None`` selects every ``nn.Linear``; a string is a regex matched against the full
+            module name; a list of strings matches names equal to or ending in ``"." + item`` (as PEFT).
+        fused: ``{name: n}`` splits the output rows of the matching modules into ``n`` equal slices
+            (``{"qkv": 3}``), ``{name: [(start, stop), ...]}`` gives the slices explicitly. Names match as in
+            a ``target_modules`` list; each key must match at least one selected module.
+
+    Returns:
+        an ordered dict (module order of ``model.named_modules()``) of module -> ``None`` (regularise the
+        whole weight) or a list of ``(start, stop)`` row slices (one operator per slice).
+    """
+    if target_modules is not None and not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got "
+                             f"{target_modules!r}")
+    fused = dict(fused or {})
+    out: dict[nn.Module, list[tuple[int, int]] | None] = {}
+    used_keys: set[str] = set()
+    for name, module in model.named_modules():
+        if target_modules is None:
+            if not isinstance(module, nn.Linear):
+                continue
+        elif not name or not _matches(name, target_modules):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"target module {name!r} ({type(module).__name__}) has no 2-D weight to regularise")
+        slices = None
+        for key, spec in fused.items():
+            if _matches(name, [key]):
+                used_keys.add(key)
+                slices = _fused_slices(name, spec, weight.shape[0])
+        out[module] = slices
+    if not out:
+        raise ValueError(f"no module of {type(model).__name__} matches target_modules={target_modules!r}")
+    unused = sorted(set(fused) - used_keys)
+    if unused:
+        raise ValueError(f"fused keys {unused} match no selected module (target_modules={target_modules!r})")
+    return out
+
+
+def _fused_slices(name: str, spec, rows: int) -> list[tuple[int, int]]:
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1 or rows % spec:
+            raise ValueError(f"fused[{name!r}] = {spec}: cannot split {rows} output rows into {spec} equal slices")
+        step = rows // spec
+        return [(i * step, (i + 1) * step) for i in range(spec)]
+    try:
+        return normalize_slices(spec, rows)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"fused[{name!r}]: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ the operator
+def resolve_rank(spec: Rank, m: int, n: int, where: str = "target_rank") -> int:
+    """A float in (0, 1) is a fraction of ``min(m, n)`` (floored, at least 1); an int >= 1 is absolute."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, float)):
+        raise TypeError(f"{where} must be an int or a float, got {type(spec).__name__} {spec!r}")
+    if isinstance(spec, float):
+        if not 0.0 < spec < 1.0:
+            raise ValueError(f"{where} = {spec}: a float target rank must lie in (0, 1) (a fraction of "
+                             f"min(m, n)); pass an int for an absolute rank")
+        return max(1, int(spec * min(m, n)))
+    if spec < 1:
+        raise ValueError(f"{where} = {spec}: an int target rank must be >= 1")
+    return spec
+
+
+class _Operator:
+    """State of one reweighting operator: the kept triplets, eps and the schedule's anchor eps0."""
+
+    def __init__(self, weight: torch.Tensor, rows: tuple[int, int] | None, rank: int, name: str):
+        self.weight, self.rows, self.rank, self.name = weight, rows, rank, name
+        self.m = weight.shape[0] if rows is None else rows[1] - rows[0]
+        self.n = weight.shape[1]
+        self.cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.eps, self.eps0 = EPS_START, None
+        self.set_triplets(*self.empty())
+
+    def empty(self):
+        kw = dict(dtype=self.cdtype, device=self.weight.device)
+        return torch.zeros(self.m, 0, **kw), torch.zeros(0, **kw), torch.zeros(0, self.n, **kw)
+
+    def set_triplets(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+        self.U, self.S, self.Vh = U.contiguous(), S.contiguous(), Vh.contiguous()
+        self.d = (self.eps / S).clamp(max=1.0) - 1.0 if S.numel() else S.clone()
+
+    @property
+    def k(self) -> int:
+        return self.S.numel()
+
+    def view(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.rows is None else w[self.rows[0]:self.rows[1]]
+
+    def thin(self, X: torch.Tensor):
+        """``P = U^T X (k, n)``, ``Q = X V (m, k)``, ``C = P V (k, k)`` in the compute dtype."""
+        P = self.U.T @ X
+        return P, X @ self.Vh.T, P @ self.Vh.T
+
+    def factors(self, X: torch.Tensor):
+        """``(A (m, 2k), B (2k, n))`` with ``L X R = X + A B``; ``(None, None)`` when no triplet is kept."""
+        if self.k == 0:
+            return None, None
+        d = self.d
+        P, Q, C = self.thin(X)
+        Pt = d[:, None] * torch.addmm(P, C * d[None, :], self.Vh)
+        return torch.cat([self.U, Q * d[None, :]], dim=1), torch.cat([Pt, self.Vh], dim=0)
+
+    def value(self, X: torch.Tensor) -> torch.Tensor:
+        v = X.square().sum()
+        if self.k:
+            d = self.d
+            P, Q, C = self.thin(X)
+            v = v + (d * P.square().sum(1)).sum() + (d * Q.square().sum(0)).sum() + (d[:, None] * d * C.square()).sum()
+        return v
+
+
+def _svd(X: torch.Tensor, k: int, seed: int, oversample: int, n_iter: int):
+    """Top-``k`` triplets of ``X``; the randomized sketch is seeded so every rank/run draws the same."""
+    truncated = getattr(ops, "truncated_svd", None)
+    if k >= min(X.shape) or truncated is None:
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k]
+    devices = [X.device] if X.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return truncated(X, k, oversample=oversample, n_iter=n_iter)
+
+
+# ------------------------------------------------------------------------------------------------ Q3R
+class Q3R:
+    """The Q3R regularizer over a set of weights (see the module docstring for the maths).
+
+    Args:
+        trainable_modules: ``{module: None | [(start, stop), ...]}`` as returned by :func:`extract_linear`
+            (an iterable of modules means ``None`` for each). Each whole weight or each row slice gets one
+            operator.
+        target_rank: float in (0, 1) = fraction of ``min(m, n)``; int >= 1 = absolute rank; or a list with
+            one entry per operator (modules in order, slices in order within a module).
+        lmbda: regularisation strength (>= 0).
+        steps: rebuild the operators every ``steps`` calls of :meth:`update` (the first call rebuilds).
+        epsilon_schedule: ``"default"`` eps <- min(eps, sigma_{r+1}) starting from 1e8; ``"linear"``
+            geometric decay from sigma_{r+1} at the first rebuild to ``eps_min`` over ``N`` update calls;
+            ``"constant"`` eps = ``epsilon`` (or sigma_{r+1} of the first rebuild when ``epsilon`` is None);
+            ``"exploration"`` eps = sigma_{r+1} at every rebuild.
+        oversample, n_iter: passed to :func:`ops.truncated_svd`.
+        seed: base seed of the randomized SVD sketches.
+        group: process group; when ``torch.distributed`` is initialised the operators are split over its
+            ranks by cost ``m * n * r`` and their states shared after every rebuild (two all-reduces).
+
+    Before the first rebuild (and for an operator whose rank r >= min(m, n), which is warned about once)
+    no triplet is kept and Q3R reduces to weight decay ``lmbda ||X||^2``.
+    """
+
+    def __init__(self, trainable_modules: Mapping[nn.Module, Sequence[Sequence[int]] | None] | Iterable[nn.Module],
+                 target_rank: Rank | Sequence[Rank], lmbda: float, steps: int = 5,
+                 epsilon_schedule: str = "default", N: int | None = None, eps_min: float = 1e-6,
+                 epsilon: float | None = None, oversample: int = 8, n_iter: int = 2, seed: int = 0, group=None):
+        if not isinstance(trainable_modules, Mapping):
+            trainable_modules = {m: None for m in trainable_modules}
+        if not trainable_modules:
+            raise ValueError("trainable_modules is empty: nothing to regularise")
+        if not (isinstance(lmbda, (int, float)) and math.isfinite(lmbda) and lmbda >= 0):
+            raise ValueError(f"lmbda must be a finite number >= 0, got {lmbda!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if epsilon_schedule not in SCHEDULES:
+            raise ValueError(f"epsilon_schedule={epsilon_schedule!r} is not one of {SCHEDULES}")
+        if epsilon_schedule == "linear" and (isinstance(N, bool) or not isinstance(N, int) or N < 1):
+            raise ValueError(f"epsilon_schedule='linear' needs N (an int >= 1, optimizer steps), got N={N!r}")
+        if epsilon_schedule == "linear" and not eps_min > 0:
+            raise ValueError(f"eps_min must be > 0, got {eps_min!r}")
+        if epsilon is not None and not epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+        self.lmbda, self.steps, self.schedule = float(lmbda), steps, epsilon_schedule
+        self.N, self.eps_min, self.epsilon = N, float(eps_min), epsilon
+        self.oversample, self.n_iter, self.seed, self.group = oversample, n_iter, seed, group
+        self.ops: list[_Operator] = []
+        self._build(trainable_modules, target_rank)
+        self.t, self.t0, self.n_refresh = 0, None, 0
+        self._owners: list[int] | None = None
+
+    def _build(self, modules, target_rank) -> None:
+        entries = []
+        for i, (module, slices) in enumerate(modules.items()):
+            w = getattr(module, "weight", module)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                raise ValueError(f"trainable module {i} ({type(module).__name__}) has no 2-D weight")
+            if slices is None:
+                entries.append((w, None, f"module {i} {type(module).__name__} {tuple(w.shape)}"))
+            else:
+                for s in normalize_slices(slices, w.shape[0]):
+                    entries.append((w, s, f"module {i} {type(module).__name__} {tuple(w.shape)} rows {s[0]}:{s[1]}"))
+        if isinstance(target_rank, (list, tuple)):
+            if len(target_rank) != len(entries):
+                raise ValueError(f"target_rank has {len(target_rank)} entries for {len(entries)} operators "
+                                 f"(one per matrix or slice)")
+            specs = list(target_rank)
+        else:
+            specs = [target_rank] * len(entries)
+        for j, ((w, rows, name), spec) in enumerate(zip(entries, specs, strict=True)):
+            m = w.shape[0] if rows is None else rows[1] - rows[0]
+            self.ops.append(_Operator(w, rows, resolve_rank(spec, m, w.shape[1], f"target_rank[{j}]"), name))
+        full = [op.name for op in self.ops if op.rank >= min(op.m, op.n)]
+        if full:
+            warnings.warn(f"Q3R: target rank >= number of singular values for {full}; these operators keep no "
+                          "triplet and act as plain weight decay", stacklevel=3)
+
+    # ----------------------------------------------------------------------------------------- updates
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The regularised weights, each once, in operator order."""
+        return list({id(op.weight): op.weight for op in self.ops}.values())
+
+    def update(self, force: bool = False) -> bool:
+        """Count one training step; rebuild every operator on the first call and every ``steps`` calls.
+
+        Returns whether the operators were rebuilt.
+        """
+        self.t += 1
+        if force or (self.t - 1) % self.steps == 0:
+            self.refresh()
+            return True
+        return False
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the operators from the current weights (this rank's share when distributed)."""
+        if self.t0 is None:
+            self.t0 = self.t
+        me, dist_on = _dist.rank(self.group), _dist.is_distributed(self.group)
+        if dist_on and self._owners is None:
+            costs = [op.m * op.n * (op.rank + 1) for op in self.ops]
+            self._owners = _dist.balanced_assignment(costs, _dist.world_size(self.group))
+        for i, op in enumerate(self.ops):
+            if not dist_on or self._owners[i] == me:
+                self._refresh_op(i, op)
+        if dist_on:
+            self._share_states(me)
+        self.n_refresh += 1
+
+    def _refresh_op(self, i: int, op: _Operator) -> None:
+        X = op.view(op.weight.detach()).to(op.cdtype)
+        kmax = min(op.m, op.n)
+        if op.rank >= kmax:
+            return
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError(f"Q3R: the weight of {op.name} contains NaN or Inf")
+        seed = (self.seed * 1_000_003 + i * 7919 + self.n_refresh) % (2**63)
+        k, first = op.rank + 1, True
+        while True:
+            U, S, Vh = _svd(X, k, seed, self.oversample, self.n_iter)
+            if first:
+                op.eps, first = self._next_eps(op, float(S[op.rank])), False
+            # every triplet above eps matters: widen the sketch until one falls below it
+            if k < kmax and float(S[-1]) > op.eps:
+                k = min(2 * k, kmax)
+                continue
+            break
+        keep = int((S > op.eps).sum())
+        op.set_triplets(U[:, :keep], S[:keep], Vh[:keep])
+
+    def _next_eps(self, op: _Operator, sigma: float) -> float:
+        if self.schedule == "default":
+            return min(op.eps, sigma)
+        if self.schedule == "exploration":
+            return sigma
+        if self.schedule == "constant":
+            if op.eps0 is None:
+                op.eps0 = float(self.epsilon) if self.epsilon is not None else sigma
+            return op.eps0
+        if op.eps0 is None:
+            op.eps0 = max(sigma, 1e-30)
+        frac = min((self.t - self.t0) / self.N, 1.0)
+        return op.eps0 * (self.eps_min / op.eps0) ** frac
+
+    def _share_states(self, me: int) -> None:
+        """Owner -> everyone: sizes and eps first (fp64), then the triplets in one flat all-reduce."""
+        meta = torch.zeros(len(self.ops), 3, dtype=torch.float64)
+        for i, op in enumerate(self.ops):
+            if self._owners[i] == me:
+                meta[i] = torch.tensor([op.k, op.eps, -1.0 if op.eps0 is None else op.eps0], dtype=torch.float64)
+        meta = meta.to(self.ops[0].weight.device)
+        _dist.flat_all_reduce([meta], group=self.group)
+        meta = meta.cpu().tolist()
+        bufs = []
+        for i, op in enumerate(self.ops):
+            k = int(meta[i][0])
+            kw = dict(dtype=op.cdtype, device=op.weight.device)
+            if self._owners[i] == me:
+                bufs.append((op.U.clone(), op.S.clone(), op.Vh.clone()))
+            else:
+                bufs.append((torch.zeros(op.m, k, **kw), torch.zeros(k, **kw), torch.zeros(k, op.n, **kw)))
+        _dist.flat_all_reduce([t for b in bufs for t in b], group=self.group)
+        for i, op in enumerate(self.ops):
+            op.eps, op.eps0 = meta[i][1], None if meta[i][2] < 0 else meta[i][2]
+            op.set_triplets(*bufs[i])
+
+    # ---------------------------------------------------------------------------------- value, gradient
+    @property
+    def val(self) -> torch.Tensor:
+        """``sum_ops lmbda <X, L X R>``, a differentiable scalar (fp32, or fp64 for fp64 weights)."""
+        total = None
+        for op in self.ops:
+            v = op.value(op.view(op.weight).to(op.cdtype))
+            total = v if total is None else total + v.to(total.dtype)
+        return self.lmbda * total
+
+    @torch.no_grad()
+    def factors(self) -> dict[torch.Tensor, list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]]:
+        """Per weight: ``[(start, stop, A, B), ...]`` with ``G[start:stop] = 2 lmbda (X[start:stop] + A B)``.
+
+        ``A (stop - start, 2k)`` and ``B (2k, n)`` (compute dtype) are ``None`` when no triplet is kept; rows
+        outside every slice get no Q3R term. This is what :func:`ops.q3r_apply` consumes.
+        """
+        out: dict = {}
+        for op in self.ops:
+            rows = op.rows or (0, op.weight.shape[0])
+            A, B = op.factors(op.view(op.weight).to(op.cdtype))
+            out.setdefault(op.weight, []).append((rows[0], rows[1], A, B))
+        return out
+
+    @property
+    @torch.no_grad()
+    def grad(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{weight: dQ/dweight}`` (full weight shape, weight dtype); slices assembled by ``ops.pad_slices``."""
+        out = {}
+        for w, parts in self.factors().items():
+            blocks = []
+            for start, stop, A, B in parts:
+                X = w[start:stop].to(A.dtype if A is not None else torch.promote_types(w.dtype, torch.float32))
+                G = X if A is None else torch.addmm(X, A, B)
+                blocks.append((2.0 * self.lmbda * G).to(w.dtype))
+            if len(parts) == 1 and parts[0][:2] == (0, w.shape[0]):
+                out[w] = blocks[0]
+            else:
+                out[w] = ops.pad_slices(blocks, [p[:2] for p in parts], w.shape[0], dim=0)
+        return out
+
+    def effective_ranks(self) -> list[int]:
+        """Number of kept triplets (``sigma_i > eps``) per operator."""
+        return [op.k for op in self.ops]
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self, param_index: Callable[[torch.Tensor], int] | None = None) -> dict:
+        """Counters, eps and triplets of every operator (tensors cloned); ``param_index`` names weights."""
+        return {
+            "t": self.t, "t0": self.t0, "n_refresh": self.n_refresh,
+            "ops": [{"shape": tuple(op.weight.shape), "rows": op.rows, "rank": op.rank, "eps": op.eps,
+                     "eps0": op.eps0, "U": op.U.clone(), "S": op.S.clone(), "Vh": op.Vh.clone(),
+                     "param": None if param_index is None else param_index(op.weight)} for op in self.ops],
+        }
+
+    def load_state_dict(self, state: dict, param_index: Callable[[torch.Tensor], int] | None = None) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` when the operators do not line up."""
+        saved = state["ops"]
+        if len(saved) != len(self.ops):
+            raise ValueError(f"state has {len(saved)} Q3R operators, this Q3R has {len(self.ops)}")
+        for i, (s, op) in enumerate(zip(saved, self.ops, strict=True)):
+            if tuple(s["shape"]) != tuple(op.weight.shape) or s["rows"] != op.rows or s["rank"] != op.rank:
+                raise ValueError(f"Q3R operator {i}: saved (shape {s['shape']}, rows {s['rows']}, rank {s['rank']})"
+                                 f" != {op.name} rank {op.rank}")
+            if param_index is not None and s.get("param") is not None and s["param"] != param_index(op.weight):
+                raise ValueError(f"Q3R operator {i} belongs to parameter {s['param']}, here to "
+                                 f"{param_index(op.weight)}")
+        for s, op in zip(saved, self.ops, strict=True):
+            kw = dict(dtype=op.cdtype, device=op.weight.device)
+            op.eps, op.eps0 = float(s["eps"]), s["eps0"]
+            op.set_triplets(s["U"].to(**kw), s["S"].to(**kw), s["Vh"].to(**kw))
+        self.t, self.t0, self.n_refresh = state["t"], state["t0"], state["n_refresh"]
