@@ -153,13 +153,13 @@ def hbm_peak_gbs(device: str | torch.device | None = None) -> float | None:
     return None
 
 
-def _slugify(text: str) -> str:
+def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def device_slug(device: str | torch.device | None = None) -> str:
     """File-name form of :func:`device_name`, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc``."""
-    return _slugify(device_name(device))
+    return slugify(device_name(device))
 
 
 def _git_commit() -> str:
