@@ -3,5 +3,6 @@ autograd/custom-op registration and the public function. Dispatch is decided in 
 
 from .lowrank_matmul import lowrank_matmul, lowrank_matmul_ref
 from .pad_slices import gather_slices, pad_slices
+from .q3r_apply import q3r_apply, q3r_apply_ref
 
-__all__ = ["gather_slices", "lowrank_matmul", "lowrank_matmul_ref", "pad_slices"]
+__all__ = ["gather_slices", "lowrank_matmul", "lowrank_matmul_ref", "pad_slices", "q3r_apply", "q3r_apply_ref"]
