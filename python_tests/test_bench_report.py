@@ -1,0 +1,113 @@
+"""The README Performance table matches the committed results; CSV merge and report logic on synthetic data."""
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the repo root on the path
+    sys.path.insert(0, str(ROOT))
+
+from bench import common, report  # noqa: E402
+
+DEVICE = "NVIDIA H100 80GB HBM3"
+INFO = {"device": DEVICE, "torch": "2.13.0", "triton": "3.9.0", "commit": "abc1234",
+        "timestamp": "2026-01-02T03:04:05Z"}
+
+
+def _rows(times: dict[str, float], x=4096, mode="forward", config=None, metric="time", unit="ms", info=INFO):
+    rows = [common.make_row("lora_matmul", p, mode, metric, unit, "M", x, t, 0.9 * t, 1.1 * t, config=config)
+            for p, t in times.items()]
+    return common.stamp_rows(rows, info)
+
+
+def test_readme_table_matches_committed_results():
+    text = (ROOT / "README.md").read_text()
+    assert report.START in text and report.END in text, "README lacks the bench-table markers"
+    assert report.replace_block(text, report.render(ROOT / "bench" / "results")) == text, (
+        "README's Performance table is stale: run `python -m bench.report`")
+
+
+def test_merge_keeps_newest_row_per_key(tmp_path):
+    path = tmp_path / "dev.csv"
+    common.append_rows(path, _rows({"torch": 2.0, "triton": 1.0}) + _rows({"torch": 9.0}, x=64))
+    newer = dict(INFO, timestamp="2026-02-01T00:00:00Z")
+    common.append_rows(path, _rows({"triton": 0.5}, info=newer) + _rows({"triton": 0.5}, config={"r": 8}))
+    rows = common.read_rows(path)
+    with open(path, newline="") as f:
+        assert tuple(next(csv.reader(f))) == common.SCHEMA
+    assert len(rows) == 4  # triton@4096 replaced, config r=8 is a different key
+    triton = [r for r in rows if r["provider"] == "triton" and r["config"] == "" and r["x_value"] == "4096"]
+    assert len(triton) == 1 and float(triton[0]["p50"]) == 0.5 and triton[0]["timestamp"] == newer["timestamp"]
+    assert [r["x_value"] for r in rows if r["provider"] == "torch"] == ["64", "4096"]  # numeric order, not text
+    assert {r["config"] for r in rows} == {"", "r=8"}
+
+
+def test_make_row_and_stamp_format():
+    row = common.make_row("k", "triton", "forward", "time", "ms", "shape", (4, 96), 1.25,
+                          config={"r": 8, "dtype": "fp16"})
+    assert row["config"] == "dtype=fp16;r=8" and row["p20"] is None
+    stamped = common.stamp_rows([row], INFO)[0]
+    assert tuple(stamped) == common.SCHEMA
+    assert stamped["x_value"] == "4x96" and stamped["p50"] == "1.25" and stamped["p80"] == ""
+    assert stamped["device"] == DEVICE and stamped["commit"] == "abc1234"
+    with pytest.raises(ValueError, match="p50"):
+        common.stamp_rows([{"kernel": "k", "provider": "p", "mode": "m", "metric": "time"}], INFO)
+
+
+@pytest.mark.parametrize("name, gbs", [
+    ("NVIDIA H100 80GB HBM3", 3350.0), ("NVIDIA H100 PCIe", 2000.0), ("NVIDIA H200", 4800.0),
+    ("NVIDIA A100-SXM4-80GB", 2039.0), ("NVIDIA A100-SXM4-40GB", 1555.0), ("Some Future GPU", None),
+])
+def test_hbm_peak_by_name(monkeypatch, name, gbs):
+    monkeypatch.setattr(common, "_is_cuda", lambda device: True)
+    monkeypatch.setattr(common, "device_name", lambda device=None: name)
+    assert common.hbm_peak_gbs("cuda") == gbs
+
+
+def test_cpu_has_no_hbm_or_peak_memory():
+    assert common.hbm_peak_gbs("cpu") is None
+    assert common.peak_memory_mb(lambda: None, "cpu") is None
+    assert common.device_slug("cpu").startswith("cpu")
+
+
+def test_report_table_from_synthetic_csv(tmp_path):
+    rows = (_rows({"torch": 4.0, "triton": 1.0, "torch_compile": 2.0, "peft": 5.0})
+            + _rows({"torch": 0.4, "triton": 0.2}, x=512)
+            + _rows({"torch": 300.0, "triton": 100.0}, metric="memory", unit="MB")
+            + _rows({"torch": 1.0, "peft": 2.0}, mode="backward"))  # no ours: not in the table
+    common.append_rows(tmp_path / "nvidia-h100.csv", rows)
+    block = report.render(tmp_path)
+    assert f"**{DEVICE}**" in block and "commit `abc1234`" in block
+    table_rows = [line for line in block.splitlines() if line.startswith("| lora_matmul")]
+    assert table_rows == ["| lora_matmul | forward | M=4096 | triton | 1 | 4 | 4.00x | 2.00x | peft 5.00x | 3.00x |"]
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\n\n## Performance\n\n{report.START}\nold numbers\n{report.END}\n\ntail\n")
+    args = ["--results", str(tmp_path), "--readme", str(readme)]
+    assert report.main([*args, "--check"]) == 1
+    assert report.main(args) == 0
+    assert report.main([*args, "--check"]) == 0
+    text = readme.read_text()
+    assert "old numbers" not in text and text.endswith(f"{report.END}\n\ntail\n") and "4.00x" in text
+
+
+def test_report_without_results_says_so(tmp_path):
+    assert report.EMPTY in report.render(tmp_path)
+    with pytest.raises(ValueError, match="markers"):
+        report.replace_block("no markers here", "x")
+
+
+def test_plot_writes_one_png_per_group(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import plot
+
+    path = tmp_path / "dev.csv"
+    common.append_rows(path, _rows({"torch": 4.0, "triton": 1.0}) + _rows({"torch": 1.0, "triton": 0.5}, x=512)
+                       + _rows({"torch": 3.0, "triton": 1.0}, mode="backward"))
+    pngs = plot.plot_files([path], tmp_path / "plots")
+    assert sorted(p.name for p in pngs) == ["lora_matmul_time_backward.png", "lora_matmul_time_forward.png"]
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert plot.speedup("time", 4.0, 1.0) == 4.0 and plot.speedup("bandwidth", 100.0, 300.0) == 3.0
