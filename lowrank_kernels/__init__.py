@@ -5,7 +5,9 @@ Importing the package needs neither a GPU, nor triton, nor the compiled extensio
 
 from . import backend, ops
 from ._ext import HAS_CUDA_EXT, HAS_EXT
+from .optim import AdamQ3R
+from .q3r import Q3R, extract_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["HAS_CUDA_EXT", "HAS_EXT", "__version__", "backend", "ops"]
+__all__ = ["AdamQ3R", "HAS_CUDA_EXT", "HAS_EXT", "Q3R", "__version__", "backend", "extract_linear", "ops"]

@@ -1,0 +1,130 @@
+"""AdamQ3R: AdamW on the task gradient plus the decoupled Q3R step ``p -= lr * G(p)``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+from .q3r import Q3R, Rank
+
+
+class AdamQ3R(torch.optim.Optimizer):
+    """Adam with decoupled weight decay and the Q3R rank regulariser applied like that decay.
+
+    Per step: the Q3R operators are rebuilt every ``steps`` steps (:meth:`Q3R.update`), then every parameter
+    with a gradient gets one fused :func:`ops.q3r_apply` (the Triton kernel on CUDA): the AdamW update of
+    ``torch.optim.AdamW`` plus ``-lr * 2 lmbda L X R`` on the regularised weights (per slice for fused ones),
+    evaluated at the weights before the step.
+
+    Args:
+        params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay`` per group).
+        trainable_modules: ``{module: None | [(start, stop), ...]}`` (:func:`extract_linear`); their weights
+            must be among ``params``.
+        target_rank, lmbda, steps: see :class:`Q3R` (rank fraction of ``min(m, n)``, int, or list per operator).
+        nan_policy: ``"skip"`` (default): when a gradient or a regularised weight holds NaN/Inf the whole step
+            is skipped (nothing changes, not even the step counters) with a ``RuntimeWarning``; ``"raise"``:
+            ``ValueError`` instead; ``"off"``: no check (saves one reduction pass per step).
+        q3r_kwargs: forwarded to :class:`Q3R` (``epsilon_schedule``, ``N``, ``eps_min``, ``epsilon``,
+            ``oversample``, ``n_iter``, ``seed``, ``group``).
+
+    ``state_dict()`` holds the Adam moments and every Q3R operator (triplets, eps, counters) keyed by
+    parameter index, so a run resumed from it continues identically.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict],
+                 trainable_modules: Mapping[nn.Module, Sequence[Sequence[int]] | None] | Iterable[nn.Module],
+                 target_rank: Rank | Sequence[Rank], lmbda: float, steps: int = 5, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 nan_policy: str = "skip", **q3r_kwargs):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"invalid learning rate: {lr!r}")
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"invalid betas: {betas!r} (each in [0, 1))")
+        if not eps >= 0:
+            raise ValueError(f"invalid eps: {eps!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"invalid weight_decay: {weight_decay!r}")
+        if nan_policy not in ("skip", "raise", "off"):
+            raise ValueError(f"nan_policy={nan_policy!r} is not one of ('skip', 'raise', 'off')")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.nan_policy = nan_policy
+        self.q3r = Q3R(trainable_modules, target_rank, lmbda, steps=steps, **q3r_kwargs)
+        index = self._index()
+        for op in self.q3r.ops:
+            if id(op.weight) not in index:
+                raise ValueError(f"the weight of Q3R {op.name} is not among the optimizer's params")
+
+    def _index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _param_index(self, p: torch.Tensor) -> int:
+        return self._index()[id(p)]
+
+    def _first_nonfinite(self, active: list[torch.Tensor]) -> str | None:
+        names = [f"grad of param {i} {tuple(p.shape)}" for i, p in active]
+        tensors = [p.grad for _, p in active]
+        index = self._index()
+        for w in self.q3r.params:
+            names.append(f"regularised weight (param {index[id(w)]}) {tuple(w.shape)}")
+            tensors.append(w)
+        # fp32 norms: an fp16 norm could overflow to inf on finite values
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)))
+        if bool(finite.all()):
+            return None
+        bad = (~finite).nonzero()
+        return names[int(bad[0])] if bad.numel() else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One optimizer step; ``closure`` (re-evaluating the loss with gradients) is called first."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+                  if p.grad is not None]
+        for i, p in active:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"AdamQ3R does not support sparse gradients (param {i})")
+        if self.nan_policy != "off" and active:
+            bad = self._first_nonfinite(active)
+            if bad is not None:
+                if self.nan_policy == "raise":
+                    raise ValueError(f"AdamQ3R: the {bad} contains NaN or Inf")
+                warnings.warn(f"AdamQ3R: the {bad} contains NaN or Inf; skipping this step", RuntimeWarning,
+                              stacklevel=2)
+                return loss
+        self.q3r.update()
+        factors = self.q3r.factors()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                ops.q3r_apply(p, p.grad, state["exp_avg"], state["exp_avg_sq"], factors.get(p, ()),
+                              step=int(state["step"]), lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                              weight_decay=group["weight_decay"], lmbda=self.q3r.lmbda)
+        return loss
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["q3r"] = self.q3r.state_dict(param_index=self._param_index)
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        q3r_state = state_dict.pop("q3r", None)
+        if q3r_state is None:
+            raise ValueError("state_dict has no 'q3r' entry: it was not saved by AdamQ3R")
+        super().load_state_dict(state_dict)
+        self.q3r.load_state_dict(q3r_state, param_index=self._param_index)
