@@ -1,0 +1,280 @@
+"""Largest singular value and stable rank of many matrices at once, by power iteration.
+
+``spectral_norm(mats)`` takes a list of 2-D tensors of mixed shapes and dtypes (e.g. every Linear weight of
+a model) and returns ``sigma_max`` of each. The Triton kernel runs the whole iteration loop in one launch
+per dtype group (one program per matrix, addresses and shapes from a table); the PyTorch reference loops.
+
+Each matrix is iterated on its shorter side: ``A = W`` when ``m >= n``, else ``A = W^T``, so the kept
+vector has length ``min(m, n)``. One iteration computes ``z = A^T (A v)`` and takes
+``sigma^2 ~= ||z||`` (``v`` a unit vector; this bounds the Rayleigh quotient ``||A v||^2`` from above and
+``sigma_max^2`` from below, so it is the better of the two free estimates), then ``v <- z / ||z||``. A zero
+``z`` keeps the old ``v`` so a matrix that is zero for a while (a LoRA ``B`` at init) does not lose its
+vector. ``||W||_F^2`` comes from the same pass, so ``stable_rank = ||W||_F^2 / sigma_max^2`` is free.
+
+Warm start: pass a :class:`PowerIterationState`; its vectors carry over between calls with the same
+shapes, and on a slowly changing matrix (a weight during training) one iteration per call keeps
+``sigma_max`` converged, as ``torch.nn.utils.parametrizations.spectral_norm`` does.
+
+For factored weights ``W = U V`` the factored variants get ``sigma_max`` exactly from an ``r x r`` core
+built from the Gram matrices ``U^T U`` and ``V V^T`` (never forming ``U V``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import backend
+from .._checks import as_list, check_positive_int, check_tensor
+
+DEFAULT_ITERS = 30
+DEFAULT_TOL = 1e-6
+
+_OP = "power_iteration"
+
+
+# ------------------------------------------------------------------------------------------------ state
+class PowerIterationState:
+    """Unit vectors kept between :func:`spectral_norm` calls, keyed by the list's shapes and device.
+
+    A call whose matrices have the same shapes (in the same order, on the same device) as an earlier one
+    starts from that call's final vectors; other lists get their own entry. Vectors live in one flat fp32
+    buffer per entry, matrix ``i`` owning ``min(m_i, n_i)`` consecutive elements.
+    """
+
+    def __init__(self) -> None:
+        self._vectors: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def key(mats: Sequence[torch.Tensor]) -> tuple:
+        return (str(mats[0].device),) + tuple((int(W.shape[0]), int(W.shape[1])) for W in mats)
+
+    def get(self, mats: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        return self._vectors.get(self.key(mats))
+
+    def put(self, mats: Sequence[torch.Tensor], vectors: torch.Tensor) -> None:
+        self._vectors[self.key(mats)] = vectors
+
+    def reset(self) -> None:
+        self._vectors.clear()
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def state_dict(self) -> dict:
+        return {"keys": list(self._vectors), "vectors": [v.detach().cpu() for v in self._vectors.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._vectors = {tuple(tuple(k) if isinstance(k, list) else k for k in key): v.clone()
+                         for key, v in zip(state["keys"], state["vectors"], strict=True)}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_mats(mats) -> list[torch.Tensor]:
+    mats = as_list(mats, "mats")
+    for i, W in enumerate(mats):
+        check_tensor(W, f"mats[{i}]", ndim=2)
+        if W.shape[0] == 0 or W.shape[1] == 0:
+            raise ValueError(f"mats[{i}] must not be empty, got shape {tuple(W.shape)}")
+        if W.device != mats[0].device:
+            raise TypeError(f"mats[{i}] is on {W.device} but mats[0] is on {mats[0].device}")
+    return mats
+
+
+def _check_iter_args(iters, tol) -> float:
+    check_positive_int(iters, "iters")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+    return float(tol)
+
+
+def _vector_lengths(mats: Sequence[torch.Tensor]) -> list[int]:
+    return [min(W.shape) for W in mats]
+
+
+def initial_vectors(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Deterministic cold-start vectors: flat fp32 buffer of unit Gaussian vectors (seed 0), one per matrix."""
+    lengths = _vector_lengths(mats)
+    gen = torch.Generator(device=mats[0].device)
+    gen.manual_seed(0)
+    v = torch.randn(sum(lengths), generator=gen, device=mats[0].device, dtype=torch.float32)
+    return torch.cat([seg / seg.norm() for seg in v.split(lengths)])
+
+
+# --------------------------------------------------------------------------------------------- reference
+def _oriented(W: torch.Tensor) -> torch.Tensor:
+    return W if W.shape[0] >= W.shape[1] else W.t()
+
+
+def spectral_norm_ref(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: float = DEFAULT_TOL,
+                      vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Looped PyTorch power iteration, the oracle of the kernel (same update, same stopping rule).
+
+    Args:
+        mats: list of 2-D tensors ``W_i (m_i, n_i)``.
+        vectors: flat fp32 ``(sum_i min(m_i, n_i),)`` start vectors (default :func:`initial_vectors`).
+
+    Returns:
+        ``sigma (n,)`` fp32, ``fro_sq (n,)`` fp32 (``||W_i||_F^2``), final ``vectors`` (a new flat buffer).
+        Matrix ``i`` stops once ``|s_k - s_{k-1}| <= tol * s_k`` for ``s = sigma^2``.
+    """
+    if vectors is None:
+        vectors = initial_vectors(mats)
+    out_v = vectors.clone()
+    sigma = torch.zeros(len(mats), dtype=torch.float32, device=vectors.device)
+    fro_sq = torch.zeros_like(sigma)
+    for i, (W, v) in enumerate(zip(mats, out_v.split(_vector_lengths(mats)), strict=True)):
+        A = _oriented(W).float()
+        fro_sq[i] = A.square().sum()
+        s_prev = None
+        for _ in range(iters):
+            z = A.t() @ (A @ v)
+            s = z.norm()
+            if s > 0:
+                v.copy_(z / s)
+            sigma[i] = s.sqrt()
+            if s_prev is not None and (s - s_prev).abs() <= tol * s:
+                break
+            s_prev = s
+    return sigma, fro_sq, out_v
+
+
+# ------------------------------------------------------------------------------------ custom op + dispatch
+@torch.library.custom_op("lowrank_kernels::power_iteration", mutates_args=("vectors",))
+def _power_iteration_op(mats: list[torch.Tensor], vectors: torch.Tensor, iters: int,
+                        tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend.choose(*mats, op="spectral_norm") == "triton":
+        from ..kernels.power_iteration import power_iteration_triton
+
+        return power_iteration_triton(mats, vectors, iters, tol)
+    sigma, fro_sq, new_v = spectral_norm_ref(mats, iters, tol, vectors)
+    vectors.copy_(new_v)
+    return sigma, fro_sq
+
+
+@_power_iteration_op.register_fake
+def _(mats, vectors, iters, tol):
+    n = len(mats)
+    return vectors.new_empty(n), vectors.new_empty(n)
+
+
+def spectral_stats(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: float = DEFAULT_TOL,
+                   state: PowerIterationState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigma_max (n,), ||W||_F^2 (n,))``, both fp32, from one batched power iteration over ``mats``.
+
+    Args:
+        mats: list of 2-D tensors of any shapes and float dtypes, all on one device. Not differentiated.
+        iters: most iterations per matrix (``>= 1``); with a warm ``state`` 1 per training step suffices.
+        tol: a matrix stops once ``sigma^2`` changes by at most ``tol`` relative between iterations
+            (0: always run ``iters``).
+        state: warm-start vectors, read and updated in place (see :class:`PowerIterationState`).
+
+    Power iteration converges like ``(sigma_2 / sigma_1)^(2k)``: matrices with a clustered top of the
+    spectrum (random Gaussian ones) need many iterations or a warm start. Inputs are not checked for NaN
+    (that would cost a pass); a NaN matrix yields NaN for that matrix only.
+    """
+    mats = _check_mats(mats)
+    tol = _check_iter_args(iters, tol)
+    vectors = state.get(mats) if state is not None else None
+    vectors = initial_vectors(mats) if vectors is None else vectors.clone()
+    with torch.no_grad():
+        sigma, fro_sq = _power_iteration_op([W.detach() for W in mats], vectors, iters, tol)
+    if state is not None:
+        state.put(mats, vectors)
+    return sigma, fro_sq
+
+
+def spectral_norm(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: float = DEFAULT_TOL,
+                  state: PowerIterationState | None = None) -> torch.Tensor:
+    """``sigma_max (n,)`` fp32 of each ``W_i`` in ``mats`` (batched power iteration; see :func:`spectral_stats`)."""
+    return spectral_stats(mats, iters, tol, state)[0]
+
+
+def _stable_rank(fro_sq: torch.Tensor, sigma_sq: torch.Tensor) -> torch.Tensor:
+    # A zero matrix has no spectrum; its stable rank is defined as 0 (not NaN) so controllers can shrink it.
+    return torch.where(sigma_sq > 0, fro_sq / sigma_sq.clamp_min(torch.finfo(sigma_sq.dtype).tiny),
+                       torch.zeros_like(fro_sq))
+
+
+def stable_rank(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: float = DEFAULT_TOL,
+                state: PowerIterationState | None = None) -> torch.Tensor:
+    """Stable rank ``||W_i||_F^2 / sigma_max(W_i)^2`` as ``(n,)`` fp32, from the same pass as ``sigma_max``.
+
+    Lies in ``[1, rank(W)]``; a zero matrix gets 0. An under-converged ``sigma_max`` makes it too large.
+    """
+    sigma, fro_sq = spectral_stats(mats, iters, tol, state)
+    return _stable_rank(fro_sq, sigma.square())
+
+
+# -------------------------------------------------------------------------------------------- factored
+def _factored_pairs(U, V) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, ...]]:
+    """Normalise ``(U, V)`` to a list of 2-D pairs and the output shape."""
+    if isinstance(U, torch.Tensor) != isinstance(V, torch.Tensor):
+        raise TypeError("U and V must both be tensors or both be lists of tensors")
+    if isinstance(U, torch.Tensor):
+        check_tensor(U, "U")
+        check_tensor(V, "V")
+        if U.dim() not in (2, 3) or V.dim() != U.dim():
+            raise ValueError(f"U and V must both be 2-D or both 3-D, got {tuple(U.shape)} and {tuple(V.shape)}")
+        if U.dim() == 3 and U.shape[0] != V.shape[0]:
+            raise ValueError(f"batch sizes differ: U {tuple(U.shape)}, V {tuple(V.shape)}")
+        out_shape = () if U.dim() == 2 else (U.shape[0],)
+        Us = [U] if U.dim() == 2 else list(U.unbind(0))
+        Vs = [V] if V.dim() == 2 else list(V.unbind(0))
+    else:
+        Us, Vs = as_list(U, "U"), as_list(V, "V")
+        if len(Us) != len(Vs):
+            raise ValueError(f"got {len(Us)} U factors but {len(Vs)} V factors")
+        out_shape = (len(Us),)
+    for i, (u, v) in enumerate(zip(Us, Vs, strict=True)):
+        check_tensor(u, f"U[{i}]", ndim=2)
+        check_tensor(v, f"V[{i}]", ndim=2)
+        if u.shape[1] != v.shape[0]:
+            raise ValueError(f"pair {i}: U has shape {tuple(u.shape)} (out, r) but V has {tuple(v.shape)} (r, in)")
+        if u.device != Us[0].device or v.device != Us[0].device:
+            raise TypeError(f"pair {i} is on {u.device}/{v.device} but U[0] is on {Us[0].device}")
+    return list(zip(Us, Vs, strict=True)), out_shape
+
+
+def _factored_stats(U, V) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """``sigma_max^2`` and ``||U V||_F^2`` (fp64) from Gram cores, all pairs in one batched ``eigh``."""
+    pairs, out_shape = _factored_pairs(U, V)
+    r_max = max(u.shape[1] for u, _ in pairs)
+    dev = pairs[0][0].device
+    Gu = torch.zeros(len(pairs), r_max, r_max, dtype=torch.float64, device=dev)
+    Gv = torch.zeros_like(Gu)
+    for i, (u, v) in enumerate(pairs):
+        r = u.shape[1]
+        u64, v64 = u.detach().double(), v.detach().double()
+        Gu[i, :r, :r] = u64.t() @ u64
+        Gv[i, :r, :r] = v64 @ v64.t()
+    # sigma(U V)^2 = eig(Gu Gv) = eig(S^T Gv S) with Gu = S S^T, S = E sqrt(Lambda): symmetric, and safe
+    # for rank-deficient U (zero eigenvalues) where a Cholesky of Gu would fail. Zero padding adds only zeros.
+    lam, E = torch.linalg.eigh(Gu)
+    S = E * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    core = S.transpose(-1, -2) @ Gv @ S
+    sigma_sq = torch.linalg.eigvalsh(core)[..., -1].clamp_min(0)
+    fro_sq = (Gu * Gv).sum(dim=(-2, -1)).clamp_min(0)
+    return sigma_sq, fro_sq, out_shape
+
+
+def spectral_norm_factored(U, V) -> torch.Tensor:
+    """Exact ``sigma_max(U V)`` without forming ``U V``.
+
+    Args:
+        U: ``(out, r)``, ``(b, out, r)``, or a list of ``(out_i, r_i)``.
+        V: ``(r, in)``, ``(b, r, in)``, or a list of ``(r_i, in_i)`` matching ``U``.
+
+    Returns:
+        fp32 tensor of shape ``()``, ``(b,)`` or ``(n,)``. Exact up to rounding of the fp64 Gram matrices.
+    """
+    sigma_sq, _, shape = _factored_stats(U, V)
+    return sigma_sq.sqrt().float().reshape(shape)
+
+
+def stable_rank_factored(U, V) -> torch.Tensor:
+    """``||U V||_F^2 / sigma_max(U V)^2`` exactly from the ``r x r`` core (0 when ``U V`` is zero); shapes as
+    :func:`spectral_norm_factored`."""
+    sigma_sq, fro_sq, shape = _factored_stats(U, V)
+    return _stable_rank(fro_sq, sigma_sq).float().reshape(shape)
