@@ -137,9 +137,11 @@ def _load(module_name: str) -> Callable[..., list[dict]]:
 
 
 def summary(results: Sequence[ScriptResult]) -> str:
-    lines = ["", f"{'script':<32} {'status':<6} {'rows':>5} {'seconds':>8}"]
+    """One line per script: name, ok/FAIL, row count, seconds, kernels it wrote (parsed by the tests)."""
+    lines = ["", f"{'script':<32} {'status':<6} {'rows':>5} {'seconds':>8}  kernels"]
     for r in results:
-        lines.append(f"{r.name:<32} {'FAIL' if r.error else 'ok':<6} {len(r.rows):>5} {r.seconds:>8.1f}")
+        kernels = ",".join(sorted({row["kernel"] for row in r.rows})) or "-"
+        lines.append(f"{r.name:<32} {'FAIL' if r.error else 'ok':<6} {len(r.rows):>5} {r.seconds:>8.1f}  {kernels}")
     return "\n".join(lines)
 
 

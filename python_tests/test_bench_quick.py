@@ -1,0 +1,113 @@
+"""The quick benchmark suite runs (as CI runs it) and writes rows with the fixed schema.
+
+One ``python -m bench --quick`` subprocess runs every ``bench/bench_*.py`` into a temporary folder;
+each script then gets its own test over its rows. The runner itself is checked with fake scripts.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the repo root on the path
+    sys.path.insert(0, str(ROOT))
+
+from bench import __main__ as runner  # noqa: E402
+from bench import common  # noqa: E402
+
+SCRIPTS = runner.discover()
+QUICK_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_quick")
+    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_KERNELS_BACKEND"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=QUICK_TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    csvs = list((out / "quick").glob("*.csv"))
+    rows = common.read_rows(csvs[0]) if len(csvs) == 1 else []
+    header = next(csv.reader(open(csvs[0], newline=""))) if len(csvs) == 1 else []
+    return proc, rows, header, seconds
+
+
+def test_quick_suite_exit_status_and_schema(quick_run):
+    proc, rows, header, seconds = quick_run
+    print(proc.stdout[-3000:], f"\nquick suite took {seconds:.1f} s")
+    assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    if SCRIPTS:
+        assert tuple(header) == common.SCHEMA
+        assert {r["device"] for r in rows} == {common.device_name("cpu")}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_rows_of_script(quick_run, script):
+    proc, rows, _, _ = quick_run
+    summary = [line.split() for line in proc.stdout.splitlines() if line.startswith(script + " ")]
+    assert summary and summary[-1][1] == "ok", f"{script} failed in the quick suite:\n{proc.stdout[-4000:]}"
+    _, _, count, seconds, kernels = summary[-1]
+    print(f"{script}: {count} rows in {seconds} s")
+    mine = [r for r in rows if r["kernel"] in kernels.split(",")]
+    assert int(count) > 0 and len(mine) >= int(count)
+    assert all(r["provider"] and r["mode"] and r["metric"] and r["unit"] and r["x_name"] for r in mine)
+    values = [r["p50"] for r in mine]
+    assert all(v == "" or float(v) >= 0 for v in values)
+    assert any(v != "" and float(v) > 0 for v in values), f"{script} measured nothing"
+
+
+def _good_run(quick=True, device=None):
+    assert quick is True and device == "cpu"
+    return [common.make_row("fake", p, "forward", "time", "ms", "n", n, t, config={"r": 4})
+            for p, t in (("torch", 2.0), ("triton", 1.0)) for n in (8, 16)]
+
+
+def _bad_run(quick=True, device=None):
+    raise RuntimeError("kernel exploded")
+
+
+def test_runner_reports_failures_and_keeps_going(tmp_path, monkeypatch):
+    def env_changer(quick=True, device=None):
+        os.environ["LOWRANK_KERNELS_BACKEND"] = "torch"
+        return "not a list"
+
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    scripts = [("bench_bad", _bad_run), ("bench_env", env_changer), ("bench_good", _good_run)]
+    results = runner.run_scripts(scripts, True, "cpu", tmp_path, verbose=False)
+    assert [r.name for r in results] == ["bench_bad", "bench_env", "bench_good"]
+    assert "kernel exploded" in results[0].error and "list of dicts" in results[1].error and results[2].error is None
+    assert "LOWRANK_KERNELS_BACKEND" not in os.environ  # a script's environment changes are undone
+    rows = common.read_rows(tmp_path / "quick" / f"{common.device_slug('cpu')}.csv")
+    assert len(rows) == 4 and {r["provider"] for r in rows} == {"torch", "triton"}
+    assert all(r["torch"] and r["timestamp"] and r["config"] == "r=4" for r in rows)
+    assert "bench_bad" in runner.summary(results) and "FAIL" in runner.summary(results)
+
+    # Again through main(): same rows de-duplicated, non-zero exit because one script failed.
+    monkeypatch.setattr(runner, "discover", lambda names=(): ["bench_good", "bench_bad"])
+    monkeypatch.setattr(runner, "_load", {"bench_good": _good_run, "bench_bad": _bad_run}.__getitem__)
+    assert runner.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert len(common.read_rows(tmp_path / "quick" / f"{common.device_slug('cpu')}.csv")) == 4
+    assert not list(tmp_path.glob("*.csv"))  # quick rows never land next to full results
+
+
+def test_discover_names():
+    assert runner.discover() == SCRIPTS
+    for script in SCRIPTS[:1]:
+        stem = script.removeprefix("bench_")
+        assert runner.discover([stem, script, f"bench/{script}.py"]) == [script] * 3
+    with pytest.raises(ValueError, match="no benchmark script 'nope'"):
+        runner.discover(["nope"])
+
+
+def test_time_fn_cpu_quantiles_are_ordered():
+    import torch
+
+    x = torch.randn(32, 32)
+    p50, p20, p80 = common.time_fn(lambda: x @ x, "cpu", warmup=1, rep=5)
+    assert 0 < p20 <= p50 <= p80
