@@ -73,12 +73,12 @@ def _lowrank_matmul_backward_op(dy: torch.Tensor, x: torch.Tensor, U: torch.Tens
     from ..kernels.lowrank_matmul import lowrank_matmul_backward_dx
 
     dy2, x2 = _as_2d(dy), _as_2d(x)
-    empty = dy.new_empty(0)
     s, dx, dbias = lowrank_matmul_backward_dx(dy2, U, V, need_dx=need_dx, need_dbias=need_dbias)
-    dx = dx.view(x.shape) if need_dx else empty
-    dU = torch.mm(dy2.t(), t) if need_dU else empty
-    dV = torch.mm(s.t(), x2) if need_dV else empty
-    return dx, dU, dV, (dbias if need_dbias else empty)
+    # outputs may not alias each other, so each skipped gradient gets its own empty tensor
+    dx = dx.view(x.shape) if need_dx else dy.new_empty(0)
+    dU = torch.mm(dy2.t(), t) if need_dU else dy.new_empty(0)
+    dV = torch.mm(s.t(), x2) if need_dV else dy.new_empty(0)
+    return dx, dU, dV, (dbias if need_dbias else dy.new_empty(0))
 
 
 @_lowrank_matmul_backward_op.register_fake
