@@ -46,11 +46,12 @@ def _ext_modules_and_cmdclass():
         reason = "torch is a CPU build" if torch.version.cuda is None else "nvcc / CUDA_HOME not found"
         warnings.warn(f"building lowrank_kernels._C without its CUDA kernel ({reason})", stacklevel=1)
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch >= 2.14).
+    cxx_flags = ["-O3"]
     extra = {"cxx": cxx_flags}
-    define_macros = [("Py_LIMITED_API", "0x030a0000")]
+    define_macros = []  # py_limited_api=True below makes cpp_extension define Py_LIMITED_API itself
     if with_cuda:
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math"]
+        nvcc_flags = ["-O3", "--use_fast_math"]
         nvcc_threads = os.environ.get("NVCC_THREADS")
         if nvcc_threads:
             nvcc_flags.append(f"--threads={nvcc_threads}")

@@ -1,7 +1,9 @@
 // CUDA kernel for lowrank_kernels::pad_slices: one launch writes every output element once
 // (its slice's value or zero), so no separate memset pass over the padded tensor is needed.
-#include <ATen/cuda/CUDAContext.h>
+// Only c10 CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers we do not use.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "slice_pad.h"
 
@@ -56,7 +58,7 @@ at::Tensor pad_slices_cuda(const std::vector<at::Tensor>& grads_in, at::IntArray
   if (total == 0) return out;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535LL * 8);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* tp = table_d.data_ptr<int64_t>();
   const int32_t* rp = row_slice_d.data_ptr<int32_t>();
   switch (out.element_size()) {
@@ -76,7 +78,6 @@ at::Tensor pad_slices_cuda(const std::vector<at::Tensor>& grads_in, at::IntArray
       TORCH_CHECK(false, "pad_slices: unsupported element size ", out.element_size());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // The host table must outlive the async copies above; they were synchronous, so it does.
   return out;
 }
 
