@@ -174,14 +174,12 @@ class _Operator:
 
 def _svd(X: torch.Tensor, k: int, seed: int, oversample: int, n_iter: int):
     """Top-``k`` triplets of ``X``; the randomized sketch is seeded so every rank/run draws the same."""
-    truncated = getattr(ops, "truncated_svd", None)
-    if k >= min(X.shape) or truncated is None:
+    if k >= min(X.shape):
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
         return U[:, :k], S[:k], Vh[:k]
-    devices = [X.device] if X.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return truncated(X, k, oversample=oversample, n_iter=n_iter)
+    gen = torch.Generator(device=X.device)
+    gen.manual_seed(seed)
+    return ops.truncated_svd(X, k, oversample=oversample, n_iter=n_iter, generator=gen)
 
 
 # ------------------------------------------------------------------------------------------------ Q3R
