@@ -1,0 +1,386 @@
+"""Spectral (heavy-tailed self-regularization) LoRA rank allocation -> ``peft.LoraConfig``.
+
+For every ``nn.Linear`` (optionally ``nn.Conv2d``) weight ``W`` the eigenvalues ``λ = σ(W)²`` of
+``WᵀW`` are computed (batched over layers of equal shape, on the weights' own device, CPU included).
+Two statistics are derived per layer:
+
+* the power-law exponent ``α`` of the eigenvalue tail by the Hill estimator, either at the median
+  eigenvalue (``"median"``) or by scanning every ``xmin`` and keeping the fit with the smallest
+  Kolmogorov-Smirnov distance (``"ks"``, WeightWatcher's choice; vectorised, no Python loop);
+* the number of Marchenko-Pastur spikes: eigenvalues above the bulk edge
+  ``λ₊ = σ²_MP (1 + 1/√Q)²`` (``Q = N/M ≥ 1``), optionally raised by a Tracy-Widom margin.
+
+A less heavy-tailed layer (large ``α``) with few spikes has learned little structure and is given more
+rank: ``score = w_hill · minmax(α) + w_spikes · (1 − minmax(spikes))``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerSpectrum",
+    "adaptive_lora_config",
+    "dequantized_weight",
+    "eigenvalues",
+    "get_adaptive_lora_config",
+    "hill_alpha",
+    "mp_spikes",
+    "spectral_analysis",
+    "spectral_table",
+]
+
+_EPS = 1e-12
+# Largest |batch| * n * n block evaluated at once by the KS scan (fp32: 64 MiB).
+_KS_CHUNK_ELEMS = 1 << 24
+# 99% quantile of the Tracy-Widom (β = 1) law: a bulk eigenvalue crosses the corrected edge 1% of the time.
+TW1_Q99 = 2.0234
+
+
+@dataclass
+class LayerSpectrum:
+    """One analysed layer. ``alpha`` is NaN when the layer has too few non-zero eigenvalues to fit."""
+
+    name: str
+    shape: tuple[int, ...]
+    num_eigs: int
+    alpha: float
+    ks_distance: float
+    spikes: int
+    mp_edge: float
+    spectral_norm: float
+    score: float = float("nan")
+    selected: bool = False
+    rank: int = 0
+    lora_alpha: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------------
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The floating-point weight of ``module``, de-quantized when the module is quantized.
+
+    Handles modules exposing ``dequantize()`` (HQQ-style), weights with their own ``dequantize``
+    (torchao-style tensor subclasses) and bitsandbytes ``Params4bit``/``Int8Params`` (``quant_state``).
+    Packed integer weights are never analysed: ``TypeError`` if no de-quantization path exists.
+    """
+    deq = getattr(module, "dequantize", None)
+    if callable(deq):
+        w = deq()
+    else:
+        w = module.weight
+        if getattr(w, "quant_state", None) is not None or type(w).__name__ in ("Params4bit", "Int8Params"):
+            w = _dequantize_bnb(module, w)
+        elif type(w).dequantize is not torch.Tensor.dequantize:  # a quantized tensor subclass
+            w = w.dequantize()
+        elif w.is_quantized:
+            w = w.dequantize()
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"cannot analyse packed weights of {type(module).__name__} "
+                        f"(dtype {getattr(w, 'dtype', None)}): it exposes no dequantize()")
+    return w.detach()
+
+
+def _dequantize_bnb(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    own = getattr(w, "dequantize", None)
+    if callable(own) and type(w).dequantize is not torch.Tensor.dequantize:
+        return own()
+    try:
+        from peft.utils.integrations import dequantize_module_weight
+    except ImportError as e:  # pragma: no cover - peft is a dependency of this module's config path
+        raise TypeError(f"{type(module).__name__} holds bitsandbytes weights; install peft + bitsandbytes") from e
+    return dequantize_module_weight(module)
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return callable(getattr(module, "dequantize", None)) and hasattr(module, "in_features") \
+        and hasattr(module, "out_features")
+
+
+def _iter_weights(model: nn.Module, include_conv: bool, conv_normalization: float,
+                  target_modules: str | Sequence[str] | None, exclude_modules: str | Sequence[str] | None):
+    """Yields ``(name, module, matrices)``; ``matrices`` is ``(k, m, n)`` (k = 1, or kh·kw for a conv)."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):  # a PEFT-wrapped model: analyse the base layers only
+            continue
+        if parts[-1] == "base_layer":
+            name = ".".join(parts[:-1])
+        if not name or not _name_matches(name, target_modules, default=True) \
+                or _name_matches(name, exclude_modules, default=False):
+            continue
+        if isinstance(module, nn.Linear) or _is_quantized_linear(module):
+            w = dequantized_weight(module)
+            yield name, module, w.reshape(w.shape[0], -1).unsqueeze(0)
+        elif include_conv and isinstance(module, nn.Conv2d):
+            # AlphaPruning / WeightWatcher convention: one (out, in) matrix per kernel position.
+            w = dequantized_weight(module).flatten(2) * math.sqrt(conv_normalization)
+            yield name, module, w.permute(2, 0, 1)
+
+
+def _name_matches(name: str, patterns: str | Sequence[str] | None, default: bool) -> bool:
+    if patterns is None:
+        return default
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics (batched: every function takes (B, n) eigenvalues sorted ascending, with a count)
+# ----------------------------------------------------------------------------------------------
+
+
+def eigenvalues(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Eigenvalues ``σ²`` of ``WᵀW`` of each matrix (or stack ``(k, m, n)``), ascending, fp32/fp64.
+
+    Matrices of equal shape, device and dtype share one batched ``svdvals`` call. A ``(k, m, n)``
+    stack gives the ``k·min(m, n)`` eigenvalues of its slices together (conv kernels).
+    """
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        m = m if m.dim() == 3 else m.unsqueeze(0)
+        groups.setdefault((tuple(m.shape), m.device, m.dtype), []).append(i)
+    for (_, _, dtype), idx in groups.items():
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        batch = torch.stack([(mats[i] if mats[i].dim() == 3 else mats[i].unsqueeze(0)) for i in idx]).to(work)
+        s = torch.linalg.svdvals(batch)  # (G, k, min(m, n))
+        lam = (s * s).flatten(1).sort(dim=1).values
+        for j, i in enumerate(idx):
+            out[i] = lam[j]
+    return out  # type: ignore[return-value]
+
+
+def hill_alpha(lam: torch.Tensor, method: str = "ks", xmin_position: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hill estimate of the power-law exponent of ascending eigenvalues ``lam (B, n)`` (all > 0).
+
+    ``α = 1 + k / Σ_{i≥j} ln(λ_i / λ_j)`` with ``k = n − j`` tail eigenvalues above ``xmin = λ_j``.
+    ``"median"``: ``j = n // xmin_position``. ``"ks"``: every ``j`` (vectorised), keeping the α with the
+    smallest KS distance ``max_i |1 − (λ_i/λ_j)^{1−α} − (i−j)/k|``. Returns ``(alpha (B,), ks (B,))``.
+    """
+    if lam.dim() == 1:
+        lam = lam.unsqueeze(0)
+    b, n = lam.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 eigenvalues to fit a power law, got {n}")
+    log = lam.clamp_min(_EPS).log()
+    # suffix sums: S_j = Σ_{i≥j} ln λ_i
+    suffix = log.flip(1).cumsum(1).flip(1)
+    k = torch.arange(n, 0, -1, device=lam.device, dtype=lam.dtype)  # tail size n − j
+    alphas = 1 + k / (suffix - k * log + _EPS)
+    if method == "median":
+        j = torch.full((b,), n // xmin_position, device=lam.device, dtype=torch.long)
+        return alphas.gather(1, j[:, None])[:, 0], _ks(lam, alphas, j[:, None])[:, 0]
+    if method != "ks":
+        raise ValueError(f"method must be 'ks' or 'median', got {method!r}")
+    js = torch.arange(n - 1, device=lam.device)  # xmin = the largest eigenvalue leaves a 1-point tail
+    ks = torch.empty(b, n - 1, device=lam.device, dtype=lam.dtype)
+    step = max(1, _KS_CHUNK_ELEMS // max(1, b * n))
+    for s in range(0, n - 1, step):
+        ks[:, s:s + step] = _ks(lam, alphas, js[s:s + step].expand(b, -1))
+    ks = torch.where(alphas[:, : n - 1] > 1, ks, torch.ones_like(ks))  # the seed's rule: α ≤ 1 is no fit
+    best = ks.argmin(1, keepdim=True)
+    return alphas.gather(1, best)[:, 0], ks.gather(1, best)[:, 0]
+
+
+def _ks(lam: torch.Tensor, alphas: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """KS distance of the power-law fits at xmin indices ``j (B, J)``: returns ``(B, J)``."""
+    b, n = lam.shape
+    i = torch.arange(n, device=lam.device)
+    xmin = lam.gather(1, j)  # (B, J)
+    a = alphas.gather(1, j)
+    k = (n - j).to(lam.dtype)
+    ratio = lam[:, None, :] / xmin[:, :, None].clamp_min(_EPS)  # (B, J, n)
+    model_cdf = 1 - ratio.clamp_min(_EPS).pow(1 - a[:, :, None])
+    emp_cdf = (i[None, None, :] - j[:, :, None]).to(lam.dtype) / k[:, :, None]
+    dist = (model_cdf - emp_cdf).abs()
+    dist = torch.where(i[None, None, :] >= j[:, :, None], dist, torch.zeros_like(dist))
+    return dist.amax(-1)
+
+
+def mp_spikes(lam: torch.Tensor, m: int, n: int, sigma_mp: str = "robust", tracy_widom: bool = True,
+              tw_quantile: float = TW1_Q99, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marchenko-Pastur spike count of eigenvalues ``lam (B, k)`` of ``(m, n)`` matrices.
+
+    Bulk edge ``λ₊ = σ²_MP (1 + 1/√Q)²`` with ``Q = N/M``, ``N = max(m, n)``, ``M = min(m, n)``. With
+    ``tracy_widom`` the edge is raised by ``tw_quantile`` Tracy-Widom (β=1) standard deviations of the
+    largest bulk eigenvalue, Johnstone's finite-size scale ``σ²_MP (1 + 1/√Q)(N^{-1/2} + M^{-1/2})^{1/3}
+    N^{-1/2}``. (The seed's margin ``sqrt(Q^{-1/2} λ₊^{2/3} M^{-2/3})`` is not scale invariant: for
+    weights of std 0.02 it more than doubles the edge, so it is not used.)
+
+    ``sigma_mp="mean"`` is the seed's ``σ²_MP = mean(λ)``; ``"robust"`` (default) re-estimates
+    ``σ²_MP`` as the mean of the eigenvalues under the current edge until the spike set stops changing:
+    the spikes' own energy inflates the plain mean and lifts the edge above exactly the eigenvalues we
+    want to count (a layer with a few strong spikes would report fewer or none). For a pure MP bulk the
+    two agree. Returns ``(spikes (B,) int64, edge (B,))``.
+    """
+    if sigma_mp not in ("robust", "mean"):
+        raise ValueError(f"sigma_mp must be 'robust' or 'mean', got {sigma_mp!r}")
+    if lam.dim() == 1:
+        lam = lam.unsqueeze(0)
+    big, small = max(m, n), min(m, n)
+    root_q = math.sqrt(small / big)  # 1/√Q
+    factor = (1 + root_q) ** 2
+    if tracy_widom:
+        factor += tw_quantile * (1 + root_q) * (big ** -0.5 + small ** -0.5) ** (1 / 3) * big ** -0.5
+
+    inside = torch.ones_like(lam, dtype=torch.bool)
+    edge = lam.mean(1) * factor
+    if sigma_mp == "robust":
+        for _ in range(iters):
+            new_inside = lam <= edge[:, None]
+            edge = factor * (lam * new_inside).sum(1) / new_inside.sum(1).clamp_min(1)
+            if torch.equal(new_inside, inside):
+                break
+            inside = new_inside
+    return (lam > edge[:, None]).sum(1), edge
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis and allocation
+# ----------------------------------------------------------------------------------------------
+
+
+def spectral_analysis(model: nn.Module, *, fit_method: str = "ks", sigma_mp: str = "robust",
+                      tracy_widom: bool = True, include_conv: bool = False, conv_normalization: float = 0.5,
+                      eigenvalue_threshold: float = 1e-5, min_eigenvalues: int = 8, xmin_position: int = 2,
+                      target_modules: str | Sequence[str] | None = None,
+                      exclude_modules: str | Sequence[str] | None = None) -> list[LayerSpectrum]:
+    """Per-layer spectral statistics of ``model`` (no allocation yet; see :func:`spectral_table`).
+
+    ``target_modules``/``exclude_modules``: a regex (full match on the module name) or a list of
+    names/suffixes. Eigenvalues below ``eigenvalue_threshold`` are dropped before the Hill fit; a
+    layer keeping fewer than ``min_eigenvalues`` gets ``alpha = NaN`` and is never selected.
+    """
+    names, shapes, mats = [], [], []
+    for name, _, m in _iter_weights(model, include_conv, conv_normalization, target_modules, exclude_modules):
+        names.append(name)
+        shapes.append(tuple(m.shape[1:]) if m.shape[0] == 1 else tuple(m.shape))
+        mats.append(m)
+    if not mats:
+        raise ValueError("no Linear (or Conv2d with include_conv=True) layer matched in the model")
+    lams = eigenvalues(mats)
+    rows: list[LayerSpectrum | None] = [None] * len(mats)
+    # second batching level: identical (m, n, #eigs) share the Hill and MP calls
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, lam) in enumerate(zip(mats, lams, strict=True)):
+        groups.setdefault((m.shape[1], m.shape[2], lam.numel(), lam.device), []).append(i)
+    for (mm, nn_, _, _), idx in groups.items():
+        lam = torch.stack([lams[i] for i in idx])
+        spikes, edge = mp_spikes(lam, mm, nn_, sigma_mp=sigma_mp, tracy_widom=tracy_widom)
+        for j, i in enumerate(idx):
+            kept = lam[j][lam[j] > eigenvalue_threshold]
+            if kept.numel() >= max(2, min_eigenvalues):
+                a, d = hill_alpha(kept, fit_method, xmin_position)
+                alpha, ks = float(a[0]), float(d[0])
+            else:
+                alpha, ks = float("nan"), float("nan")
+            rows[i] = LayerSpectrum(name=names[i], shape=shapes[i], num_eigs=int(kept.numel()), alpha=alpha,
+                                    ks_distance=ks, spikes=int(spikes[j]), mp_edge=float(edge[j]),
+                                    spectral_norm=float(lam[j, -1].sqrt()))
+    return rows  # type: ignore[return-value]
+
+
+def _minmax(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.min()) / (v.max() - v.min() + 1e-8)
+
+
+def spectral_table(model: nn.Module, *, layer_selection_percentile: float = 0.5, minimum_rank: int = 4,
+                   maximum_rank: int = 64, rank_scaling_method: str = "linear", alpha_scaling_factor: float = 2.0,
+                   hill_weight: float = 0.7, mp_spikes_weight: float = 0.3, use_rslora: bool = False,
+                   **analysis_kwargs) -> list[LayerSpectrum]:
+    """Analyse, score, select and rank every layer; returns the table (one row per analysed layer).
+
+    The top ``layer_selection_percentile`` fraction of scored layers (at least one) is selected; their
+    scores are min-max normalised to ``s ∈ [0, 1]`` and mapped to ranks: ``linear`` ``r_min + s Δ``,
+    ``sqrt`` ``r_min + √s Δ``, ``log`` geometric ``r_min (r_max/r_min)^s``; ranks are clipped to
+    ``min(out, in)``. ``lora_alpha = alpha_scaling_factor · r`` (PEFT scale ``α/r`` = the factor); with
+    ``use_rslora`` it is ``factor · √r`` so that rsLoRA's ``α/√r`` gives every layer the same scale.
+    """
+    if not 0 < layer_selection_percentile <= 1:
+        raise ValueError(f"layer_selection_percentile must be in (0, 1], got {layer_selection_percentile}")
+    if not 1 <= minimum_rank <= maximum_rank:
+        raise ValueError(f"need 1 <= minimum_rank <= maximum_rank, got {minimum_rank}, {maximum_rank}")
+    if rank_scaling_method not in ("linear", "log", "sqrt"):
+        raise ValueError(f"rank_scaling_method must be linear|log|sqrt, got {rank_scaling_method!r}")
+    rows = spectral_analysis(model, **analysis_kwargs)
+    scored = [r for r in rows if math.isfinite(r.alpha)]
+    if not scored:
+        raise ValueError("no layer has enough non-zero eigenvalues for a power-law fit (see min_eigenvalues)")
+    alpha = torch.tensor([r.alpha for r in scored], dtype=torch.float64)
+    spikes = torch.tensor([float(r.spikes) for r in scored], dtype=torch.float64)
+    score = hill_weight * _minmax(alpha) + mp_spikes_weight * (1 - _minmax(spikes))
+    for r, s in zip(scored, score.tolist(), strict=True):
+        r.score = s
+    n_keep = max(1, math.ceil(layer_selection_percentile * len(scored)))
+    order = sorted(range(len(scored)), key=lambda i: -scored[i].score)[:n_keep]
+    sel = torch.tensor([scored[i].score for i in order], dtype=torch.float64)
+    t = _minmax(sel) if len(order) > 1 else torch.ones(1, dtype=torch.float64)
+    if rank_scaling_method == "sqrt":
+        t = t.sqrt()
+    for i, ti in zip(order, t.tolist(), strict=True):
+        if rank_scaling_method == "log":
+            r = minimum_rank * (maximum_rank / minimum_rank) ** ti
+        else:
+            r = minimum_rank + (maximum_rank - minimum_rank) * ti
+        row = scored[i]
+        row.selected = True
+        row.rank = int(min(round(r), min(row.shape[-2:])))
+        row.lora_alpha = float(alpha_scaling_factor * (math.sqrt(row.rank) if use_rslora else row.rank))
+    return rows
+
+
+def _patterns(rows: list[LayerSpectrum]) -> tuple[dict[str, int], dict[str, float], str]:
+    selected = [r for r in rows if r.selected]
+    rank_pattern = {re.escape(r.name): r.rank for r in selected}
+    alpha_pattern = {re.escape(r.name): r.lora_alpha for r in selected}
+    return rank_pattern, alpha_pattern, "^(" + "|".join(re.escape(r.name) for r in selected) + ")$"
+
+
+def get_adaptive_lora_config(model: nn.Module, **kwargs) -> tuple[dict[str, int], dict[str, float], str]:
+    """``(rank_pattern, alpha_pattern, target_regex)`` for PEFT; keyword arguments as :func:`spectral_table`.
+
+    Pattern keys are the full module names, regex-escaped (PEFT matches them as ``(.*\\.)?key$``);
+    ``target_regex`` full-matches exactly the selected modules.
+    """
+    return _patterns(spectral_table(model, **kwargs))
+
+
+_SPECTRAL_KEYS = frozenset(
+    "layer_selection_percentile minimum_rank maximum_rank rank_scaling_method alpha_scaling_factor hill_weight "
+    "mp_spikes_weight fit_method sigma_mp tracy_widom include_conv conv_normalization eigenvalue_threshold "
+    "min_eigenvalues xmin_position target_modules exclude_modules".split())
+
+
+def adaptive_lora_config(model: nn.Module, *, use_rslora: bool = False, use_dora: bool = False,
+                         table: list | None = None, **kwargs):
+    """A ``peft.LoraConfig`` with the spectral rank/alpha patterns (``get_peft_model`` accepts it).
+
+    Spectral keyword arguments (those of :func:`spectral_table` / :func:`spectral_analysis`) are
+    consumed; everything else (``lora_dropout``, ``task_type``, ``modules_to_save``, ...) goes to
+    ``LoraConfig``. Pass a list as ``table`` to receive the per-layer rows.
+    """
+    from peft import LoraConfig
+
+    spec = {k: kwargs.pop(k) for k in list(kwargs) if k in _SPECTRAL_KEYS}
+    rows = spectral_table(model, use_rslora=use_rslora, **spec)
+    if table is not None:
+        table.extend(rows)
+    rank_pattern, alpha_pattern, target_regex = _patterns(rows)
+    top = max(rank_pattern, key=rank_pattern.get)
+    return LoraConfig(target_modules=target_regex, r=rank_pattern[top], lora_alpha=alpha_pattern[top],
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=use_rslora,
+                      use_dora=use_dora, **kwargs)

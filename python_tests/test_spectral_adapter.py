@@ -1,0 +1,264 @@
+"""Spectral (HT-SR) LoRA rank allocation: Hill α, MP spikes, allocation, PEFT round trip, quantized bases."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_kernels.adapters import spectral as S
+from lowrank_kernels.models import vit_tiny
+
+
+def _orthogonal(n, k, gen):
+    q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return q
+
+
+def _matrix_with_eigs(lam, m, n, seed=0):
+    """(m, n) matrix whose WᵀW eigenvalues are ``lam`` (len = min(m, n))."""
+    gen = torch.Generator().manual_seed(seed)
+    k = len(lam)
+    u, v = _orthogonal(m, k, gen), _orthogonal(n, k, gen)
+    return (u * lam.sqrt()) @ v.T
+
+
+def _power_law_eigs(alpha, n, xmin=1.0):
+    # deterministic quantiles of the density ∝ λ^{-α}, λ ≥ xmin
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (xmin * (1 - u) ** (-1 / (alpha - 1))).sort().values
+
+
+@pytest.mark.parametrize("method", ["ks", "median"])
+@pytest.mark.parametrize("alpha", [2.0, 3.5, 5.0])
+def test_hill_alpha_recovers_planted_power_law(method, alpha):
+    lam = _power_law_eigs(alpha, 160)
+    w = _matrix_with_eigs(lam, 200, 160, seed=int(alpha * 10)).float()
+    got = S.eigenvalues([w])[0].double()
+    torch.testing.assert_close(got, lam, rtol=1e-3, atol=1e-4)  # σ² of W is the planted spectrum
+    a, d = S.hill_alpha(got, method=method)
+    assert abs(float(a) - alpha) / alpha < 0.10, (method, float(a), alpha)
+    assert 0 <= float(d) < 0.2
+
+
+def test_ks_scan_finds_tail_above_a_flat_bulk():
+    # A flat bulk below a power-law tail: the median xmin sits in the bulk; the KS scan must find the tail.
+    tail = _power_law_eigs(3.0, 120, xmin=1.0)
+    bulk = torch.linspace(0.05, 0.9, 200, dtype=torch.float64)
+    lam = torch.cat([bulk, tail]).sort().values
+    a_ks, _ = S.hill_alpha(lam[None], method="ks")
+    assert abs(float(a_ks) - 3.0) / 3.0 < 0.10, float(a_ks)
+
+
+def test_hill_ks_vectorised_matches_loop():
+    gen = torch.Generator().manual_seed(1)
+    lam = torch.rand(3, 40, generator=gen, dtype=torch.float64).add(0.01).sort(1).values
+    a, d = S.hill_alpha(lam, method="ks")
+    for b in range(3):
+        x = lam[b]
+        best = (math.inf, None)
+        for i in range(len(x) - 1):  # the seed's O(n²) loop, as reference
+            n = len(x) - i
+            al = 1 + n / (x[i:].log().sum() - n * x[i].log())
+            dd = (1 - (x[i:] / x[i]) ** (1 - al) - torch.arange(n, dtype=x.dtype) / n).abs().max()
+            if al > 1 and dd < best[0]:
+                best = (float(dd), float(al))
+        assert float(d[b]) == pytest.approx(best[0], rel=1e-6)
+        assert float(a[b]) == pytest.approx(best[1], rel=1e-6)
+
+
+def _spiked(m, n, spikes, seed=0):
+    """Noise (m, n) with entries N(0, 1/max) whose top singular values are replaced by ``spikes`` (λ = σ²)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, n, generator=gen, dtype=torch.float64) / math.sqrt(max(m, n))
+    u, s, vh = torch.linalg.svd(z, full_matrices=False)
+    s = s.clone()
+    s[: len(spikes)] = torch.tensor(spikes, dtype=torch.float64).sqrt()
+    return (u * s) @ vh
+
+
+def test_mp_spikes_counts_planted_spikes_and_robust_beats_mean():
+    w = _spiked(128, 64, [60.0, 40.0, 8.0, 6.0, 5.0])
+    lam = S.eigenvalues([w])[0]
+    robust, edge_r = S.mp_spikes(lam, 128, 64, sigma_mp="robust")
+    mean, edge_m = S.mp_spikes(lam, 128, 64, sigma_mp="mean")
+    assert int(robust) == 5
+    assert int(mean) < 5 and float(edge_m) > float(edge_r)  # the spikes' energy inflates the mean edge
+
+
+@pytest.mark.parametrize("sigma_mp", ["robust", "mean"])
+def test_mp_pure_noise_has_no_spikes(sigma_mp):
+    w = _spiked(96, 48, [], seed=3)
+    lam = S.eigenvalues([w])[0]
+    for tw in (True, False):
+        k, edge = S.mp_spikes(lam, 96, 48, sigma_mp=sigma_mp, tracy_widom=tw)
+        assert int(k) <= (0 if tw else 1)
+    # scale invariance of the whole count (the seed's TW margin was not)
+    assert int(S.mp_spikes(lam * 1e-4, 96, 48, sigma_mp=sigma_mp)[0]) == 0
+
+
+def test_eigenvalues_batched_equals_per_matrix():
+    mats = [torch.randn(12, 7), torch.randn(12, 7), torch.randn(5, 9), torch.randn(3, 12, 7)]
+    got = S.eigenvalues(mats)
+    for m, g in zip(mats, got, strict=True):
+        ref = torch.linalg.svdvals(m).flatten().square().sort().values
+        torch.testing.assert_close(g, ref)
+
+
+class _TwoBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(48, 96)
+        self.b = nn.Linear(96, 48)
+        self.c = nn.Linear(48, 48)
+        self.d = nn.Linear(48, 96)
+        with torch.no_grad():
+            # plant structure: a strong power-law tail in ``a`` (heavy-tailed -> small α, low rank)
+            self.a.weight.copy_(_matrix_with_eigs(_power_law_eigs(2.0, 48), 96, 48).float())
+            self.c.weight.copy_(_spiked(48, 48, [30.0, 20.0, 10.0]).float())
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.a(x))))
+
+
+@pytest.mark.parametrize("scaling", ["linear", "log", "sqrt"])
+def test_allocation_ranks_ordered_by_score_and_bounded(scaling):
+    model = _TwoBlock()
+    rows = S.spectral_table(model, layer_selection_percentile=1.0, minimum_rank=2, maximum_rank=16,
+                            rank_scaling_method=scaling)
+    by = {r.name: r for r in rows}
+    assert by["c"].spikes == 3 and by["a"].alpha < by["b"].alpha
+    ranks = [r.rank for r in sorted(rows, key=lambda r: r.score)]
+    assert ranks == sorted(ranks) and min(ranks) == 2 and max(ranks) == 16
+    assert all(r.lora_alpha == 2.0 * r.rank for r in rows)
+    half = S.spectral_table(model, layer_selection_percentile=0.5)
+    chosen = {r.name for r in half if r.selected}
+    best = sorted(half, key=lambda r: -r.score)[:2]
+    assert chosen == {r.name for r in best}
+
+
+def test_config_round_trips_through_peft():
+    peft = pytest.importorskip("peft")
+    model = vit_tiny(dim=32, depth=2, heads=4)
+    table = []
+    cfg = S.adaptive_lora_config(model, table=table, layer_selection_percentile=0.5, minimum_rank=2,
+                                 maximum_rank=8, exclude_modules=["head"], lora_dropout=0.0)
+    assert isinstance(cfg, peft.LoraConfig)
+    selected = {r.name: r for r in table if r.selected}
+    assert "head" not in {r.name for r in table} and len(selected) == math.ceil(0.5 * 8)
+    x = torch.randn(3, 1, 8, 8)
+    ref = model(x)
+    pm = peft.get_peft_model(model, cfg)
+    torch.testing.assert_close(pm(x), ref)  # LoRA B starts at zero
+    adapted = {}
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            r = mod.lora_A["default"].weight.shape[0]
+            adapted[name.removeprefix("base_model.model.")] = (r, mod.scaling["default"])
+    assert set(adapted) == set(selected)
+    for name, (r, scale) in adapted.items():
+        assert r == selected[name].rank
+        assert scale == pytest.approx(2.0)
+    # ``model`` is now wrapped in place by PEFT: the analysis sees through to the base layers
+    rp, ap, regex = S.get_adaptive_lora_config(model, layer_selection_percentile=0.5, minimum_rank=2,
+                                               maximum_rank=8, exclude_modules=["head"])
+    assert set(rp) == set(cfg.rank_pattern) and regex == cfg.target_modules
+
+
+def test_rslora_alpha_keeps_effective_scale_and_dora_passes_through():
+    peft = pytest.importorskip("peft")
+    model = vit_tiny(dim=32, depth=1, heads=2)
+    cfg = S.adaptive_lora_config(model, use_rslora=True, use_dora=True, minimum_rank=2, maximum_rank=8,
+                                 layer_selection_percentile=1.0, exclude_modules=["head", "patch_embed"])
+    assert cfg.use_rslora and cfg.use_dora
+    pm = peft.get_peft_model(model, cfg)
+    scales = [m.scaling["default"] for m in pm.modules() if hasattr(m, "scaling") and "default" in m.scaling]
+    assert scales and all(s == pytest.approx(2.0) for s in scales)
+
+
+class _FakeQuantLinear(nn.Module):
+    """HQQ-style: int8 codes + per-row scale, a module-level ``dequantize()``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("weight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantize(self):
+        return self.weight.float() * self.scale
+
+
+class _Params4bitLike(nn.Parameter):
+    """bitsandbytes-style packed weight: uint8 storage with a ``quant_state`` and its own dequantize."""
+
+    def __new__(cls, data, quant_state):
+        p = super().__new__(cls, data, requires_grad=False)
+        p.quant_state = quant_state
+        return p
+
+    def dequantize(self):
+        return (self.data.float() - 128) * self.quant_state
+
+
+class _BnbLikeLinear(nn.Linear):
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features)
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.weight = _Params4bitLike((torch.round(w / scale) + 128).to(torch.uint8), scale)
+
+    def forward(self, x):  # pragma: no cover - not run; only analysed
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("kind", ["module", "bnb"])
+def test_quantized_base_is_analysed_from_dequantized_weights(kind):
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 48))
+    quant = nn.Sequential(*[(_FakeQuantLinear(m) if kind == "module" else _BnbLikeLinear(m))
+                            if isinstance(m, nn.Linear) else m for m in ref])
+    deq = nn.Sequential(*[nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 48)])
+    with torch.no_grad():
+        for d, q in zip([deq[0], deq[2]], [quant[0], quant[2]], strict=True):
+            d.weight.copy_(S.dequantized_weight(q))
+    got = S.spectral_analysis(quant)
+    want = S.spectral_analysis(deq)
+    assert [r.name for r in got] == ["0", "2"]
+    for g, w in zip(got, want, strict=True):
+        assert g.alpha == pytest.approx(w.alpha) and g.spikes == w.spikes
+    # and the de-quantized weights are close to the original float ones (not the integer codes)
+    torch.testing.assert_close(S.dequantized_weight(quant[0]), ref[0].weight.detach(), atol=2e-3, rtol=0)
+
+
+def test_packed_weights_without_dequantize_are_rejected():
+    class Packed(nn.Linear):
+        pass
+
+    m = Packed(8, 8)
+    m.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="packed"):
+        S.spectral_analysis(nn.Sequential(m))
+
+
+def test_conv_layers_optional():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32, 20))
+    assert [r.name for r in S.spectral_analysis(model)] == ["2"]
+    rows = S.spectral_analysis(model, include_conv=True)
+    assert [r.name for r in rows] == ["0", "2"] and rows[0].num_eigs == 9 * 16
+
+
+def test_argument_errors():
+    model = _TwoBlock()
+    with pytest.raises(ValueError, match="rank_scaling_method"):
+        S.spectral_table(model, rank_scaling_method="cubic")
+    with pytest.raises(ValueError, match="layer_selection_percentile"):
+        S.spectral_table(model, layer_selection_percentile=0.0)
+    with pytest.raises(ValueError, match="minimum_rank"):
+        S.spectral_table(model, minimum_rank=8, maximum_rank=4)
+    with pytest.raises(ValueError, match="method"):
+        S.hill_alpha(torch.rand(10).sort().values, method="mle")
+    with pytest.raises(ValueError, match="no Linear"):
+        S.spectral_analysis(nn.Sequential(nn.ReLU()))
