@@ -94,6 +94,18 @@ def test_report_table_from_synthetic_csv(tmp_path):
     assert "old numbers" not in text and text.endswith(f"{report.END}\n\ntail\n") and "4.00x" in text
 
 
+def test_merge_into_splits_by_device(tmp_path):
+    run = tmp_path / "gpu_run.csv"
+    cpu_info = dict(INFO, device="CPU Test Model")
+    common.write_rows(run, _rows({"torch": 4.0, "triton": 1.0}) + _rows({"torch": 2.0, "triton": 3.0}, info=cpu_info))
+    results = tmp_path / "results"
+    written = report.merge_into(results, [run])
+    assert sorted(p.name for p in written) == ["cpu-test-model.csv", "nvidia-h100-80gb-hbm3.csv"]
+    assert report.merge_into(results, [run]) == written and len(common.read_rows(written[1])) == 2
+    block = report.render(results)
+    assert block.index(DEVICE) < block.index("CPU Test Model") and "0.67x" in block
+
+
 def test_report_without_results_says_so(tmp_path):
     assert report.EMPTY in report.render(tmp_path)
     with pytest.raises(ValueError, match="markers"):
