@@ -215,6 +215,23 @@ def make_row(kernel: str, provider: str, mode: str, metric: str, unit: str, x_na
     }
 
 
+def bandwidth_rows(kernel: str, provider: str, mode: str, x_name: str, x_value, nbytes: int, p50: float,
+                   p20: float | None = None, p80: float | None = None, device: str | torch.device | None = None,
+                   config=None) -> list[dict]:
+    """``bandwidth`` (GB/s) row, plus ``hbm_pct`` when the device's peak is known, for a kernel that moves
+    ``nbytes`` (reads + writes) in ``p50`` ms. The fast time quantile becomes the high bandwidth one."""
+    def gbs(ms):
+        return None if not ms else nbytes / (ms * 1e-3) / 1e9
+
+    rows = [make_row(kernel, provider, mode, "bandwidth", "GB/s", x_name, x_value, gbs(p50), gbs(p80), gbs(p20),
+                     config)]
+    peak = hbm_peak_gbs(device)
+    if peak:
+        pct = [None if v is None else 100.0 * v / peak for v in (gbs(p50), gbs(p80), gbs(p20))]
+        rows.append(make_row(kernel, provider, mode, "hbm_pct", "%", x_name, x_value, *pct, config=config))
+    return rows
+
+
 def stamp_rows(rows: Iterable[dict], info: dict[str, str]) -> list[dict[str, str]]:
     """Rows as CSV strings in :data:`SCHEMA` order, with the environment columns filled in."""
     out = []

@@ -67,6 +67,16 @@ def test_hbm_peak_by_name(monkeypatch, name, gbs):
     assert common.hbm_peak_gbs("cuda") == gbs
 
 
+def test_bandwidth_rows(monkeypatch):
+    rows = common.bandwidth_rows("k", "triton", "forward", "n", 8, nbytes=2 * 10**9, p50=1000.0, p20=800.0,
+                                 p80=1250.0, device="cpu")
+    assert [(r["metric"], r["unit"], r["p50"], r["p20"], r["p80"]) for r in rows] == [
+        ("bandwidth", "GB/s", 2.0, 1.6, 2.5)]
+    monkeypatch.setattr(common, "hbm_peak_gbs", lambda device=None: 4.0)
+    pct = common.bandwidth_rows("k", "triton", "forward", "n", 8, 2 * 10**9, 1000.0, device="cuda")[1]
+    assert pct["metric"] == "hbm_pct" and pct["p50"] == 50.0 and pct["p20"] is None
+
+
 def test_cpu_has_no_hbm_or_peak_memory():
     assert common.hbm_peak_gbs("cpu") is None
     assert common.peak_memory_mb(lambda: None, "cpu") is None
