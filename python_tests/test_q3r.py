@@ -1,0 +1,232 @@
+"""Q3R regularizer: gradient vs autograd of the value (fp64), the value vs its definition with explicit
+L and R, eps schedules, target-rank semantics, extract_linear and every bad argument."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_kernels import Q3R, extract_linear
+from lowrank_kernels.models import vit_tiny
+from lowrank_kernels.q3r import EPS_START, resolve_rank
+from lowrank_kernels.testing import assert_verbose_allclose
+
+SLICINGS = {
+    "full": None,
+    "qkv": [(0, 10), (10, 20), (20, 30)],
+    "gaps": [(2, 9), (14, 30)],  # rows 0:2 and 9:14 carry no operator and get no gradient
+}
+
+
+def _model(dtype=torch.float64):
+    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 12)).to(dtype)
+
+
+def _jiggle(model, scale=0.3):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9).add_(scale * torch.randn_like(p))
+
+
+def _explicit_value(q3r):
+    """lmbda <X, L X R> with L (m x m) and R (n x n) formed explicitly (fine at test sizes)."""
+    total = 0.0
+    for op in q3r.ops:
+        X = op.view(op.weight).detach().to(op.cdtype)
+        D = torch.diag(op.d)
+        L = torch.eye(op.m, dtype=X.dtype) + op.U @ D @ op.U.T
+        R = torch.eye(op.n, dtype=X.dtype) + op.Vh.T @ D @ op.Vh
+        total += float((X * (L @ X @ R)).sum())
+    return q3r.lmbda * total
+
+
+@pytest.mark.parametrize("slicing", list(SLICINGS))
+@pytest.mark.parametrize("schedule", ["default", "exploration"])
+def test_gradient_is_autograd_of_value_fp64(slicing, schedule):
+    model = _model()
+    q = Q3R({model[0]: SLICINGS[slicing], model[2]: None}, target_rank=0.3, lmbda=0.7, steps=1,
+            epsilon_schedule=schedule)
+    for _ in range(3):
+        q.update()
+        assert all(k > 0 for k in q.effective_ranks())
+        model.zero_grad()
+        val = q.val
+        val.backward()
+        assert abs(val.item() - _explicit_value(q)) <= 1e-10 * abs(val.item())
+        grads = q.grad
+        assert set(map(id, grads)) == {id(model[0].weight), id(model[2].weight)}
+        for w in q.params:
+            assert_verbose_allclose(grads[w], w.grad, rtol=1e-10, atol=1e-12, name="Q3R.grad")
+        if slicing == "gaps":
+            assert grads[model[0].weight][[0, 1, 9, 10, 11, 12, 13]].abs().max() == 0
+        _jiggle(model)
+
+
+def test_before_first_update_is_weight_decay():
+    model = _model()
+    q = Q3R({model[0]: None}, target_rank=3, lmbda=0.5)
+    w = model[0].weight
+    assert q.effective_ranks() == [0] and q.ops[0].eps == EPS_START == 1e8
+    assert torch.allclose(q.val, 0.5 * w.detach().square().sum())
+    assert_verbose_allclose(q.grad[w], 2 * 0.5 * w.detach(), name="grad")
+
+
+def test_operator_is_top_triplets_of_full_svd():
+    """Kept triplets = those with sigma > eps, from the truncated SVD, matching torch.linalg.svd."""
+    torch.manual_seed(1)
+    lin = nn.Linear(300, 280).double()  # large enough for the randomized path of ops.truncated_svd
+    with torch.no_grad():
+        U, _ = torch.linalg.qr(torch.randn(280, 280, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(300, 280, dtype=torch.float64))
+        S = 10 * 0.7 ** torch.arange(280, dtype=torch.float64)  # a spectral gap the sketch resolves
+        lin.weight.copy_(U * S @ V.T)
+    q = Q3R({lin: None}, target_rank=6, lmbda=1.0, n_iter=4)
+    q.update()
+    op = q.ops[0]
+    assert op.eps == pytest.approx(float(S[6]), rel=1e-6)
+    assert op.k == 6
+    assert_verbose_allclose(op.S, S[:6], rtol=1e-8, name="sigma")
+    assert_verbose_allclose((op.U.T @ U[:, :6]).abs().diagonal(), torch.ones(6, dtype=torch.float64), atol=1e-6,
+                            name="|<u_i, u_i*>|")
+    # eps below sigma_{r+2}: every triplet above eps must be kept, so the sketch is widened beyond r + 1
+    q.update(force=True)
+    op.eps = float(S[20]) * 0.999
+    q.refresh()
+    assert op.k == 21
+    assert_verbose_allclose(op.S, S[:21], rtol=1e-6, name="sigma after widening")
+
+
+def test_update_every_steps_counts_calls():
+    model = _model()
+    q = Q3R({model[0]: None}, target_rank=2, lmbda=0.1, steps=3)
+    refreshed = [q.update() for _ in range(7)]
+    assert refreshed == [True, False, False, True, False, False, True]
+    assert q.t == 7 and q.n_refresh == 3
+
+
+def _svals(w, r):
+    return torch.linalg.svdvals(w.detach())[r].item()
+
+
+def test_schedules():
+    model = _model()
+    w = model[0].weight
+    make = lambda s, **kw: Q3R({model[0]: None}, target_rank=4, lmbda=0.1, steps=1, epsilon_schedule=s, **kw)
+    default, explore = make("default"), make("exploration")
+    constant, constant_given = make("constant"), make("constant", epsilon=0.05)
+    linear = make("linear", N=4, eps_min=1e-3)
+    history = []
+    for t in range(6):
+        history.append(_svals(w, 4))
+        for q in (default, explore, constant, constant_given, linear):
+            q.update()
+        assert default.ops[0].eps == pytest.approx(min(history), rel=1e-9)
+        assert explore.ops[0].eps == pytest.approx(history[-1], rel=1e-9)
+        assert explore.effective_ranks() == [4]
+        assert constant.ops[0].eps == pytest.approx(history[0], rel=1e-9)
+        assert constant_given.ops[0].eps == 0.05
+        want = history[0] * (1e-3 / history[0]) ** (min(t, 4) / 4)
+        assert linear.ops[0].eps == pytest.approx(want, rel=1e-9)
+        s = torch.linalg.svdvals(w.detach())
+        assert linear.effective_ranks() == [int((s > linear.ops[0].eps).sum())]
+        with torch.no_grad():
+            w.mul_(1.3 if t % 2 else 0.6)  # sigma_{r+1} goes up and down
+    assert linear.ops[0].eps == 1e-3
+
+
+@pytest.mark.parametrize(("spec", "m", "n", "want"), [
+    (0.2, 576, 192, 38), (0.2, 192, 768, 38), (0.5, 10, 30, 5), (0.01, 10, 30, 1), (7, 100, 50, 7), (1, 5, 5, 1),
+])
+def test_target_rank_semantics(spec, m, n, want):
+    """float = fraction of min(m, n) (the seed: of max(m, n)); int = absolute (the seed scales by max/min)."""
+    assert resolve_rank(spec, m, n) == want
+    q = Q3R({nn.Linear(n, m): None}, target_rank=spec, lmbda=0.1)
+    assert q.ops[0].rank == want
+
+
+def test_target_rank_list_per_slice():
+    model = _model()
+    q = Q3R({model[0]: SLICINGS["qkv"], model[2]: None}, target_rank=[1, 2, 0.5, 3], lmbda=0.1)
+    assert [op.rank for op in q.ops] == [1, 2, 5, 3]
+    q.update()
+    assert q.effective_ranks() == [1, 2, 5, 3]
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.0, -0.5, 0, -3, True, "0.2", None, [0.2, 0.3]])
+def test_bad_target_rank(bad):
+    with pytest.raises((ValueError, TypeError), match="target_rank"):
+        Q3R({nn.Linear(8, 6): None}, target_rank=bad, lmbda=0.1)
+
+
+def test_rank_at_least_min_dim_warns_once_and_decays():
+    model = _model()
+    with pytest.warns(UserWarning, match="weight decay") as rec:
+        q = Q3R({model[0]: SLICINGS["qkv"], model[2]: None}, target_rank=[10, 10, 2, 12], lmbda=0.5)
+    assert len(rec) == 1 and str(rec[0].message).count("module") == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(6):
+            q.update()
+    assert q.effective_ranks() == [0, 0, 2, 0]
+    w = model[2].weight
+    assert_verbose_allclose(q.grad[w], w.detach(), rtol=1e-12, name="2 lmbda X")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(lmbda=-1.0), "lmbda"), (dict(lmbda=float("nan")), "lmbda"), (dict(steps=0), "steps"),
+    (dict(epsilon_schedule="cosine"), "epsilon_schedule"), (dict(epsilon_schedule="linear"), "N"),
+    (dict(epsilon_schedule="linear", N=10, eps_min=0.0), "eps_min"), (dict(epsilon=-1.0), "epsilon"),
+])
+def test_bad_arguments(kwargs, match):
+    args = dict(target_rank=2, lmbda=0.1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        Q3R({nn.Linear(8, 6): None}, **args)
+
+
+def test_bad_modules_and_slices():
+    with pytest.raises(ValueError, match="empty"):
+        Q3R({}, target_rank=2, lmbda=0.1)
+    with pytest.raises(ValueError, match="2-D weight"):
+        Q3R({nn.LayerNorm(4): None}, target_rank=2, lmbda=0.1)
+    with pytest.raises(ValueError, match="overlap"):
+        Q3R({nn.Linear(8, 6): [(0, 4), (3, 6)]}, target_rank=1, lmbda=0.1)
+    q = Q3R([nn.Linear(8, 6)], target_rank=2, lmbda=0.1)  # a plain iterable of modules
+    assert q.ops[0].rows is None
+
+
+def test_nan_weight_is_a_clear_error():
+    lin = nn.Linear(8, 6)
+    q = Q3R({lin: None}, target_rank=2, lmbda=0.1)
+    with torch.no_grad():
+        lin.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        q.update()
+
+
+def test_extract_linear_vit():
+    model = vit_tiny(depth=2)
+    tm = extract_linear(model, ["qkv", "fc1"], fused={"qkv": 3})
+    names = {m: n for n, m in model.named_modules()}
+    assert sorted(names[m] for m in tm) == ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv",
+                                            "blocks.1.mlp.fc1"]
+    for m, slices in tm.items():
+        d = model.blocks[0].attn.proj.in_features
+        assert slices == ([(0, d), (d, 2 * d), (2 * d, 3 * d)] if names[m].endswith("qkv") else None)
+    q = Q3R(tm, target_rank=0.25, lmbda=0.1)
+    assert len(q.ops) == 8
+    every = extract_linear(model)
+    assert set(every) == {m for m in model.modules() if isinstance(m, nn.Linear)}
+    regex = extract_linear(model, r"blocks\.1\..*(proj|fc2)", fused={"proj": [(0, 10), (10, -1)]})
+    assert sorted(names[m] for m in regex) == ["blocks.1.attn.proj", "blocks.1.mlp.fc2"]
+    assert regex[model.blocks[1].attn.proj] == [(0, 10), (10, d - 1)]
+
+
+@pytest.mark.parametrize(("target", "fused", "match"), [
+    (["nope"], None, "matches"), (["qkv"], {"fc1": 2}, "match no selected"), (["qkv"], {"qkv": 5}, "equal"),
+    (["qkv"], {"qkv": [(0, 10), (5, 20)]}, "overlap"), (["attn"], None, "2-D weight"), ([], None, "non-empty"),
+    (["qkv"], {"qkv": [(0, 10), (20, 10)]}, "reversed"),
+])
+def test_extract_linear_errors(target, fused, match):
+    with pytest.raises(ValueError, match=match):
+        extract_linear(vit_tiny(depth=1), target, fused=fused)
