@@ -1,0 +1,190 @@
+"""Triton batched power iteration: ``sigma_max`` and ``||W||_F^2`` of many matrices of mixed shapes.
+
+One launch per (dtype, memory order) group runs the whole iteration loop: one program per matrix, its
+address, shape and strides read from a table, so there is never a launch per matrix. Each program walks
+the row blocks ``A_b`` of its (oriented, ``N <= M``) matrix and, from the same tile, forms
+``u_b = A_b v`` and accumulates ``z += A_b^T u_b``; ``sum_b A_b^T A_b v = A^T A v``, so ``A`` is read
+once per iteration. The iteration matches :func:`lowrank_kernels.ops.power_iteration.spectral_norm_ref`.
+
+Accumulation is fp32 with elementwise products and reductions (no ``tl.dot``), so there is no TF32
+rounding on the GPU and bf16 is exact under the interpreter too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Vectors up to this length stay in registers for the whole loop (the tile is BLOCK_M x BLOCK_N with
+# BLOCK_M * BLOCK_N = _TILE elements); longer ones live in an fp32 scratch buffer and are streamed.
+_MAX_REG_N = 2048
+_TILE = 8192
+_STREAM_BLOCK_N = 512
+
+
+@triton.jit
+def _power_iteration_kernel(
+    w0_ptr, addr_ptr, meta_ptr, voff_ptr, v_ptr, z_ptr, sigma_ptr, fro_ptr, iters, tol,
+    CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    # w0_ptr only carries the element type: every matrix of the group shares it.
+    a_ptr = tl.load(addr_ptr + pid).to(w0_ptr.dtype)
+    M = tl.load(meta_ptr + pid * 4 + 0)
+    N = tl.load(meta_ptr + pid * 4 + 1)
+    stride_m = tl.load(meta_ptr + pid * 4 + 2)
+    stride_n = tl.load(meta_ptr + pid * 4 + 3)
+    voff = tl.load(voff_ptr + pid)
+    vp = v_ptr + voff
+    zp = z_ptr + voff
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+
+    if ONE_BLOCK_N:
+        mask_n = rn < N
+        v = tl.load(vp + rn, mask=mask_n, other=0.0)
+    sigma = tl.zeros([], dtype=tl.float32)
+    fro = tl.zeros([], dtype=tl.float32)
+    s_prev = tl.zeros([], dtype=tl.float32)
+    done = tl.zeros([], dtype=tl.int32)
+    for it in range(iters):
+        if done == 0:
+            fro_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+            if ONE_BLOCK_N:
+                z = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for m0 in range(0, M, BLOCK_M):
+                    rows = m0 + rm
+                    mask = (rows[:, None] < M) & mask_n[None, :]
+                    if CONTIG_N:
+                        offs = rows[:, None].to(tl.int64) * stride_m + rn[None, :]
+                    else:
+                        offs = rows[:, None] + rn[None, :].to(tl.int64) * stride_n
+                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    u = tl.sum(a * v[None, :], axis=1)
+                    z += tl.sum(a * u[:, None], axis=0)
+                    fro_rows += tl.sum(a * a, axis=1)
+                s = tl.sqrt(tl.sum(z * z, axis=0))
+                v = tl.where(s > 0, z / tl.maximum(s, 1e-38), v)
+            else:
+                for n0 in range(0, N, BLOCK_N):
+                    tl.store(zp + n0 + rn, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n0 + rn < N)
+                tl.debug_barrier()
+                for m0 in range(0, M, BLOCK_M):
+                    rows = m0 + rm
+                    u = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    for n0 in range(0, N, BLOCK_N):
+                        cols = n0 + rn
+                        mask = (rows[:, None] < M) & (cols[None, :] < N)
+                        if CONTIG_N:
+                            offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
+                        else:
+                            offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
+                        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                        vb = tl.load(vp + cols, mask=cols < N, other=0.0)
+                        u += tl.sum(a * vb[None, :], axis=1)
+                        fro_rows += tl.sum(a * a, axis=1)
+                    # Second sweep of the same row block: it was just read, so it comes from L1/L2.
+                    for n0 in range(0, N, BLOCK_N):
+                        cols = n0 + rn
+                        mask = (rows[:, None] < M) & (cols[None, :] < N)
+                        if CONTIG_N:
+                            offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
+                        else:
+                            offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
+                        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                        zb = tl.load(zp + cols, mask=cols < N, other=0.0)
+                        tl.store(zp + cols, zb + tl.sum(a * u[:, None], axis=0), mask=cols < N)
+                tl.debug_barrier()
+                ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for n0 in range(0, N, BLOCK_N):
+                    zb = tl.load(zp + n0 + rn, mask=n0 + rn < N, other=0.0)
+                    ss += zb * zb
+                s = tl.sqrt(tl.sum(ss, axis=0))
+                if s > 0:
+                    for n0 in range(0, N, BLOCK_N):
+                        zb = tl.load(zp + n0 + rn, mask=n0 + rn < N, other=0.0)
+                        tl.store(vp + n0 + rn, zb / s, mask=n0 + rn < N)
+                tl.debug_barrier()
+            fro = tl.sum(fro_rows, axis=0)
+            sigma = tl.sqrt(s)
+            done = tl.where((it > 0) & (tl.abs(s - s_prev) <= tol * s), 1, done)
+            s_prev = s
+    if ONE_BLOCK_N:
+        tl.store(vp + rn, v, mask=mask_n)
+    tl.store(sigma_ptr + pid, sigma)
+    tl.store(fro_ptr + pid, fro)
+
+
+def _oriented_meta(W: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """``(tensor, M, N, stride_m, stride_n)`` of ``A = W`` or ``W^T`` with ``N = min(m, n)``.
+
+    A matrix with neither stride 1 is copied (contiguous) first: the kernel needs one unit stride.
+    """
+    if W.stride(0) != 1 and W.stride(1) != 1:
+        W = W.contiguous()
+    m, n = W.shape
+    if m >= n:
+        return W, m, n, W.stride(0), W.stride(1)
+    return W, n, m, W.stride(1), W.stride(0)
+
+
+def _blocks(n_max: int, block_n: int | None) -> tuple[bool, int, int]:
+    if block_n is None:
+        one = n_max <= _MAX_REG_N
+        block_n = max(16, triton.next_power_of_2(n_max)) if one else _STREAM_BLOCK_N
+    else:
+        one = n_max <= block_n
+    block_m = max(1, min(64, _TILE // block_n))
+    return one, block_m, block_n
+
+
+def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iters: int, tol: float,
+                           block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel over ``mats``; updates the flat fp32 ``vectors`` in place.
+
+    Args:
+        mats: 2-D tensors on one device (fp16/bf16/fp32/fp64; fp64 is read and accumulated in fp32).
+        vectors: flat fp32 ``(sum_i min(m_i, n_i),)`` start vectors, contiguous.
+        block_n: force the column block (tests use it to reach the streamed path on tiny shapes).
+
+    Returns:
+        ``sigma (n,)`` and ``fro_sq (n,)``, fp32.
+    """
+    dev = vectors.device
+    n = len(mats)
+    sigma = torch.empty(n, dtype=torch.float32, device=dev)
+    fro_sq = torch.empty(n, dtype=torch.float32, device=dev)
+    lengths = [min(W.shape) for W in mats]
+    offsets = [0]
+    for length in lengths[:-1]:
+        offsets.append(offsets[-1] + length)
+    groups: dict[tuple[torch.dtype, bool], list[int]] = {}
+    prepared = []
+    for i, W in enumerate(mats):
+        W = W.float() if W.dtype == torch.float64 else W
+        W, M, N, sm, sn = _oriented_meta(W)
+        prepared.append((W, M, N, sm, sn))
+        groups.setdefault((W.dtype, sn == 1), []).append(i)
+    scratch = None
+    for (_, contig_n), idx in groups.items():
+        one, block_m, bn = _blocks(max(prepared[i][2] for i in idx), block_n)
+        if not one and scratch is None:
+            scratch = torch.empty_like(vectors)
+        table = torch.tensor([[prepared[i][1], prepared[i][2], prepared[i][3], prepared[i][4]] for i in idx],
+                             dtype=torch.int64)
+        addr = torch.tensor([prepared[i][0].data_ptr() for i in idx], dtype=torch.int64)
+        voff = torch.tensor([offsets[i] for i in idx], dtype=torch.int64)
+        table, addr, voff = (t.to(dev, non_blocking=True) for t in (table, addr, voff))
+        g_sigma = torch.empty(len(idx), dtype=torch.float32, device=dev)
+        g_fro = torch.empty_like(g_sigma)
+        _power_iteration_kernel[(len(idx),)](
+            prepared[idx[0]][0], addr, table, voff, vectors, scratch if scratch is not None else vectors,
+            g_sigma, g_fro, iters, tol,
+            CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn,
+            num_warps=8 if bn * block_m >= 4096 else 4,
+        )
+        index = torch.tensor(idx, dtype=torch.int64, device=dev)
+        sigma[index] = g_sigma
+        fro_sq[index] = g_fro
+    return sigma, fro_sq
