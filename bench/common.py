@@ -251,7 +251,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
         return [{k: (r.get(k) or "") for k in SCHEMA} for r in csv.DictReader(f)]
 
 
-def _x_sort(value: str):
+def x_sort_key(value: str):
+    """Numeric ``x`` values in numeric order, then any others as text."""
     try:
         return (0, float(value), "")
     except ValueError:
@@ -264,7 +265,7 @@ def merge_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
     for row in (*old, *new):
         merged[tuple(row[k] for k in KEY)] = row
     return sorted(merged.values(), key=lambda r: (r["kernel"], r["metric"], r["mode"], r["config"], r["x_name"],
-                                                   _x_sort(r["x_value"]), r["provider"], r["device"]))
+                                                   x_sort_key(r["x_value"]), r["provider"], r["device"]))
 
 
 def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from bench.common import DEFAULT_OUT, HIGHER_IS_BETTER, read_rows, slugify
+from bench.common import DEFAULT_OUT, HIGHER_IS_BETTER, read_rows, slugify, x_sort_key
 
 REFERENCE = "torch"
 
@@ -55,7 +55,7 @@ def plot_group(key: tuple[str, str, str, str], rows: Sequence[dict], path: Path)
     import matplotlib.pyplot as plt
 
     device, kernel, metric, mode = key
-    xs_all = sorted({r["x_value"] for r in rows}, key=lambda v: (_num(v) is None, _num(v) or 0.0, v))
+    xs_all = sorted({r["x_value"] for r in rows}, key=x_sort_key)
     numeric = all(_num(x) is not None for x in xs_all)
     xpos = {x: (_num(x) if numeric else i) for i, x in enumerate(xs_all)}
     series = _series(rows)

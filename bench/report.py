@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import DEFAULT_OUT, REPO_ROOT, append_rows, read_rows, slugify
+from bench.common import DEFAULT_OUT, REPO_ROOT, append_rows, read_rows, slugify, x_sort_key
 
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
@@ -35,13 +35,6 @@ def _num(value: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if out > 0 else None
-
-
-def _x_key(value: str):
-    try:
-        return (1, float(value), value)
-    except ValueError:
-        return (0, 0.0, value)
 
 
 def _ratio(reference: float | None, ours: float | None) -> str:
@@ -82,7 +75,7 @@ def device_table(rows: Sequence[dict]) -> str:
         usable = [x for x in by_x if REFERENCE in by_x[x] and any(p in by_x[x] for p in OURS)]
         if not usable:
             continue
-        x = max(usable, key=_x_key)
+        x = max(usable, key=x_sort_key)
         kernel, mode, config = key
         shape = f"{x_names[key]}={x}" + (f" ({config.replace(';', ', ')})" if config else "")
         providers = by_x[x]
