@@ -1,0 +1,168 @@
+"""truncated_svd: randomized subspace iteration against torch.linalg.svd on matrices with known spectra."""
+
+import importlib
+
+import pytest
+import torch
+
+from lowrank_kernels import ops
+from lowrank_kernels.ops.truncated_svd import orthonormalize, svd_path
+from lowrank_kernels.testing import assert_verbose_allclose
+
+# ops.truncated_svd is the function (re-exported), so reach the module through importlib.
+tsvd_mod = importlib.import_module("lowrank_kernels.ops.truncated_svd")
+
+
+def _with_spectrum(shape: tuple[int, ...], s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``W (..., m, n)`` with singular values ``s`` (len <= min(m, n)); fp32, built in fp64."""
+    *batch, m, n = shape
+    g = torch.Generator().manual_seed(seed)
+    k = s.numel()
+    U = torch.linalg.qr(torch.randn(*batch, m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(*batch, n, k, generator=g, dtype=torch.float64)).Q
+    return ((U * s.double()) @ V.transpose(-1, -2)).float()
+
+
+@pytest.fixture(autouse=True)
+def _small_threshold(monkeypatch):
+    """Take the randomized path from min(m, n) > 64 so the tests stay small on a 2-core CI machine."""
+    monkeypatch.setattr(tsvd_mod, "SMALL_DIM", 64)
+
+
+def _check_orthonormal(Q: torch.Tensor, tol: float = 1e-4) -> None:
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype).expand(*Q.shape[:-2], -1, -1)
+    assert_verbose_allclose(Q.transpose(-1, -2) @ Q, eye, atol=tol, rtol=0, name="Q^T Q")
+
+
+def _check_subspace(U: torch.Tensor, U_true: torch.Tensor, tol: float) -> None:
+    """Projectors agree: ||U U^T - U* U*^T||_2 = sin of the largest principal angle."""
+    P = U.double() @ U.double().transpose(-1, -2)
+    P_true = U_true.double() @ U_true.double().transpose(-1, -2)
+    assert torch.linalg.matrix_norm(P - P_true, 2).max() <= tol
+
+
+@pytest.mark.parametrize("shape, rank", [((100, 170), 12), ((180, 97), 20), ((2, 90, 110), 7)])
+def test_decaying_spectrum(shape, rank):
+    k = min(shape[-2:])
+    s = 5.0 * 0.8 ** torch.arange(float(k))
+    W = _with_spectrum(shape, s)
+    assert svd_path(W.shape, rank) == "randomized"
+    U, S, Vh = ops.truncated_svd(W, rank)
+    assert U.shape == (*shape[:-1], rank) and S.shape == (*shape[:-2], rank) and Vh.shape == (*shape[:-2], rank,
+                                                                                               shape[-1])
+    assert_verbose_allclose(S, s[:rank].expand_as(S), rtol=1e-3, atol=0, name="S")
+    _check_orthonormal(U)
+    _check_orthonormal(Vh.transpose(-1, -2))
+    U_ref, _, Vh_ref = ops.truncated_svd_ref(W, rank)
+    _check_subspace(U, U_ref, 1e-3)
+    _check_subspace(Vh.transpose(-1, -2), Vh_ref.transpose(-1, -2), 1e-3)
+    # Near-optimal reconstruction (Eckart-Young bound is the tail of the spectrum).
+    err = torch.linalg.matrix_norm(W.double() - (U * S.unsqueeze(-2)).double() @ Vh.double())
+    assert (err <= 1.001 * s[rank:].double().square().sum().sqrt() + 1e-5).all()
+
+
+def test_flat_spectrum_values():
+    W = _with_spectrum((100, 130), torch.full((100,), 3.0))
+    _, S, _ = ops.truncated_svd(W, 10)
+    assert_verbose_allclose(S, torch.full((10,), 3.0), rtol=1e-3, atol=0, name="S")
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_rank_deficient_and_zero(zero):
+    """Y = W Omega has dependent columns: Cholesky-QR must hand over to Householder QR."""
+    s = torch.zeros(0) if zero else torch.tensor([6.0, 2.0, 1.0, 0.5])
+    W = torch.zeros(120, 100) if zero else _with_spectrum((120, 100), s)
+    U, S, Vh = ops.truncated_svd(W, 10)
+    expected = torch.cat([s, torch.zeros(10 - s.numel())])
+    assert_verbose_allclose(S, expected, rtol=1e-4, atol=1e-4, name="S")
+    _check_orthonormal(U)
+    _check_orthonormal(Vh.t())
+
+
+@pytest.mark.parametrize("shape, rank", [((1, 50), 1), ((50, 1), 1), ((40, 30), 30), ((150, 100), 60)])
+def test_full_svd_path(shape, rank):
+    W = torch.randn(shape)
+    assert svd_path(shape, rank) == "full"
+    U, S, Vh = ops.truncated_svd(W, rank)
+    _, S_ref, _ = ops.truncated_svd_ref(W, rank)
+    assert_verbose_allclose(S, S_ref, rtol=1e-5, atol=1e-6, name="S")
+    assert_verbose_allclose((U * S) @ Vh if rank == min(shape) else S, W if rank == min(shape) else S_ref,
+                            rtol=1e-4, atol=1e-4, name="reconstruction")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(dtype):
+    W = _with_spectrum((100, 90), 0.8 ** torch.arange(90.0)).to(dtype)
+    U, S, Vh = ops.truncated_svd(W, 5)
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert U.dtype == S.dtype == Vh.dtype == want
+    _, S_ref, _ = ops.truncated_svd_ref(W, 5)
+    assert_verbose_allclose(S, S_ref, rtol=1e-3, atol=0, name="S")
+
+
+def test_deterministic_and_leaves_global_rng():
+    W = torch.randn(100, 80)
+    rng = torch.get_rng_state()
+    a = ops.truncated_svd(W, 6)
+    assert torch.equal(rng, torch.get_rng_state())
+    b = ops.truncated_svd(W, 6)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for x, y in zip(ops.truncated_svd(W, 6, generator=g1), ops.truncated_svd(W, 6, generator=g2), strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_raises(value):
+    W = torch.randn(100, 100)
+    W[4, 7] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.truncated_svd(W, 4)
+
+
+def test_non_convergence_falls_back(monkeypatch):
+    W = _with_spectrum((100, 80), 0.8 ** torch.arange(80.0))
+
+    def broken(A, rank, *args):
+        nan = torch.full((), float("nan"))
+        return nan.expand(A.shape[-2], rank), nan.expand(rank), nan.expand(rank, A.shape[-1])
+
+    monkeypatch.setattr(tsvd_mod, "_randomized", broken)
+    with pytest.warns(RuntimeWarning, match="falling back to torch.linalg.svd"):
+        U, S, Vh = ops.truncated_svd(W, 4)
+    _, S_ref, _ = ops.truncated_svd_ref(W, 4)
+    assert_verbose_allclose(S, S_ref, rtol=1e-6, name="S")
+
+
+def test_orthonormalize_ill_conditioned():
+    """cond(Y) ~ 1e7 defeats Cholesky-QR in fp32; the fallback still returns an orthonormal basis."""
+    Y = _with_spectrum((200, 12), torch.logspace(0, -7, 12))
+    Q = orthonormalize(Y)
+    _check_orthonormal(Q, 1e-5)
+    assert torch.linalg.matrix_norm(Y - Q @ (Q.t() @ Y)) <= 1e-5
+
+
+@pytest.mark.parametrize("bad, err", [
+    (lambda: ops.truncated_svd(torch.randn(10), 2), ValueError),
+    (lambda: ops.truncated_svd(torch.randn(2, 2, 3, 3), 2), ValueError),
+    (lambda: ops.truncated_svd(torch.randn(5, 4), 5), ValueError),
+    (lambda: ops.truncated_svd(torch.randn(5, 4), 0), ValueError),
+    (lambda: ops.truncated_svd(torch.randn(5, 4), 2.0), TypeError),
+    (lambda: ops.truncated_svd(torch.randn(5, 4), 2, n_iter=-1), ValueError),
+    (lambda: ops.truncated_svd(torch.ones(5, 4, dtype=torch.int32), 2), TypeError),
+    (lambda: ops.truncated_svd(torch.zeros(0, 4), 1), ValueError),
+])
+def test_errors(bad, err):
+    with pytest.raises(err):
+        bad()
+
+
+@pytest.mark.gpu
+def test_gpu_batched():
+    s = 4.0 * 0.9 ** torch.arange(768.0)
+    W = _with_spectrum((4, 768, 3072), s).cuda()
+    U, S, Vh = ops.truncated_svd(W, 64)
+    assert_verbose_allclose(S.cpu(), s[:64].expand(4, 64), rtol=1e-3, atol=0, name="S")
+    _check_orthonormal(U.cpu())
+    _check_orthonormal(Vh.transpose(-1, -2).cpu())
