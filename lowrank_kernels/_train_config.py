@@ -1,0 +1,220 @@
+"""``TrainConfig``: every knob of ``lowrank-kernels train``, from flags, a YAML/JSON file, or a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+from ._train_data import ConfigError
+from ._train_techniques import TECHNIQUES
+
+MODELS = ("vit-tiny", "gpt-tiny")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+SCHEDULES = ("cosine", "constant")
+EPS_SCHEDULES = ("default", "linear", "constant", "exploration")
+
+
+def _f(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults train the demo ViT on sklearn digits (dense AdamW)."""
+
+    # model and data
+    model: str = _f("vit-tiny", "model", MODELS)
+    data: str = _f("digits", "'digits' (vit-tiny), 'synthetic', or a text file path (gpt-tiny)")
+    tokenizer: str = _f("char", "text file tokenisation: char or word (whitespace)", ("char", "word"))
+    seq_len: int = _f(32, "LM context length (tokens)")
+    dim: int = _f(64, "model width")
+    depth: int = _f(2, "number of transformer blocks")
+    heads: int = _f(4, "attention heads")
+    # technique
+    technique: str = _f("adamw", "training technique", TECHNIQUES)
+    target_modules: str = _f("qkv,proj,fc1,fc2", "comma-separated module names or name suffixes to compress/adapt")
+    fuse_qkv: bool = _f(True, "treat qkv as 3 slices (one Q3R operator / truncation per slice)")
+    # optimisation
+    epochs: int = _f(30, "epochs (ignored when --steps > 0)")
+    steps: int = _f(0, "total optimizer steps (0: use --epochs)")
+    batch_size: int = _f(32, "batch size")
+    lr: float = _f(2e-3, "peak learning rate")
+    weight_decay: float = _f(0.05, "decoupled weight decay on matrices")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    schedule: str = _f("cosine", "learning-rate schedule after linear warm-up", SCHEDULES)
+    warmup_frac: float = _f(0.1, "fraction of steps for linear LR warm-up")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
+    # Q3R (adamq3r, q3r, lorita-q3r) and truncation
+    target_rank: float = _f(0.25, "Q3R / truncation rank: float in (0,1) = fraction of min(m,n), int = absolute")
+    lmbda: float = _f(0.1, "Q3R strength lambda")
+    q3r_steps: int = _f(5, "rebuild the Q3R operators every N steps")
+    epsilon_schedule: str = _f("default", "Q3R epsilon schedule", EPS_SCHEDULES)
+    q3r_N: int = _f(0, "steps of the 'linear' epsilon decay (0: the whole run)")
+    eps_min: float = _f(1e-6, "final epsilon of the 'linear' schedule")
+    lorita_depth: int = _f(2, "lorita-q3r: factors per target Linear")
+    # low rank / LoRA / controller
+    rank: int = _f(16, "initial rank (controller), LoRA rank, spectral-lora maximum rank")
+    min_rank: int = _f(4, "controller / spectral-lora minimum rank")
+    max_rank: int = _f(0, "controller maximum rank (0: min(in, out))")
+    interval: int = _f(50, "controller decision interval (steps)")
+    controller_warmup: int = _f(0, "controller: no decision during the first N steps")
+    ema_decay: float = _f(0.8, "controller EMA decay")
+    safety_factor: float = _f(1.5, "controller target = safety_factor * stable rank")
+    max_step: int = _f(4, "controller: largest rank change per decision")
+    state_policy: str = _f("carry", "optimizer state on resize", ("carry", "reset"))
+    lora_alpha: float = _f(16.0, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    train_head: bool = _f(True, "adapters: also train the classifier / LM head")
+    spectral_percentile: float = _f(0.5, "spectral-lora: fraction of layers that get an adapter")
+    tensor_method: str = _f("att_qkv_depth", "tenslora tensorisation method")
+    tensor_ranks: str = _f("8_8_8_8_8", "tenslora per-mode ranks")
+    core_lr_mult: float = _f(1.0, "tenslora core learning-rate multiplier (TensLoRA+)")
+    init_from: str = _f("", "start from a finished run's final_model.pt (or its folder)")
+    # run control
+    seed: int = _f(0, "seed (model init, data order)")
+    device: str = _f("auto", "device", DEVICES)
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    out: str = _f("runs/run", "output folder (config, log.jsonl, checkpoint.pt, final.json, plots)")
+    ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    resume: bool = _f(False, "resume from OUT/checkpoint.pt")
+    stop_after: int = _f(0, "stop (with a checkpoint) after this many steps; for tests and time budgets")
+    rank_every: int = _f(20, "log per-layer ranks every N steps (0: never)")
+    progress: bool = _f(True, "tqdm progress bar")
+    plots: bool = _f(True, "write PNG plots at the end")
+
+
+# fields that may differ between a run and its resumption
+RUN_CONTROL = {"device", "threads", "out", "ckpt_every", "resume", "stop_after", "progress", "plots"}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str):
+    return _HINTS[name]
+
+
+def coerce(name: str, value):
+    """``value`` converted to the type of field ``name``; ``ConfigError`` naming the key otherwise."""
+    if name not in _HINTS:
+        raise ConfigError(f"unknown config key {name!r}")
+    typ = _HINTS[name]
+    try:
+        if name == "target_rank":
+            return parse_rank(value)
+        if typ is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if typ is int:
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if name == "target_modules" and isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        kind = "a number" if typ in (int, float) else typ.__name__
+        raise ConfigError(f"config key {name!r} must be {kind}, got {value!r}") from None
+
+
+def parse_rank(value) -> int | float:
+    """``"16"`` -> 16 (absolute), ``"0.25"`` -> 0.25 (fraction of min(m, n))."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)):
+        return value
+    s = str(value).strip()
+    try:
+        return int(s)
+    except ValueError:
+        return float(s)
+
+
+def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """A config from ``d`` (unknown keys and bad values raise ``ConfigError``), over ``base`` or the defaults."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    for k, v in d.items():
+        setattr(cfg, k.replace("-", "_"), coerce(k.replace("-", "_"), v))
+    validate(cfg)
+    return cfg
+
+
+def load_file(path: str) -> dict:
+    """A YAML or JSON mapping from ``path``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            d = json.loads(text)
+        else:
+            import yaml
+
+            d = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parser error is the user's file
+        raise ConfigError(f"cannot parse {path!r}: {str(exc).splitlines()[0]}") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path!r} must hold a mapping of config keys, got {type(d).__name__}")
+    return d
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need no model (ranks are checked against the layers by the trainer)."""
+    for f in dataclasses.fields(cfg):
+        ch = f.metadata.get("choices")
+        v = getattr(cfg, f.name)
+        if ch and v not in ch:
+            extra = " (the technique name is misspelled?)" if f.name == "technique" else ""
+            raise ConfigError(f"unknown {f.name} {v!r}{extra}: choose from {', '.join(ch)}")
+    positive = ["seq_len", "dim", "depth", "heads", "batch_size", "q3r_steps", "lorita_depth", "rank", "min_rank",
+                "interval", "max_step"]
+    for k in positive:
+        _check(getattr(cfg, k) >= 1, f"{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("steps", "max_rank", "controller_warmup", "threads", "ckpt_every", "stop_after", "rank_every", "q3r_N"):
+        _check(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
+    _check(cfg.steps > 0 or cfg.epochs >= 1, f"epochs must be >= 1 (or steps > 0), got {cfg.epochs}")
+    _check(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    for k in ("weight_decay", "lmbda", "grad_clip", "eps_min", "lora_alpha", "core_lr_mult"):
+        _check(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("beta1", "beta2", "ema_decay", "lora_dropout", "warmup_frac"):
+        _check(0 <= getattr(cfg, k) < 1, f"{k} must be in [0, 1), got {getattr(cfg, k)}")
+    _check(0 < cfg.spectral_percentile <= 1, f"spectral_percentile must be in (0, 1], got {cfg.spectral_percentile}")
+    _check(cfg.safety_factor > 0, f"safety_factor must be > 0, got {cfg.safety_factor}")
+    tr = cfg.target_rank
+    if isinstance(tr, float):
+        _check(0 < tr < 1, f"target_rank={tr}: a fraction must lie in (0, 1); an int is an absolute rank")
+    else:
+        _check(tr >= 1, f"target_rank={tr}: an absolute rank must be >= 1")
+    _check(cfg.dim % cfg.heads == 0, f"dim={cfg.dim} is not divisible by heads={cfg.heads}")
+    _check(not cfg.max_rank or cfg.max_rank >= cfg.min_rank,
+           f"max_rank={cfg.max_rank} is smaller than min_rank={cfg.min_rank}")
+    _check(bool(cfg.target_modules.strip()), "target_modules is empty")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,193 @@
+"""Spectra, effective ranks, truncation and plots for ``lowrank-kernels train`` / ``demo``.
+
+Every target layer (``nn.Linear``, ``LowRankLinear``, ``LoRALinear``, a LoRITa product...) is an affine map
+``x -> x W^T + b``; its dense ``W`` is read by probing the map with the identity, so one code path measures
+every technique. A fused ``qkv`` layer is measured per slice (``name:q``, ``name:k``, ``name:v``), the
+operators Q3R regularises.
+
+Effective rank, as reported: ``rank@1%`` = number of singular values above 1% of the largest; also the
+stable rank ``||W||_F^2 / sigma_max^2``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+RANK_REL_TOL = 0.01  # rank@1%: count sigma_i > 0.01 sigma_max
+
+
+@torch.no_grad()
+def dense_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W (out, in), b (out,))`` of an affine module (probed in eval mode, fp32 or better)."""
+    if type(module) is nn.Linear:
+        w, b = module.weight.detach(), module.bias
+        return w, (b.detach() if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    was_training = module.training
+    module.eval()
+    try:
+        p = next(module.parameters())
+        n = getattr(module, "in_features", None) or module.base.in_features
+        probe = torch.cat([torch.zeros(1, n), torch.eye(n)]).to(device=p.device, dtype=p.dtype)
+        y = module(probe)
+    finally:
+        module.train(was_training)
+    return (y[1:] - y[:1]).T.contiguous(), y[0].clone()
+
+
+def slice_labels(name: str, rows: int, fused: dict[str, int]) -> list[tuple[str, int, int]]:
+    """``[(label, start, stop), ...]``: one entry, or one per slice of a fused layer (``qkv`` -> q, k, v)."""
+    n = next((v for k, v in fused.items() if name == k or name.endswith("." + k)), None)
+    if not n or n == 1:
+        return [(name, 0, rows)]
+    tags = "qkv" if n == 3 else [str(i) for i in range(n)]
+    step = rows // n
+    return [(f"{name}:{tags[i]}", i * step, (i + 1) * step) for i in range(n)]
+
+
+def _fresh(model: nn.Module) -> None:
+    # TensLoRA caches its contractions per model forward; a layer probed alone must not see a stale cache
+    for ad in getattr(model, "tenslora_adapters", ()):
+        ad.invalidate()
+
+
+@torch.no_grad()
+def operator_weights(model: nn.Module, targets: list[str], fused: dict[str, int]) -> dict[str, torch.Tensor]:
+    """``{label: W}`` (fp64, CPU) for every target layer or slice."""
+    _fresh(model)
+    out = {}
+    for name in targets:
+        w, _ = dense_affine(model.get_submodule(name))
+        for label, a, b in slice_labels(name, w.shape[0], fused):
+            out[label] = w[a:b].detach().to("cpu", torch.float64)
+    return out
+
+
+@torch.no_grad()
+def spectra(model: nn.Module, targets: list[str], fused: dict[str, int]) -> dict[str, list[float]]:
+    """Singular values (descending) of every target layer or slice."""
+    return {k: torch.linalg.svdvals(w).tolist() for k, w in operator_weights(model, targets, fused).items()}
+
+
+def rank_stats(sv: list[float]) -> dict[str, float]:
+    """``{"rank": #sigma > 1% sigma_max, "stable_rank": sum sigma^2 / sigma_max^2}``."""
+    if not sv or sv[0] <= 0:
+        return {"rank": 0, "stable_rank": 0.0}
+    return {"rank": sum(s > RANK_REL_TOL * sv[0] for s in sv),
+            "stable_rank": round(sum(s * s for s in sv) / (sv[0] * sv[0]), 3)}
+
+
+def effective_ranks(model: nn.Module, targets: list[str], fused: dict[str, int]) -> dict[str, int]:
+    return {k: int(rank_stats(sv)["rank"]) for k, sv in spectra(model, targets, fused).items()}
+
+
+def target_ranks(model: nn.Module, targets: list[str], fused: dict[str, int], target_rank) -> dict[str, int]:
+    """The truncation rank of each layer or slice (Q3R's rule: a float is a fraction of ``min(m, n)``)."""
+    from .q3r import resolve_rank
+
+    out = {}
+    for label, w in operator_weights(model, targets, fused).items():
+        out[label] = resolve_rank(target_rank, *w.shape, where="target_rank")
+    return out
+
+
+@torch.no_grad()
+def truncated_copy(model: nn.Module, targets: list[str], fused: dict[str, int],
+                   ranks: dict[str, int] | None) -> tuple[nn.Module, int]:
+    """A copy of ``model`` whose target layers are plain ``nn.Linear`` holding the best rank-``ranks[label]``
+    approximation of each layer or slice (``ranks=None``: the exact dense weight); also the parameter count
+    when those layers are stored factored (``r (m + n)`` per slice, plus biases)."""
+    model = copy.deepcopy(model)
+    _fresh(model)
+    factored = 0
+    for name in targets:
+        mod = model.get_submodule(name)
+        w, b = dense_affine(mod)
+        new_w = torch.empty_like(w)
+        for label, a, c in slice_labels(name, w.shape[0], fused):
+            if ranks is None:  # densify only
+                new_w[a:c] = w[a:c]
+                factored += (c - a) * w.shape[1]
+                continue
+            r = min(ranks[label], min(c - a, w.shape[1]))
+            U, S, Vh = torch.linalg.svd(w[a:c].double(), full_matrices=False)
+            new_w[a:c] = ((U[:, :r] * S[:r]) @ Vh[:r]).to(w.dtype)
+            factored += r * (c - a + w.shape[1])
+        lin = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+        lin.weight.copy_(new_w)
+        lin.bias.copy_(b)
+        factored += w.shape[0]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    if hasattr(model, "tenslora_adapters"):  # every adapted layer is now a plain Linear
+        model._tenslora_hook.remove()
+        del model.tenslora_adapters
+    others = sum(p.numel() for n, p in model.named_parameters()
+                 if not any(n == t or n.startswith(t + ".") for t in targets))
+    return model, factored + others
+
+
+# -------------------------------------------------------------------------------------------- plots
+def write_plots(out_dir, records: list[dict], before: dict[str, list[float]], after: dict[str, list[float]],
+                title: str) -> list[str]:
+    """loss.png, ranks.png, spectra.png in ``out_dir``; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    steps = [r["step"] for r in records if "loss" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot(steps, [r["loss"] for r in records if "loss" in r], lw=0.6, alpha=0.5, label="train (step)")
+    ev = [r for r in records if "eval" in r]
+    if ev:
+        ax[0].plot([r["step"] for r in ev], [r["eval"]["loss"] for r in ev], "o-", ms=3, label="test")
+        ax[1].plot([r["step"] for r in ev], [r["eval"]["acc"] for r in ev], "o-", ms=3)
+    ax[0].set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax[0].legend()
+    ax[1].set(xlabel="step", ylabel="test accuracy", title="accuracy")
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir, "loss.png"))
+
+    rk = [r for r in records if "ranks" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label in (rk[0]["ranks"] if rk else {}):
+        ax.plot([r["step"] for r in rk], [r["ranks"].get(label, math.nan) for r in rk], lw=1, label=label)
+    ax.set(xlabel="step", ylabel=f"rank (sigma > {RANK_REL_TOL:g} sigma_max)", title="rank per layer")
+    if rk:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir, "ranks.png"))
+
+    labels = list(after)
+    cols = min(4, max(1, len(labels)))
+    rows = max(1, math.ceil(len(labels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
+    for i, label in enumerate(labels):
+        a = axes[i // cols][i % cols]
+        if label in before:
+            a.semilogy(before[label], "--", lw=1, label="before")
+        a.semilogy(after[label], lw=1, label="after")
+        a.set_title(label, fontsize=7)
+        a.tick_params(labelsize=6)
+    for j in range(len(labels), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    if labels:
+        axes[0][0].legend(fontsize=6)
+    fig.suptitle("singular values before / after training", fontsize=9)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir, "spectra.png"))
+    return paths
+
+
+def _save(fig, out_dir, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = f"{out_dir}/{name}"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,328 @@
+"""The training loop behind ``lowrank-kernels train`` (and ``demo`` / ``sweep``).
+
+``run(cfg)`` trains one :class:`TrainConfig` and writes into ``cfg.out``:
+
+* ``config.json``; ``log.jsonl``: one line per step (loss, lr, regulariser, ranks every ``rank_every`` steps,
+  controller resize events) and one per evaluation;
+* ``checkpoint.pt`` every ``ckpt_every`` steps and at the end: model, optimizer (with its Q3R operators),
+  LR scheduler, technique state (Q3R regulariser, rank controller), RNG states, step; ``resume=True`` continues
+  from it and reproduces the uninterrupted run exactly on the CPU (the batch order is a function of
+  ``(seed, epoch)`` only, and every random state is restored);
+* ``final.json`` (metrics), ``final_model.pt`` (a dense state dict of the plain architecture, usable as
+  ``init_from``), and ``loss.png``, ``ranks.png``, ``spectra.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _train_report as report
+from ._train_config import RUN_CONTROL, TrainConfig, from_dict, load_file, to_dict, validate
+from ._train_data import ConfigError, Data, epoch_order, make_data
+from ._train_techniques import Technique, TechniqueUnavailable, availability
+
+__all__ = ["ConfigError", "TechniqueUnavailable", "TrainConfig", "availability", "from_dict", "load_file", "run"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} requested but CUDA is not available here (use cpu or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device='mps' requested but MPS is not available here (use cpu or auto)")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, data: Data) -> nn.Module:
+    from .models import gpt_tiny, init_like_timm, vit_tiny
+
+    if cfg.model == "vit-tiny":
+        model = vit_tiny(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, num_classes=data.num_classes)
+    else:
+        model = gpt_tiny(data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, max_len=cfg.seq_len)
+    init_like_timm(model)
+    return model
+
+
+def find_targets(model: nn.Module, target_modules: str) -> list[str]:
+    pats = [t.strip() for t in target_modules.split(",") if t.strip()]
+    names = [n for n, m in model.named_modules()
+             if n and isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in pats)]
+    if not names:
+        raise ConfigError(f"target_modules={target_modules!r} matches no Linear layer of {type(model).__name__}")
+    return names
+
+
+def check_ranks(cfg: TrainConfig, model: nn.Module, targets: list[str], fused: dict[str, int]) -> None:
+    """A rank larger than a layer is a user error, reported before training starts."""
+    for name in targets:
+        lin = model.get_submodule(name)
+        for label, a, b in report.slice_labels(name, lin.out_features, fused):
+            m, n = b - a, lin.in_features
+            if isinstance(cfg.target_rank, int) and cfg.target_rank > min(m, n) and cfg.technique in (
+                    "adamq3r", "q3r", "lorita-q3r"):
+                raise ConfigError(f"target_rank={cfg.target_rank} is larger than layer {label} ({m}x{n}): at most "
+                                  f"{min(m, n)}")
+        if cfg.technique in ("controller", "lora") and cfg.rank > min(lin.out_features, lin.in_features):
+            raise ConfigError(f"rank={cfg.rank} is larger than layer {name} ({lin.out_features}x{lin.in_features}):"
+                              f" at most {min(lin.out_features, lin.in_features)}")
+    if cfg.technique == "controller" and cfg.min_rank > cfg.rank:
+        raise ConfigError(f"min_rank={cfg.min_rank} is larger than the initial rank={cfg.rank}")
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, -2), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> dict[str, float]:
+    """Test loss and accuracy (next-token accuracy and perplexity for an LM)."""
+    was = model.training
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for i in range(0, len(x), batch):
+        out = model(x[i:i + batch])
+        t = y[i:i + batch]
+        loss += float(F.cross_entropy(out.flatten(0, -2), t.flatten(), reduction="sum"))
+        correct += int((out.argmax(-1) == t).sum())
+        count += t.numel()
+    model.train(was)
+    res = {"loss": loss / count, "acc": correct / count}
+    if y.dim() > 1:
+        res["ppl"] = math.exp(min(res["loss"], 50.0))
+    return res
+
+
+def _lr_lambda(cfg: TrainConfig, total: int):
+    warm = int(cfg.warmup_frac * total)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return f
+
+
+def _rank_span(ranks: dict) -> str:
+    vals = list(ranks.values())
+    return "" if not vals else f"{min(vals)}-{max(vals)}" if min(vals) != max(vals) else str(vals[0])
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_init(model: nn.Module, path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "final_model.pt"
+    if not p.is_file():
+        raise ConfigError(f"init_from: {str(p)!r} not found (give a finished run's folder or its final_model.pt)")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"init_from: {str(p)!r} does not fit this model ({str(exc).splitlines()[0]})") from None
+
+
+def _read_log(path: Path, upto: int | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return recs if upto is None else [r for r in recs if r.get("step", 0) <= upto]
+
+
+class _Log:
+    def __init__(self, path: Path, keep_upto: int | None):
+        if keep_upto is None:
+            path.unlink(missing_ok=True)
+        else:  # a resumed run drops what the killed run logged after its checkpoint
+            recs = _read_log(path, keep_upto)
+            path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        self.f = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train ``cfg``; returns the final metrics (``{"stopped_at": step}`` when ``stop_after`` ends it early)."""
+    validate(cfg)
+    t_start = time.time()
+    out = Path(cfg.out)
+    ckpt_path, final_path = out / "checkpoint.pt", out / "final.json"
+    ckpt = None
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {str(ckpt_path)!r}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = ckpt["config"]
+        diff = [k for k, v in to_dict(cfg).items() if k not in RUN_CONTROL and saved.get(k) != v]
+        if diff:
+            raise ConfigError(f"--resume: config differs from the checkpoint's in {', '.join(diff)}")
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    task = "classify" if cfg.model == "vit-tiny" else "lm"
+    data = make_data(cfg.data, task, cfg.seed, cfg.seq_len, cfg.tokenizer)
+    model = build_model(cfg, data)
+    if cfg.init_from:
+        _load_init(model, cfg.init_from)
+    targets = find_targets(model, cfg.target_modules)
+    fused = {"qkv": 3} if cfg.fuse_qkv else {}
+    check_ranks(cfg, model, targets, fused)
+    model.to(device)
+    xtr, ytr, xte, yte = (t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test))
+    spe = math.ceil(len(xtr) / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * spe
+    spectra_before = report.spectra(model, targets, fused)
+    try:
+        tech = Technique(cfg, model, targets, fused, total)
+    except TechniqueUnavailable:
+        raise
+    except ValueError as exc:  # the library's own argument checks (ranks, slices...) are user errors here
+        raise ConfigError(f"technique {cfg.technique!r}: {exc}") from None
+    opt = tech.optimizer
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    step, elapsed = 0, 0.0
+    if ckpt is not None:
+        tech.load_state_dict(ckpt["technique"])
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, elapsed, spectra_before = ckpt["step"], ckpt["elapsed"], ckpt["spectra_before"]
+        _set_rng_state(ckpt["rng"])
+    else:
+        final_path.unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    log = _Log(out / "log.jsonl", step if ckpt is not None else None)
+
+    def save_ckpt():
+        _save_atomic({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,
+                      "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "technique": tech.state_dict(), "rng": _rng_state(), "spectra_before": spectra_before},
+                     ckpt_path)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc=cfg.technique, dynamic_ncols=True,
+               leave=False)
+    t_loop = time.time()
+    model.train()
+    order, order_epoch, ranks = None, -1, {}
+    try:
+        while step < total:
+            epoch, i = divmod(step, spe)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(xtr), cfg.seed, epoch).to(device), epoch
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            loss = task_loss(model(xtr[idx]), ytr[idx])
+            extra = tech.extra_loss()
+            total_loss = loss if extra is None else loss + extra
+            if not torch.isfinite(total_loss):
+                raise RuntimeError(f"loss became {float(total_loss)} at step {step} (try a smaller lr / lmbda)")
+            opt.zero_grad(set_to_none=True)
+            total_loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            events = tech.after_step()
+            step += 1
+            rec = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6), "lr": opt.param_groups[0]["lr"]}
+            if tech.reg_value() is not None:
+                rec["reg"] = tech.reg_value()
+            if events:
+                rec["events"] = events
+            if cfg.rank_every and (step % cfg.rank_every == 0 or step == total or events):
+                ranks = report.effective_ranks(model, targets, fused)
+                rec["ranks"] = ranks
+            log.write(rec)
+            if step % spe == 0 or step == total:
+                log.write({"step": step, "eval": evaluate(model, xte, yte)})
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                bar.set_postfix(loss=f"{loss.item():.3f}", ranks=_rank_span(ranks))
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total:
+                save_ckpt()
+            if cfg.stop_after and step >= cfg.stop_after and step < total:
+                save_ckpt()
+                return {"stopped_at": step}
+    finally:
+        bar.close()
+        log.close()
+    return _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out,
+                   elapsed + time.time() - t_loop, total)
+
+
+def _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out: Path, train_time: float,
+            total: int) -> dict:
+    from .models import count_parameters
+
+    inf = tech.inference_model()
+    res = evaluate(inf, xte, yte)
+    sp_after = report.spectra(inf, targets, fused)
+    ranks_t = report.target_ranks(inf, targets, fused, cfg.target_rank)
+    trunc, factored = report.truncated_copy(inf, targets, fused, ranks_t)
+    dense, _ = report.truncated_copy(inf, targets, fused, None)
+    final = {
+        "technique": cfg.technique, "model": cfg.model, "data": cfg.data, "seed": cfg.seed, "steps": total,
+        "test_loss": res["loss"], "test_acc": res["acc"], **({"test_ppl": res["ppl"]} if "ppl" in res else {}),
+        "params": count_parameters(inf, trainable_only=False),
+        "params_trainable": count_parameters(model, trainable_only=True),
+        "target_ranks": ranks_t, "truncated_params": factored,
+        "truncated_acc": evaluate(trunc, xte, yte)["acc"],
+        "layers": {k: report.rank_stats(v) for k, v in sp_after.items()},
+        "train_time_s": round(train_time, 2),
+    }
+    if tech.controller is not None:
+        final["controller_ranks"] = tech.controller.ranks
+    torch.save(dense.state_dict(), out / "final_model.pt")
+    if cfg.plots:
+        final["plots"] = report.write_plots(out, _read_log(out / "log.jsonl"), spectra_before, sp_after,
+                                            f"{cfg.model} / {cfg.data} / {cfg.technique}")
+    (out / "final.json").write_text(json.dumps(final, indent=1))
+    return final
