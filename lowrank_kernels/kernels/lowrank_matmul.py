@@ -27,7 +27,7 @@ from ..backend import interpreter_enabled
 @triton.jit
 def _chain_matmul_kernel(
     a_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, mid_ptr, colsum_ptr,
-    M, K, R, N,
+    M, K, R, N, M_BUCKET,  # M_BUCKET: autotune key only (next power of two of M), unused in the body
     stride_am, stride_ak,
     stride_b1k, stride_b1r,
     stride_b2r, stride_b2n,
@@ -74,30 +74,48 @@ def _chain_matmul_kernel(
                      o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Autotuned on GPU only (the interpreter cannot run several configs). BLOCK_M is fixed by the host
-# (it sizes the dbias partial-sum buffer and must not change between tuning runs), so the configs vary
-# the streaming tiles and pipelining.
+# Shared memory of the pipelined tiles must fit (H100: 227 KiB per block); keep headroom.
+_SMEM_BUDGET = 160 * 1024
+# Problems at least this large (M * (K + N) elements) are autotuned on the GPU; smaller ones use the
+# heuristic config, which keeps compile time low (every config is a separate compile).
+_AUTOTUNE_MIN_WORK = 2**25
+
+
+def _fits(block_m, block_k, block_n, block_r, num_warps, num_stages, elem) -> bool:
+    phase1 = (block_m * block_k + block_k * block_r) * elem * num_stages
+    phase2 = block_r * block_n * elem * num_stages
+    # the fp32 (BLOCK_M, BLOCK_R) accumulator: <= 64 registers per thread
+    regs = block_m * block_r // (32 * num_warps)
+    return max(phase1, phase2) <= _SMEM_BUDGET and regs <= 64
+
+
+# (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages). BLOCK_M trades occupancy (more programs) against
+# re-reading U and V from L2 (each program streams all of them: L2 traffic / HBM traffic = r / BLOCK_M).
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bk, bn, w, s in [(64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4), (64, 128, 8, 4),
-                         (128, 64, 4, 3)]
+    (128, 64, 64, 8, 3), (128, 64, 128, 8, 3), (128, 32, 128, 8, 4), (128, 128, 64, 8, 3),
+    (64, 64, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 64, 128, 8, 4),
+    (32, 128, 128, 4, 3), (32, 64, 128, 4, 4),
 ]
 
 
 def _prune(configs, named_args, **kwargs):
-    # Keep the shared-memory footprint of the pipelined tiles (a + B1 in phase 1, B2 in phase 2) modest.
-    block_r, block_m = named_args.get("BLOCK_R", kwargs.get("BLOCK_R")), named_args.get("BLOCK_M",
-                                                                                         kwargs.get("BLOCK_M"))
-    kept = [c for c in configs
-            if (block_m * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * block_r) * 2 * c.num_stages <= 160 * 1024
-            and block_r * c.kwargs["BLOCK_N"] * 2 * c.num_stages <= 160 * 1024]
-    return kept or configs[:1]
+    block_r = kwargs["BLOCK_R"]
+    elem = named_args["a_ptr"].element_size()
+    kept = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], block_r,
+                                        c.num_warps, c.num_stages, elem)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
 @functools.cache
 def _autotuned():
-    return triton.autotune(configs=_GPU_CONFIGS, key=["K", "N", "BLOCK_R", "BLOCK_M"],
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bk, bn, w, s in _GPU_CONFIGS]
+    # colsum rows depend on BLOCK_M: zeroed before each tuning run so rows of another config never leak in
+    return triton.autotune(configs=configs, key=["M_BUCKET", "K", "N", "BLOCK_R"], reset_to_zero=["colsum_ptr"],
                            prune_configs_by={"early_config_prune": _prune})(_chain_matmul_kernel)
+
+
+_MIN_BLOCK_M = min(c[0] for c in _GPU_CONFIGS)
 
 
 @functools.cache
@@ -109,41 +127,61 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _block_m(m: int, block_r: int, device: torch.device) -> int:
-    """Rows per program: as large as the fp32 ``(BLOCK_M, BLOCK_R)`` accumulator allows (fewer re-reads
-    of U and V from L2), halved while the grid would leave SMs idle."""
-    if device.type != "cuda":
-        return 16 if m <= 16 else 32  # interpreter: few programs, yet awkward M still hits the row mask
-    bm = max(16, min(128, 16384 // block_r))
+def _heuristic(m: int, block_r: int, elem: int, device: torch.device) -> dict:
+    """Config for small problems and the interpreter: the largest BLOCK_M whose grid still fills the SMs,
+    then the largest streaming tiles that fit in shared memory."""
+    if device.type != "cuda":  # interpreter: few programs, yet awkward M still hits the row mask
+        return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1)
     n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    bm = max(32, min(128, 8192 // block_r))
     while bm > 32 and triton.cdiv(m, bm) < n_sm:
         bm //= 2
-    return bm
+    warps = 8 if bm * block_r > 4096 else 4
+    for bk, bn, stages in ((64, 64, 3), (32, 64, 3), (32, 32, 2), (16, 16, 2)):
+        if _fits(bm, bk, bn, block_r, warps, stages, elem):
+            break
+    return dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch.matmul's TF32 switch so both paths round alike; fp16/bf16 ignore it.
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # fp32 follows torch.matmul's TF32 switch so both paths round alike; for fp16/bf16 "tf32" is
+    # Triton's default and means plain tensor-core MMA.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
-def _launch(a, b1, b2, bias, out, mid, colsum, block_m, **flags):
+def _use_autotune(a: torch.Tensor, n: int) -> bool:
+    return a.device.type == "cuda" and not interpreter_enabled() and a.shape[0] * (a.shape[1] + n) >= _AUTOTUNE_MIN_WORK
+
+
+def _launch(a, b1, b2, bias, out, mid, colsum, config, **flags):
     m, k = a.shape
     r = b1.shape[1]
     n = b2.shape[1]
-    block_r = _block_r(r)
-    dummy = mid  # never dereferenced when the matching flag is off
+    dummy = mid  # never dereferenced when the matching flag is off (and always fully rewritten)
     args = (a, b1, b2, bias if bias is not None else dummy, out if out is not None else dummy, mid,
             colsum if colsum is not None else dummy,
-            m, k, r, n, a.stride(0), a.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
+            m, k, r, n, triton.next_power_of_2(m),
+            a.stride(0), a.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
             out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
             mid.stride(0), mid.stride(1))
     meta = dict(HAS_BIAS=bias is not None, WRITE_OUT=out is not None, COLSUM=colsum is not None,
-                PRECISION=_precision(a.dtype), BLOCK_M=block_m, BLOCK_R=block_r, **flags)
-    grid = (triton.cdiv(m, block_m),)
-    if interpreter_enabled() or a.device.type != "cuda":
-        _chain_matmul_kernel[grid](*args, **meta, BLOCK_K=32, BLOCK_N=32)
+                PRECISION=_precision(a.dtype), BLOCK_R=_block_r(r), **flags)
+    if config is None:
+        kernel = _autotuned()
+        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]),)](*args, **meta)
     else:
-        _autotuned()[grid](*args, **meta)
+        _chain_matmul_kernel[(triton.cdiv(m, config["BLOCK_M"]),)](*args, **meta, **config)
+
+
+def _plan(a: torch.Tensor, r: int, n: int) -> tuple[dict | None, int]:
+    """(heuristic config or None for autotune, rows of the dbias partial-sum buffer)."""
+    m = a.shape[0]
+    if _use_autotune(a, n):
+        return None, triton.cdiv(m, _MIN_BLOCK_M)
+    config = _heuristic(m, _block_r(r), a.element_size(), a.device)
+    return config, triton.cdiv(m, config["BLOCK_M"])
 
 
 def lowrank_matmul_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
@@ -155,8 +193,8 @@ def lowrank_matmul_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
     m, r = x.shape[0], V.shape[0]
     y = torch.empty(m, U.shape[0], device=x.device, dtype=x.dtype)
     t = torch.empty(m, r, device=x.device, dtype=x.dtype)
-    block_m = _block_m(m, _block_r(r), x.device)
-    _launch(x, V.t(), U.t(), bias, y, t, None, block_m, WRITE_MID=True)
+    config, _ = _plan(x, r, U.shape[0])
+    _launch(x, V.t(), U.t(), bias, y, t, None, config, WRITE_MID=True)
     return y, t
 
 
@@ -167,10 +205,12 @@ def lowrank_matmul_backward_dx(dy: torch.Tensor, U: torch.Tensor, V: torch.Tenso
     ``dbias = dy.sum(0) (out,)`` (or None), all in the input dtype (dbias summed in fp32)."""
     m, n_out = dy.shape
     r = U.shape[1]
-    block_m = _block_m(m, _block_r(r), dy.device)
     s = torch.empty(m, r, device=dy.device, dtype=dy.dtype)
     dx = torch.empty(m, V.shape[1], device=dy.device, dtype=dy.dtype) if need_dx else None
-    colsum = torch.empty(triton.cdiv(m, block_m), n_out, device=dy.device, dtype=torch.float32) if need_dbias else None
-    _launch(dy, U, V, None, dx, s, colsum, block_m, WRITE_MID=True)
+    config, rows = _plan(dy, r, V.shape[1])
+    # autotuned launches may leave rows unwritten (larger BLOCK_M): they must read as zero
+    alloc = torch.empty if config is not None else torch.zeros
+    colsum = alloc(rows, n_out, device=dy.device, dtype=torch.float32) if need_dbias else None
+    _launch(dy, U, V, None, dx, s, colsum, config, WRITE_MID=True)
     dbias = colsum.sum(0).to(dy.dtype) if need_dbias else None
     return s, dx, dbias

@@ -1,0 +1,122 @@
+"""Benchmark ``ops.lowrank_matmul``: ``y = (x V^T) U^T + bias``.
+
+Providers: ``torch`` (eager, two matmuls = ``lowrank_matmul_ref``), ``torch_compile``
+(``torch.compile`` of the same reference) and ``triton`` (ours, forced through the Triton kernels).
+Modes: ``forward`` (inputs require grad, as in training), ``backward`` (``torch.autograd.grad`` on a
+retained graph, so no ``.grad`` accumulation is timed) and ``full`` (both). Metrics: ``time`` (ms),
+``memory`` (peak extra MiB, GPU only) and, for ``forward``, ``bandwidth`` (GB/s over the minimal
+traffic: read ``x``, ``U``, ``V``, ``bias``, write ``y`` and the ``M x r`` intermediate) and ``hbm_pct``.
+
+Full shapes (GPU): bf16, M=8192, in=out=4096, r in {16, 64, 128}. CPU full: fp32, M=1024,
+in=out=1024 (torch providers only; the Triton interpreter is not a timing target). Quick: tiny shapes
+(GPU: M=1024, in=out=1024, bf16, r=16; CPU: M=64, in=out=96, fp32, r in {4, 16}, Triton interpreted,
+no torch.compile so it stays within seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from bench.common import hbm_peak_gbs, make_row, peak_memory_mb, resolve_device, time_fn
+from lowrank_kernels import backend
+from lowrank_kernels.ops import lowrank_matmul, lowrank_matmul_ref
+
+KERNEL = "lowrank_matmul"
+
+
+@contextlib.contextmanager
+def _backend(name: str):
+    old = os.environ.get(backend.ENV_VAR)
+    os.environ[backend.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(backend.ENV_VAR, None)
+        else:
+            os.environ[backend.ENV_VAR] = old
+
+
+def _shapes(quick: bool, dev: torch.device) -> tuple[list[tuple[int, int, int, int]], torch.dtype, list[str]]:
+    """``[(M, in, out, r)]``, dtype, providers for this run."""
+    if dev.type == "cuda":
+        providers = ["torch", "torch_compile", "triton"]
+        if quick:
+            return [(1024, 1024, 1024, 16)], torch.bfloat16, providers
+        return [(8192, 4096, 4096, r) for r in (16, 64, 128)], torch.bfloat16, providers
+    if quick:
+        providers = ["torch"] + (["triton"] if backend.interpreter_enabled() and backend.triton_available() else [])
+        return [(64, 96, 96, r) for r in (4, 16)], torch.float32, providers
+    return [(1024, 1024, 1024, r) for r in (16, 64)], torch.float32, ["torch", "torch_compile"]
+
+
+def _provider_fn(provider: str):
+    if provider == "torch":
+        return lowrank_matmul_ref
+    if provider == "torch_compile":
+        return torch.compile(lowrank_matmul_ref)
+    return lowrank_matmul
+
+
+def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, k, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
+    U = (torch.randn(n, r, device=dev, dtype=dtype, generator=gen) / r**0.5).requires_grad_(True)
+    V = (torch.randn(r, k, device=dev, dtype=dtype, generator=gen) / k**0.5).requires_grad_(True)
+    b = torch.randn(n, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
+    dy = torch.randn(m, n, device=dev, dtype=dtype, generator=gen)
+    inputs = (x, U, V, b)
+    fn = _provider_fn(provider)
+
+    def forward():
+        return fn(x, U, V, b)
+
+    def full():
+        return torch.autograd.grad(fn(x, U, V, b), inputs, dy)
+
+    y = forward()
+
+    def backward():
+        return torch.autograd.grad(y, inputs, dy, retain_graph=True)
+
+    full()  # compile / autotune both directions before timing
+    config = {"M": m, "in": k, "out": n, "dtype": str(dtype).replace("torch.", "")}
+    rows = []
+    elem = x.element_size()
+    fwd_bytes = elem * (m * k + m * n + m * r + r * (k + n) + n)
+    peak = hbm_peak_gbs(dev)
+    for mode, f in (("forward", forward), ("backward", backward), ("full", full)):
+        p50, p20, p80 = time_fn(f, dev, warmup=rep / 4, rep=rep)
+        rows.append(make_row(KERNEL, provider, mode, "time", "ms", "r", r, p50, p20, p80, config))
+        mem = peak_memory_mb(f, dev)
+        if mem is not None:
+            rows.append(make_row(KERNEL, provider, mode, "memory", "MB", "r", r, mem, config=config))
+        if mode == "forward":
+            gbs = [fwd_bytes / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]  # slower time = lower bandwidth
+            rows.append(make_row(KERNEL, provider, mode, "bandwidth", "GB/s", "r", r, *gbs, config=config))
+            if peak:
+                rows.append(make_row(KERNEL, provider, mode, "hbm_pct", "%", "r", r, *[100 * g / peak for g in gbs],
+                                     config=config))
+    return rows
+
+
+def run(quick: bool = True, device: str | None = None) -> list[dict]:
+    """Rows for every (shape, provider, mode) of this run (see the module docstring)."""
+    dev = resolve_device(device)
+    shapes, dtype, providers = _shapes(quick, dev)
+    rep = 20 if quick else 100
+    rows: list[dict] = []
+    for m, k, n, r in shapes:
+        for provider in providers:
+            with _backend("triton" if provider == "triton" else "auto"):
+                rows += _bench_shape(provider, m, k, n, r, dtype, dev, rep)
+    return rows
+
+
+if __name__ == "__main__":
+    from bench.common import main
+
+    main(run)
