@@ -164,8 +164,26 @@ def test_bad_input(triton_backend, changes, exc, match):
         ops.lora_matmul(**_bad(**changes))
 
 
-def test_fp64_runs_reference(triton_backend, device):
-    x, W, A, B, b = _inputs((6,), 20, 12, 3, torch.float64, device, w_grad=True)
+def test_1d_input_and_broadcast_grad(triton_backend, device):
+    """x of shape (in,), and y.sum().backward() whose dy is an expanded (stride-0) tensor."""
+    x, W, A, B, b = _inputs((), 50, 30, 4, torch.float32, device, w_grad=True)
+    y = ops.lora_matmul(x, W, A, B, 1.5, b)
+    assert y.shape == (30,)
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (x, W, A, B, b)]
+    for t in (x, W, A, B, b):
+        t.grad = None
+    y_ref = lora_matmul_ref(x, W, A, B, 1.5, b)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    for name, g, t in zip(NAMES, grads, (x, W, A, B, b), strict=True):
+        torch.testing.assert_close(g, t.grad, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_reference_dtypes_on_cpu(triton_backend, dtype):
+    """fp64, and bf16 on the CPU (the interpreter's bf16 tl.dot is wrong), answer with the reference."""
+    x, W, A, B, b = _inputs((6,), 20, 12, 3, dtype, "cpu", w_grad=True)
     torch.testing.assert_close(ops.lora_matmul(x, W, A, B, 0.3, b), lora_matmul_ref(x, W, A, B, 0.3, b))
 
 

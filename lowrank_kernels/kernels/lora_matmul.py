@@ -116,17 +116,21 @@ def _pow2_at_least_16(n: int) -> int:
 
 
 def _config(M: int, N: int, K: int, dtype: torch.dtype, block_r: int, fuse_t: bool) -> dict:
-    """Block sizes by heuristic (no autotune: one config must also work under the interpreter)."""
+    """Block sizes by heuristic (no autotune: one config must also work under the interpreter).
+
+    The GPU configs are the standard Triton GEMM ones for Hopper/Ampere (the tutorial's best large-shape
+    bf16 config is 128x256x64, 3 stages, 8 warps); they are not yet tuned on this kernel.
+    """
     if interpreter_enabled():
         # Few, mid-size programs keep the interpreter fast; 32 still leaves tests with several tiles.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    small_m = M <= 64
-    block_m = 64 if small_m else 128
-    block_n = 128 if N >= 128 else 64
-    # fp32 tiles are twice the bytes: halve K to keep the pipelined stages in shared memory.
-    block_k = 32 if dtype == torch.float32 else 64
-    stages = 3 if (fuse_t and block_r > 16) or dtype == torch.float32 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=stages)
+    if dtype == torch.float32:  # tiles of 4-byte elements: half the K depth to fit the stages in shared memory
+        return dict(BLOCK_M=128, BLOCK_N=128 if N >= 128 else 64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if M >= 1024 and N >= 1024:
+        # 3 x (128x64 + 64x256) x 2 B = 144 KiB of stages; the fused t adds (128, BLOCK_R) fp32 registers.
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=128 if N >= 128 else 64, BLOCK_K=64, GROUP_M=8,
+                num_warps=4, num_stages=4)
 
 
 def _input_precision(dtype: torch.dtype) -> str:

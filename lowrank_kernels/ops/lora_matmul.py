@@ -16,8 +16,8 @@ What is fused (Triton backend):
   when ``W.requires_grad``: for a frozen base there is no ``dW`` work at all.
 
 Registered as ``torch.ops.lowrank_kernels.lora_matmul`` (+ ``lora_matmul_dx`` for the backward) with
-fakes and autograd, so ``torch.compile(fullgraph=True)`` traces through it. fp64 inputs always run the
-PyTorch reference.
+fakes and autograd, so ``torch.compile(fullgraph=True)`` traces through it. fp64 inputs, and bf16 on the
+CPU (the Triton interpreter's bf16 ``tl.dot`` is wrong), always run the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
         scaling: Python float multiplying the adapter term (``alpha / r`` in LoRA).
         bias: ``(out,)`` or None.
 
-    All tensors share one device and one floating dtype (fp32, fp16, bf16; fp64 runs the reference).
+    All tensors share one device and one floating dtype (fp32, fp16, bf16; fp64, and bf16 on the CPU, run
+    the reference).
 
     Returns:
         ``(..., out)`` in the dtype of ``x``; differentiable w.r.t. x, W, A, B and bias.
@@ -156,7 +157,10 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
         TypeError: non-tensor input, non-float dtype, mixed dtypes/devices, or a non-float ``scaling``.
     """
     _check_inputs(x, W, A, B, scaling, bias)
-    if x.dtype == torch.float64 or backend.choose(x, W, A, B, bias, op="lora_matmul") == "torch":
+    impl = backend.choose(x, W, A, B, bias, op="lora_matmul")
+    # fp64: no tensor-core path worth a kernel. bf16 on the CPU: the Triton interpreter's bf16 tl.dot
+    # returns garbage (measured: errors ~1e10), so the reference answers instead.
+    if impl == "torch" or x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
         return lora_matmul_ref(x, W, A, B, scaling, bias)
     y, _ = torch.ops.lowrank_kernels.lora_matmul(x, W, A, B, float(scaling), bias)
     return y
