@@ -72,12 +72,18 @@ class AdamQ3R(torch.optim.Optimizer):
         for w in self.q3r.params:
             names.append(f"regularised weight (param {index[id(w)]}) {tuple(w.shape)}")
             tensors.append(w)
-        # fp32 norms: an fp16 norm could overflow to inf on finite values
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)))
+        # half tensors get fp32 norms: an fp16 norm of finite values can overflow to inf
+        low = (torch.float16, torch.bfloat16)
+        order = sorted(range(len(tensors)), key=lambda i: tensors[i].dtype in low)
+        full = [tensors[i] for i in order if tensors[i].dtype not in low]
+        half = [tensors[i] for i in order if tensors[i].dtype in low]
+        norms = list(torch._foreach_norm(full)) if full else []
+        norms += list(torch._foreach_norm(half, dtype=torch.float32)) if half else []
+        finite = torch.isfinite(torch.stack([n.to(torch.float64) for n in norms]))
         if bool(finite.all()):
             return None
         bad = (~finite).nonzero()
-        return names[int(bad[0])] if bad.numel() else None
+        return names[order[int(bad[0])]]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -126,5 +132,6 @@ class AdamQ3R(torch.optim.Optimizer):
         q3r_state = state_dict.pop("q3r", None)
         if q3r_state is None:
             raise ValueError("state_dict has no 'q3r' entry: it was not saved by AdamQ3R")
+        self.q3r.check_state_dict(q3r_state, param_index=self._param_index)
         super().load_state_dict(state_dict)
         self.q3r.load_state_dict(q3r_state, param_index=self._param_index)

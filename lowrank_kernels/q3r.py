@@ -407,7 +407,16 @@ class Q3R:
         }
 
     def load_state_dict(self, state: dict, param_index: Callable[[torch.Tensor], int] | None = None) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` when the operators do not line up."""
+        """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) when the operators do not line up."""
+        self.check_state_dict(state, param_index)
+        for s, op in zip(state["ops"], self.ops, strict=True):
+            kw = dict(dtype=op.cdtype, device=op.weight.device)
+            op.eps, op.eps0 = float(s["eps"]), s["eps0"]
+            op.set_triplets(s["U"].to(**kw), s["S"].to(**kw), s["Vh"].to(**kw))
+        self.t, self.t0, self.n_refresh = state["t"], state["t0"], state["n_refresh"]
+
+    def check_state_dict(self, state: dict, param_index: Callable[[torch.Tensor], int] | None = None) -> None:
+        """Raise ``ValueError`` unless ``state`` (from :meth:`state_dict`) fits these operators."""
         saved = state["ops"]
         if len(saved) != len(self.ops):
             raise ValueError(f"state has {len(saved)} Q3R operators, this Q3R has {len(self.ops)}")
@@ -418,8 +427,3 @@ class Q3R:
             if param_index is not None and s.get("param") is not None and s["param"] != param_index(op.weight):
                 raise ValueError(f"Q3R operator {i} belongs to parameter {s['param']}, here to "
                                  f"{param_index(op.weight)}")
-        for s, op in zip(saved, self.ops, strict=True):
-            kw = dict(dtype=op.cdtype, device=op.weight.device)
-            op.eps, op.eps0 = float(s["eps"]), s["eps0"]
-            op.set_triplets(s["U"].to(**kw), s["S"].to(**kw), s["Vh"].to(**kw))
-        self.t, self.t0, self.n_refresh = state["t"], state["t0"], state["n_refresh"]

@@ -1,0 +1,221 @@
+"""AdamQ3R: rank reduction on an underdetermined low-rank regression (vs Adam at equal loss), equivalence
+with AdamW + the Q3R gradient, state_dict round trip mid-run, NaN handling, closures and param groups."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_kernels import Q3R, AdamQ3R
+from lowrank_kernels.testing import assert_verbose_allclose
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: OpenMP threads only add contention on a shared 2-core box (6x slower measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _effective_rank(w, rel=0.01):
+    s = torch.linalg.svdvals(w.detach())
+    return int((s > rel * s[0]).sum())
+
+
+def _sensing(out_blocks, d_in=32, n=16):
+    """Y = X W*^T with fewer samples than inputs: the minimisers W* + Z (X Z^T = 0) form an affine space,
+    so Adam keeps the random null-space part of its init (full rank) while the low-rank one is available."""
+    g = torch.Generator().manual_seed(0)
+    stars = [torch.randn(rows, r, generator=g) @ torch.randn(r, d_in, generator=g) / r ** 0.5 for rows, r in out_blocks]
+    X = torch.randn(n, d_in, generator=g)
+    return X, X @ torch.cat(stars).T
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamq3r_reaches_target_rank_where_adam_does_not(fused):
+    blocks = [(16, 3), (16, 5)] if fused else [(24, 4)]
+    X, Y = _sensing(blocks)
+    results = {}
+    for name in ("adam", "q3r"):
+        torch.manual_seed(1)
+        model = nn.Linear(32, Y.shape[1], bias=False)
+        if name == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+        else:
+            slices = [(0, 16), (16, 32)] if fused else None
+            opt = AdamQ3R(model.parameters(), {model: slices}, target_rank=[r for _, r in blocks], lmbda=1.0,
+                          steps=5, lr=5e-2)
+        for _ in range(250):
+            opt.zero_grad()
+            loss = (model(X) - Y).square().mean()
+            loss.backward()
+            opt.step()
+        w = model.weight
+        ranks = [_effective_rank(w[s:s + rows]) for s, (rows, _) in zip((0, 16), blocks, strict=False)]
+        results[name] = (loss.item(), ranks)
+    (adam_loss, adam_ranks), (q3r_loss, q3r_ranks) = results["adam"], results["q3r"]
+    for (_, r), ra, rq in zip(blocks, adam_ranks, q3r_ranks, strict=True):
+        assert rq == r, f"AdamQ3R effective rank {rq} != target {r}"
+        assert ra >= r + 8, f"Adam effective rank {ra} is already low"
+    scale = Y.square().mean().item()  # equal task loss: both interpolate the data to 1e-5 of its energy
+    assert adam_loss < 1e-5 * scale and q3r_loss < 1e-5 * scale, results
+
+
+def _setup(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 10), nn.Tanh(), nn.Linear(10, 3)).to(dtype)
+    data = torch.randn(32, 12, dtype=dtype), torch.randn(32, 3, dtype=dtype)
+    return model, data
+
+
+def _opt(model, **kw):
+    groups = [{"params": [model[0].weight, model[0].bias, model[2].weight]},
+              {"params": [model[2].bias, model[4].weight, model[4].bias], "lr": 3e-3, "weight_decay": 0.0}]
+    args = dict(target_rank=[2, 2, 2, 0.5], lmbda=0.2, steps=3, lr=1e-2, weight_decay=0.05) | kw
+    return AdamQ3R(groups, {model[0]: [(0, 8), (8, 16), (16, 24)], model[2]: None}, **args)
+
+
+def _train(model, opt, data, n):
+    X, Y = data
+    for _ in range(n):
+        opt.zero_grad()
+        (model(X) - Y).square().mean().backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_continues_identically():
+    model, data = _setup()
+    opt = _opt(model)
+    _train(model, opt, data, 4)  # mid-period: the next refresh is at step 7
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, data, 6)
+
+    model2, _ = _setup(seed=5)  # different init, overwritten by the checkpoint
+    opt2 = _opt(model2)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.q3r.t == 4 and opt2.q3r.n_refresh == 2
+    _train(model2, opt2, data, 6)
+    for (name, a), b in zip(model.named_parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+    assert [op.eps for op in opt.q3r.ops] == [op.eps for op in opt2.q3r.ops]
+    assert opt2.q3r.effective_ranks() == opt.q3r.effective_ranks()
+
+
+def test_load_state_dict_rejects_mismatch():
+    model, data = _setup()
+    opt = _opt(model)
+    _train(model, opt, data, 1)
+    sd = opt.state_dict()
+    model2, _ = _setup()
+    other = AdamQ3R(model2.parameters(), {model2[2]: None}, target_rank=2, lmbda=0.2)
+    with pytest.raises(ValueError, match="operators"):
+        other.load_state_dict(sd)
+    sd.pop("q3r")
+    with pytest.raises(ValueError, match="q3r"):
+        _opt(model2).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_is_adamw_plus_decoupled_q3r_gradient(dtype):
+    """One step == AdamW's step minus lr * Q3R.grad at the pre-step weights; lmbda = 0 is exactly AdamW."""
+    model, (X, Y) = _setup(dtype=dtype)
+    ref_model, _ = _setup(dtype=dtype)
+    opt = _opt(model, weight_decay=0.05)
+    adamw = torch.optim.AdamW([{"params": [ref_model[0].weight, ref_model[0].bias, ref_model[2].weight]},
+                               {"params": [ref_model[2].bias, ref_model[4].weight, ref_model[4].bias], "lr": 3e-3,
+                                "weight_decay": 0.0}], lr=1e-2, weight_decay=0.05, foreach=False)
+    q = Q3R({ref_model[0]: [(0, 8), (8, 16), (16, 24)], ref_model[2]: None}, target_rank=[2, 2, 2, 0.5], lmbda=0.2,
+            steps=3)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for _ in range(4):
+        for m, o in ((model, opt), (ref_model, adamw)):
+            o.zero_grad()
+            (m(X) - Y).square().mean().backward()
+        q.update()
+        G = q.grad
+        opt.step()
+        adamw.step()
+        with torch.no_grad():
+            for w in q.params:
+                w.sub_(1e-2 * G[w])
+        for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert_verbose_allclose(a, b, rtol=tol, atol=tol, name="AdamQ3R vs AdamW + Q3R.grad")
+
+
+def test_closure_and_zero_grad():
+    model, (X, Y) = _setup()
+    opt = _opt(model)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = (model(X) - Y).square().mean()
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(closure)
+    assert calls == [1] and isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.step() is None  # no grads: nothing moves, no error
+    assert opt.q3r.t == 2
+
+
+@pytest.mark.parametrize("where", ["grad", "weight"])
+def test_nan_skips_step_with_warning(where):
+    model, data = _setup()
+    opt = _opt(model)
+    _train(model, opt, data, 2)
+    X, Y = data
+    opt.zero_grad()
+    (model(X) - Y).square().mean().backward()
+    target = model[2].weight
+    with torch.no_grad():
+        (target.grad if where == "grad" else target)[3, 4] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = opt.state_dict()
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        opt.step()
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b) or (where == "weight" and b is target and torch.equal(a.nan_to_num(), b.nan_to_num()))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters() if p is not target)
+    assert opt.q3r.t == state_before["q3r"]["t"]
+    for i, st in opt.state_dict()["state"].items():
+        assert torch.equal(st["exp_avg"], state_before["state"][i]["exp_avg"])
+
+
+def test_nan_raise_policy():
+    model, (X, Y) = _setup()
+    opt = _opt(model, nan_policy="raise")
+    (model(X) - Y).square().mean().backward()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="regularised weight .*NaN or Inf"):
+        opt.step()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(lr=-1.0), "learning rate"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(nan_policy="ignore"), "nan_policy"),
+    (dict(lmbda=-1.0), "lmbda"), (dict(epsilon_schedule="linear"), "N"),
+])
+def test_bad_arguments(kwargs, match):
+    model, _ = _setup()
+    with pytest.raises(ValueError, match=match):
+        _opt(model, **kwargs)
+
+
+def test_regularised_weight_must_be_optimised():
+    model, _ = _setup()
+    with pytest.raises(ValueError, match="not among"):
+        AdamQ3R(model[4].parameters(), {model[0]: None}, target_rank=2, lmbda=0.1)
