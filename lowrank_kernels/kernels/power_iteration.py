@@ -25,17 +25,18 @@ _STREAM_BLOCK_N = 512
 
 @triton.jit
 def _power_iteration_kernel(
-    w0_ptr, addr_ptr, meta_ptr, voff_ptr, v_ptr, z_ptr, sigma_ptr, fro_ptr, iters, tol,
+    w0_ptr, table_ptr, v_ptr, z_ptr, sigma_ptr, fro_ptr, iters, tol,
     CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     # w0_ptr only carries the element type: every matrix of the group shares it.
-    a_ptr = tl.load(addr_ptr + pid).to(w0_ptr.dtype)
-    M = tl.load(meta_ptr + pid * 4 + 0)
-    N = tl.load(meta_ptr + pid * 4 + 1)
-    stride_m = tl.load(meta_ptr + pid * 4 + 2)
-    stride_n = tl.load(meta_ptr + pid * 4 + 3)
-    voff = tl.load(voff_ptr + pid)
+    row = table_ptr + pid * 6
+    a_ptr = tl.load(row).to(w0_ptr.dtype)
+    M = tl.load(row + 1)
+    N = tl.load(row + 2)
+    stride_m = tl.load(row + 3)
+    stride_n = tl.load(row + 4)
+    voff = tl.load(row + 5)
     vp = v_ptr + voff
     zp = z_ptr + voff
     rm = tl.arange(0, BLOCK_M)
@@ -108,7 +109,7 @@ def _power_iteration_kernel(
                 tl.debug_barrier()
             fro = tl.sum(fro_rows, axis=0)
             sigma = tl.sqrt(s)
-            done = tl.where((it > 0) & (tl.abs(s - s_prev) <= tol * s), 1, done)
+            done = tl.where((it > 0) & (tol > 0) & (tl.abs(s - s_prev) <= tol * s), 1, done)
             s_prev = s
     if ONE_BLOCK_N:
         tl.store(vp + rn, v, mask=mask_n)
@@ -139,6 +140,26 @@ def _blocks(n_max: int, block_n: int | None) -> tuple[bool, int, int]:
     return one, block_m, block_n
 
 
+def _table(entries: list[tuple[int, ...]], dev: torch.device) -> torch.Tensor:
+    """Device copy of the ``(n, 6)`` int64 table ``[address, M, N, stride_m, stride_n, vector offset]``.
+
+    Cached by content: a training loop passes the same parameters (same storage) every step, so after
+    the first step no host-to-device copy is needed. A stale entry is harmless, the key is the content.
+    """
+    key = (str(dev), tuple(entries))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = torch.tensor(entries, dtype=torch.int64).to(dev)
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+        _TABLE_CACHE[key] = table
+    return table
+
+
+_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+_TABLE_CACHE_SIZE = 64
+
+
 def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iters: int, tol: float,
                            block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernel over ``mats``; updates the flat fp32 ``vectors`` in place.
@@ -152,39 +173,36 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
         ``sigma (n,)`` and ``fro_sq (n,)``, fp32.
     """
     dev = vectors.device
-    n = len(mats)
-    sigma = torch.empty(n, dtype=torch.float32, device=dev)
-    fro_sq = torch.empty(n, dtype=torch.float32, device=dev)
-    lengths = [min(W.shape) for W in mats]
-    offsets = [0]
-    for length in lengths[:-1]:
-        offsets.append(offsets[-1] + length)
     groups: dict[tuple[torch.dtype, bool], list[int]] = {}
     prepared = []
+    offset = 0
     for i, W in enumerate(mats):
         W = W.float() if W.dtype == torch.float64 else W
         W, M, N, sm, sn = _oriented_meta(W)
-        prepared.append((W, M, N, sm, sn))
+        prepared.append((W, (W.data_ptr(), M, N, sm, sn, offset)))
+        offset += N
         groups.setdefault((W.dtype, sn == 1), []).append(i)
+    results = []
     scratch = None
     for (_, contig_n), idx in groups.items():
-        one, block_m, bn = _blocks(max(prepared[i][2] for i in idx), block_n)
+        one, block_m, bn = _blocks(max(prepared[i][1][2] for i in idx), block_n)
         if not one and scratch is None:
             scratch = torch.empty_like(vectors)
-        table = torch.tensor([[prepared[i][1], prepared[i][2], prepared[i][3], prepared[i][4]] for i in idx],
-                             dtype=torch.int64)
-        addr = torch.tensor([prepared[i][0].data_ptr() for i in idx], dtype=torch.int64)
-        voff = torch.tensor([offsets[i] for i in idx], dtype=torch.int64)
-        table, addr, voff = (t.to(dev, non_blocking=True) for t in (table, addr, voff))
         g_sigma = torch.empty(len(idx), dtype=torch.float32, device=dev)
         g_fro = torch.empty_like(g_sigma)
         _power_iteration_kernel[(len(idx),)](
-            prepared[idx[0]][0], addr, table, voff, vectors, scratch if scratch is not None else vectors,
-            g_sigma, g_fro, iters, tol,
+            prepared[idx[0]][0], _table([prepared[i][1] for i in idx], dev), vectors,
+            scratch if scratch is not None else vectors, g_sigma, g_fro, iters, tol,
             CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn,
             num_warps=8 if bn * block_m >= 4096 else 4,
         )
-        index = torch.tensor(idx, dtype=torch.int64, device=dev)
+        results.append((idx, g_sigma, g_fro))
+    if len(results) == 1:
+        return results[0][1], results[0][2]
+    sigma = torch.empty(len(mats), dtype=torch.float32, device=dev)
+    fro_sq = torch.empty_like(sigma)
+    for idx, g_sigma, g_fro in results:
+        index = torch.tensor(idx, dtype=torch.int64).to(dev)
         sigma[index] = g_sigma
         fro_sq[index] = g_fro
     return sigma, fro_sq
