@@ -208,3 +208,14 @@ def test_gpu_bf16_frozen_base_and_compile(triton_backend):
     torch.testing.assert_close(y, y_ref)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 64])
+def test_gpu_autotuned_large(triton_backend, r):
+    """M * N * K >= AUTOTUNE_MIN_WORK takes the autotuned launch (forward and the dx kernel)."""
+    from lowrank_kernels.kernels.lora_matmul import AUTOTUNE_MIN_WORK
+
+    m, k, n = 4096, 1024, 1024
+    assert m * k * n >= AUTOTUNE_MIN_WORK
+    _check_against_reference(_inputs((m,), k, n, r, torch.bfloat16, "cuda", w_grad=False), 2.0, 2e-2)

@@ -19,6 +19,8 @@ Only kernels and host launchers live here: no autograd, no dispatch (see ``ops/l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +38,7 @@ R_CHUNK = 64
 @triton.jit
 def _lora_gemm_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, t_ptr, y_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,  # M_BUCKET: autotune key only (next power of two of M), unused in the body
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_tm, stride_tr, stride_ym, stride_yn,
     scaling,
@@ -115,12 +117,41 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _config(M: int, N: int, K: int, dtype: torch.dtype, block_r: int, fuse_t: bool) -> dict:
-    """Block sizes by heuristic (no autotune: one config must also work under the interpreter).
+# Problems with at least this much GEMM work (M * N * K) are autotuned on the GPU; smaller ones take the
+# heuristic config (every config is one more compile). 2**32 ~ M=4096, in=out=1024.
+AUTOTUNE_MIN_WORK = 2**32
+# Shared memory the pipelined stages may take (H100: 227 KiB per block), with headroom.
+_SMEM_BUDGET = 200 * 1024
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the usual Hopper/Ampere GEMM tiles; 128x256x64 with
+# 3 stages and 8 warps is the Triton tutorial's best large bf16 config. Kept short: 4 compiles per variant.
+_GPU_CONFIGS = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
 
-    The GPU configs are the standard Triton GEMM ones for Hopper/Ampere (the tutorial's best large-shape
-    bf16 config is 128x256x64, 3 stages, 8 warps); they are not yet tuned on this kernel.
-    """
+
+def _fits(block_m, block_n, block_k, block_r, num_warps, num_stages, elem, fuse_t) -> bool:
+    stage = (block_m * block_k + block_k * block_n + (block_k * block_r if fuse_t else 0)) * elem
+    acc_regs = block_m * (block_n + (block_r if fuse_t else 0)) // (32 * num_warps)  # fp32 accumulators
+    return stage * num_stages <= _SMEM_BUDGET and acc_regs <= 160
+
+
+def _prune(configs, named_args, **kwargs):
+    elem = named_args["x_ptr"].element_size()
+    kept = [c for c in configs
+            if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], kwargs["BLOCK_R"], c.num_warps,
+                     c.num_stages, elem, kwargs["FUSE_T"])]
+    return kept or configs[-1:]
+
+
+@functools.cache
+def _autotuned():
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+               for bm, bn, bk, w, st in _GPU_CONFIGS]
+    # every launch rewrites all of y (and t): no reset needed between tuning runs
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"],
+                           prune_configs_by={"early_config_prune": _prune})(_lora_gemm_kernel)
+
+
+def _config(M: int, N: int, K: int, dtype: torch.dtype, block_r: int, fuse_t: bool) -> dict:
+    """Block sizes by heuristic, for the interpreter and for GPU problems below ``AUTOTUNE_MIN_WORK``."""
     if interpreter_enabled():
         # Few, mid-size programs keep the interpreter fast; 32 still leaves tests with several tiles.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
@@ -168,16 +199,22 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         t = x @ a.t()
     if M == 0 or N == 0:
         return y, t
-    cfg = _config(M, N, K, x.dtype, block_r, fuse_t)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     t_arg = t if t is not None else y  # never read or written when not stored
-    _lora_gemm_kernel[grid](
+    args = (
         x, w, a, b, bias if bias is not None else y, t_arg, y,
-        M, N, K, R,
+        M, N, K, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
         float(scaling),
-        HAS_BIAS=bias is not None, FUSE_T=fuse_t, STORE_T=t is not None, BLOCK_R=block_r,
-        INPUT_PRECISION=_input_precision(x.dtype), **cfg,
     )
+    meta = dict(HAS_BIAS=bias is not None, FUSE_T=fuse_t, STORE_T=t is not None, BLOCK_R=block_r,
+                INPUT_PRECISION=_input_precision(x.dtype))
+    use_autotune = (x.device.type == "cuda" and not interpreter_enabled() and x.dtype != torch.float32
+                    and M * N * K >= AUTOTUNE_MIN_WORK)
+    if use_autotune:
+        _autotuned()[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+    else:
+        cfg = _config(M, N, K, x.dtype, block_r, fuse_t)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _lora_gemm_kernel[grid](*args, **meta, **cfg)
     return y, t
