@@ -81,6 +81,15 @@ def test_matches_reference(triton_backend, device, lead, in_f, out_f, r, noncont
     assert ("W" in grads) == w_grad
 
 
+@pytest.mark.parametrize("r", [3, 40])
+def test_input_without_grad(triton_backend, device, r):
+    """First layer: no dx kernel, u = dy B comes from a plain matmul; W, bias frozen, no bias."""
+    x, W, A, B, _ = _inputs((29,), 36, 21, r, torch.float32, device, bias=False)
+    x.requires_grad_(False)
+    grads = _check_against_reference((x, W, A, B, None), 0.5, 1e-5)
+    assert set(grads) == {"A", "B"}
+
+
 def test_large_rank_256(triton_backend, device):
     """r = 256 > in: the unfused path streams t in several chunks."""
     _check_against_reference(_inputs((20,), 24, 19, 256, torch.float32, device, w_grad=True), 0.5, 1e-5)
