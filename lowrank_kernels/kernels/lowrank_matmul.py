@@ -84,9 +84,10 @@ _AUTOTUNE_MIN_WORK = 2**25
 def _fits(block_m, block_k, block_n, block_r, num_warps, num_stages, elem) -> bool:
     phase1 = (block_m * block_k + block_k * block_r) * elem * num_stages
     phase2 = block_r * block_n * elem * num_stages
-    # the fp32 (BLOCK_M, BLOCK_R) accumulator: <= 64 registers per thread
+    # the fp32 (BLOCK_M, BLOCK_R) accumulator: <= 64 registers per thread. Triton sometimes keeps both
+    # loops' buffers live at once (seen in sm_90 AOT compiles), hence the bound on the sum as well.
     regs = block_m * block_r // (32 * num_warps)
-    return max(phase1, phase2) <= _SMEM_BUDGET and regs <= 64
+    return max(phase1, phase2) <= _SMEM_BUDGET and phase1 + phase2 <= 220 * 1024 and regs <= 64
 
 
 # (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages). BLOCK_M trades occupancy (more programs) against
@@ -95,6 +96,7 @@ _GPU_CONFIGS = [
     (128, 64, 64, 8, 3), (128, 64, 128, 8, 3), (128, 32, 128, 8, 4), (128, 128, 64, 8, 3),
     (64, 64, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 64, 128, 8, 4),
     (32, 128, 128, 4, 3), (32, 64, 128, 4, 4),
+    (64, 32, 64, 8, 3), (32, 64, 64, 4, 3),  # the ones that fit r = 256
 ]
 
 
@@ -103,7 +105,13 @@ def _prune(configs, named_args, **kwargs):
     elem = named_args["a_ptr"].element_size()
     kept = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], block_r,
                                         c.num_warps, c.num_stages, elem)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    if kept:
+        return kept
+    bm = _MIN_BLOCK_M
+    warps = 8 if bm * block_r > 4096 else 4
+    tiles = _stream_tiles(bm, block_r, warps, elem)
+    stages = tiles.pop("num_stages")
+    return [triton.Config({"BLOCK_M": bm, **tiles}, num_warps=warps, num_stages=stages)]
 
 
 @functools.cache
@@ -137,10 +145,15 @@ def _heuristic(m: int, block_r: int, elem: int, device: torch.device) -> dict:
     while bm > 32 and triton.cdiv(m, bm) < n_sm:
         bm //= 2
     warps = 8 if bm * block_r > 4096 else 4
+    return dict(BLOCK_M=bm, **_stream_tiles(bm, block_r, warps, elem), num_warps=warps)
+
+
+def _stream_tiles(block_m: int, block_r: int, warps: int, elem: int) -> dict:
+    """The largest (BLOCK_K, BLOCK_N, stages) that fit shared memory for this BLOCK_M and r."""
     for bk, bn, stages in ((64, 64, 3), (32, 64, 3), (32, 32, 2), (16, 16, 2)):
-        if _fits(bm, bk, bn, block_r, warps, stages, elem):
+        if _fits(block_m, bk, bn, block_r, warps, stages, elem):
             break
-    return dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_K=bk, BLOCK_N=bn, num_stages=stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
