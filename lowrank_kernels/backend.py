@@ -16,7 +16,6 @@ Nothing here touches a GPU or imports triton at module import time.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Literal
 
@@ -42,14 +41,19 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_STATE: list[str | None] = []  # filled once; a plain list, not lru_cache, which dynamo warns about
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the environment
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    if not _TRITON_STATE:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # pragma: no cover - depends on the environment
+            _TRITON_STATE.append(f"{type(exc).__name__}: {exc}")
+        else:
+            _TRITON_STATE.append(None)
+    return _TRITON_STATE[0]
 
 
 def triton_available() -> bool:
