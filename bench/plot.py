@@ -91,7 +91,8 @@ def plot_group(key: tuple[str, str, str, str], rows: Sequence[dict], path: Path)
     ax.set_title(f"{kernel} {mode}: {metric}")
     ax.legend(fontsize=7)
     ax_speed.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax_speed.set_ylabel(f"speedup over {REFERENCE} (x)")
+    ylabel = f"speedup over {REFERENCE}" if metric == "time" else f"{metric}: times better than {REFERENCE}"
+    ax_speed.set_ylabel(ylabel)
     ax_speed.set_title(f"higher is better; {device}")
     if ax_speed.lines[1:]:
         ax_speed.legend(fontsize=7)

@@ -2,10 +2,11 @@
 
 The table sits between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``; nothing in it is
 typed by hand. One table per device file ``bench/results/<device-slug>.csv`` (quick runs are never
-read). For every kernel, mode and config that has one of our providers (``triton``, ``cuda``) and the
-``torch`` reference, the row shows the largest measured ``x`` (the target shape) with the median time
-and speedups: over ``torch`` eager, over ``torch.compile`` of it, and over each library a user would
-otherwise pick (every other provider). ``--check`` exits 1 when README's table differs from the data.
+read). For every kernel, mode and config where one of our providers (``triton``, ``cuda``, or ``ours``
+for an op that is PyTorch code of ours) was measured beside another provider, the row shows the largest
+``x`` measured there (the target shape) with our median time and speedups: over ``torch`` eager, over
+``torch.compile`` of it, and over each library a user would otherwise pick (every other provider).
+``--check`` exits 1 when README's table differs from the data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from bench.common import DEFAULT_OUT, REPO_ROOT, append_rows, read_rows, slugify
 
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
-OURS = ("triton", "cuda")
+# "ours" / "lowrank_kernels": our op where it is not a kernel of its own (e.g. a PyTorch algorithm).
+OURS = ("triton", "cuda", "ours", "lowrank_kernels")
 REFERENCE = "torch"
 COMPILED = "torch_compile"
 README = REPO_ROOT / "README.md"
@@ -38,7 +40,10 @@ def _num(value: str) -> float | None:
 
 
 def _ratio(reference: float | None, ours: float | None) -> str:
-    return f"{reference / ours:.2f}x" if reference and ours else "–"
+    if not (reference and ours):
+        return "–"
+    ratio = reference / ours
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
 
 
 def _ms(value: float | None) -> str:
@@ -72,7 +77,7 @@ def device_table(rows: Sequence[dict]) -> str:
              "| memory vs torch |", "|---|---|---|---|---:|---:|---:|---:|---|---:|"]
     for key in sorted(time):
         by_x = time[key]
-        usable = [x for x in by_x if REFERENCE in by_x[x] and any(p in by_x[x] for p in OURS)]
+        usable = [x for x in by_x if any(p in by_x[x] for p in OURS) and set(by_x[x]) - set(OURS)]
         if not usable:
             continue
         x = max(usable, key=x_sort_key)
@@ -84,11 +89,12 @@ def device_table(rows: Sequence[dict]) -> str:
             t = providers[ours]
             alternatives = ", ".join(f"{p} {_ratio(providers[p], t)}" for p in sorted(providers)
                                      if p not in (*OURS, REFERENCE, COMPILED)) or "–"
-            lines.append(f"| {kernel} | {mode} | {shape} | {ours} | {_ms(t)} | {_ms(providers[REFERENCE])} | "
-                         f"{_ratio(providers[REFERENCE], t)} | {_ratio(providers.get(COMPILED), t)} | {alternatives} | "
+            ref = providers.get(REFERENCE)
+            lines.append(f"| {kernel} | {mode} | {shape} | {ours} | {_ms(t)} | {_ms(ref)} | {_ratio(ref, t)} | "
+                         f"{_ratio(providers.get(COMPILED), t)} | {alternatives} | "
                          f"{_ratio(mem.get(REFERENCE), mem.get(ours))} |")
     if len(lines) == 2:
-        return "_No kernel here has both one of our providers and the torch reference._"
+        return "_No kernel here has one of our providers and something to compare it with._"
     return "\n".join(lines)
 
 
