@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import ops
 from .._checks import check_positive_int
 from ..nn.lowrank_linear import LowRankLinear
 from .resize import STATE_POLICIES, resize_with_state, unwrap_optimizer
@@ -50,20 +51,10 @@ class ResizeEvent:
 
 
 def stable_ranks_of(layers: list[LowRankLinear]) -> torch.Tensor:
-    """``(n,)`` fp64 stable ranks of ``U V`` for each layer, computed from the factors."""
-    from .. import ops
-
+    """``(n,)`` fp64 stable ranks of ``U V`` for each layer, exact from the factors in one batched call."""
     us = [m.U.detach() for m in layers]
     vs = [m.V.detach() for m in layers]
-    fn = getattr(ops, "stable_rank_factored", None)
-    if fn is None:  # TEMP until ops.power_iteration lands
-        return torch.stack([_stable_rank_core(u, v) for u, v in zip(us, vs, strict=True)]).cpu()
-    return fn(us, vs).detach().to(torch.float64).cpu()
-
-
-def _stable_rank_core(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    s = torch.linalg.svdvals(torch.linalg.qr(u.double())[1] @ torch.linalg.qr(v.double().t())[1].t())
-    return (s.square().sum() / s[0].square().clamp_min(1e-300)) if s.numel() else s.new_zeros(())
+    return ops.stable_rank_factored(us, vs).to(torch.float64).cpu()
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -188,8 +179,10 @@ class RankController:
         unknown = [n for n in new_ranks if n not in self.layers]
         if unknown:
             raise ValueError(f"unknown layers: {unknown}")
+        if not new_ranks:
+            return []
         if stable_ranks is None:
-            stable_ranks = self.estimate() if new_ranks else []
+            stable_ranks = self.estimate()
         if not isinstance(stable_ranks, dict):
             stable_ranks = dict(zip(self.layers, [float(v) for v in stable_ranks], strict=True))
         events = []
@@ -284,10 +277,12 @@ def rewrap_ddp(ddp_model: nn.Module, **overrides) -> nn.Module:
     if not isinstance(ddp_model, DDP):
         raise TypeError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
     kwargs = dict(device_ids=ddp_model.device_ids, output_device=ddp_model.output_device, dim=ddp_model.dim,
-                  broadcast_buffers=ddp_model.broadcast_buffers, process_group=ddp_model.process_group,
+                  process_group=ddp_model.process_group,
                   find_unused_parameters=ddp_model.find_unused_parameters,
                   bucket_cap_mb=ddp_model.bucket_bytes_cap / (1024 * 1024),
                   gradient_as_bucket_view=ddp_model.gradient_as_bucket_view, static_graph=ddp_model.static_graph)
+    if not ddp_model.broadcast_buffers:  # only when not the default: newer torch deprecates the argument
+        kwargs["broadcast_buffers"] = False
     kwargs.update(overrides)
     module = ddp_model.module
     ddp_model.reducer = None

@@ -1,0 +1,131 @@
+"""Benchmark one ``RankController`` decision over every low-rank layer of a transformer.
+
+Providers: ``ours`` (``RankController``: exact stable ranks of all layers from their ``r x r`` cores in one
+batched call, in-place factored resize + AdamW state remap) and ``seed`` (the seed's approach: per layer form
+``W = U V``, ``||W||_F^2`` and ``SEED_POWER_ITERS`` power iterations on ``W`` for sigma_max; on resize a full SVD
+of ``W`` with a sqrt split, random columns when growing, and a new AdamW). Mode ``step``; ``x`` is how many
+layers the decision resizes: 0 (estimate + decide only, the common case) or all of them (worst case; the
+resize alternates shrink r -> r - 4 and grow back, so the time mixes both).
+
+Full: 12 layers at d=768 with LowRankLinear ``qkv`` (768 -> 2304), ``proj`` (768 -> 768), ``fc1`` (768 -> 3072),
+``fc2`` (3072 -> 768) at rank 64 (48 layers), fp32, on CUDA when present else on the CPU. Quick: 2 layers at
+d=64, rank 8.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench.common import make_row, resolve_device, time_fn
+from lowrank_kernels.nn import LowRankLinear
+from lowrank_kernels.rank import RankController
+
+KERNEL = "rank_controller"
+SEED_POWER_ITERS = 5  # the seed's default ``power_iters``
+
+
+def make_layers(depth: int, dim: int, rank: int, dev: torch.device) -> nn.ModuleDict:
+    """The LowRankLinear layers of ``depth`` transformer blocks (mlp ratio 4), names as in the demo models."""
+    layers = nn.ModuleDict()
+    for i in range(depth):
+        for name, (i_f, o_f) in {"qkv": (dim, 3 * dim), "proj": (dim, dim), "fc1": (dim, 4 * dim),
+                                 "fc2": (4 * dim, dim)}.items():
+            layers[f"b{i}_{name}"] = LowRankLinear(i_f, o_f, rank, device=dev)
+    return layers
+
+
+def _with_adam_state(layers: nn.Module) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW(layers.parameters(), lr=1e-3)
+    for p in layers.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def seed_stable_rank(U: torch.Tensor, V: torch.Tensor, iters: int = SEED_POWER_ITERS) -> float:
+    """The seed's estimate: form ``W``, Frobenius norm, power iteration from a random vector (one host sync)."""
+    W = U @ V
+    v = torch.randn(W.shape[1], device=W.device, dtype=W.dtype)
+    v = v / v.norm()
+    sigma = W.new_zeros(())
+    for _ in range(iters):
+        u = W @ v
+        sigma = u.norm()
+        u = u / (sigma + 1e-8)
+        v = W.t() @ u
+        v = v / (v.norm() + 1e-8)
+    return float(W.square().sum() / (sigma.square() + 1e-8))
+
+
+def seed_resize(layer: LowRankLinear, new_rank: int) -> None:
+    """The seed's resize: full SVD of ``W`` (shrink) or random columns (grow); new Parameter objects."""
+    with torch.no_grad():
+        U, V = layer.U.detach(), layer.V.detach()
+        if new_rank < U.shape[1]:
+            u, s, vh = torch.linalg.svd(U @ V, full_matrices=False)
+            root = s[:new_rank].sqrt()
+            U_new, V_new = u[:, :new_rank] * root, root[:, None] * vh[:new_rank]
+        else:
+            extra = new_rank - U.shape[1]
+            U_new = torch.cat([U, torch.randn(U.shape[0], extra, device=U.device) * 0.02], dim=1)
+            V_new = torch.cat([V, torch.randn(extra, V.shape[1], device=V.device) * 0.02], dim=0)
+    layer.U = nn.Parameter(U_new)
+    layer.V = nn.Parameter(V_new)
+
+
+def _seed_fn(layers: nn.ModuleDict, rank: int, resize: bool):
+    toggle = [rank]
+
+    def step():
+        srs = [seed_stable_rank(m.U.detach(), m.V.detach()) for m in layers.values()]
+        if resize:
+            toggle[0] = rank - 4 if toggle[0] == rank else rank
+            for m in layers.values():
+                seed_resize(m, toggle[0])
+            torch.optim.AdamW(layers.parameters(), lr=1e-3)  # the seed rebuilds the optimizer: moments lost
+        return srs
+
+    return step
+
+
+def _ours_fn(layers: nn.ModuleDict, rank: int, resize: bool):
+    ctrl = RankController(layers, _with_adam_state(layers), min_rank=1, interval=1)
+    toggle = [rank]
+
+    def step():
+        sr = ctrl.estimate()
+        decisions = ctrl.decide(sr)
+        if not resize:
+            return decisions  # the decision only (not applied, so every call sees the same ranks)
+        toggle[0] = rank - 4 if toggle[0] == rank else rank
+        return ctrl.apply({name: toggle[0] for name in ctrl.layers}, sr)
+
+    return step
+
+
+def run(quick: bool = True, device: str | None = None) -> list[dict]:
+    """Rows for ``ours`` and ``seed`` at 0 and all layers resized (see the module docstring)."""
+    dev = resolve_device(device)
+    depth, dim, rank = (2, 64, 8) if quick else (12, 768, 64)
+    config = {"depth": depth, "dim": dim, "rank": rank, "dtype": "float32"}
+    rows: list[dict] = []
+    torch.manual_seed(0)
+    for resize in (False, True):
+        n_layers = 4 * depth
+        for provider, make in (("ours", _ours_fn), ("seed", _seed_fn)):
+            layers = make_layers(depth, dim, rank, dev)
+            fn = make(layers, rank, resize)
+            # the full seed resize costs seconds per call on a CPU: a few calls are enough
+            warmup, rep = (5, 20) if quick else (1, 1) if dev.type == "cpu" else (50, 500)
+            p50, p20, p80 = time_fn(fn, dev, warmup=warmup, rep=rep)
+            rows.append(make_row(KERNEL, provider, "step", "time", "ms", "resized_layers",
+                                 n_layers if resize else 0, p50, p20, p80, config))
+    return rows
+
+
+if __name__ == "__main__":
+    from bench.common import main
+
+    main(run)
