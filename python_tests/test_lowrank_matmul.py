@@ -60,6 +60,24 @@ def test_triton_noncontiguous_3d_input(triton_backend, device, dtype):
     _check_against_reference(*_inputs((3, 7), 21, 26, 6, dtype, device, noncontig=True))
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_triton_backward_with_and_without_fused_weight_grads(triton_backend, device, fuse):
+    from lowrank_kernels.kernels.lowrank_matmul import lowrank_matmul_backward
+
+    x, U, V, _ = _inputs((45,), 37, 29, 24, torch.float32, device)
+    dy = torch.randn(45, 29, device=device)
+    t = x @ V.t()
+    s, dx, dbias, dU, dV = lowrank_matmul_backward(dy, x, U, V, t, fuse_grads=fuse)
+    assert_verbose_allclose(s, dy @ U, atol=1e-4, rtol=1e-4, name="s")
+    assert_verbose_allclose(dx, dy @ U @ V, atol=1e-4, rtol=1e-4, name="dx")
+    assert_verbose_allclose(dbias, dy.sum(0), atol=1e-4, rtol=1e-4, name="dbias")
+    if fuse:
+        assert_verbose_allclose(dU, dy.t() @ t, atol=1e-4, rtol=1e-4, name="dU")
+        assert_verbose_allclose(dV, (dy @ U).t() @ x, atol=1e-4, rtol=1e-4, name="dV")
+    else:
+        assert dU is None and dV is None
+
+
 def test_triton_1d_input_and_broadcast_grad(triton_backend, device):
     x, U, V, b = _inputs((), 20, 17, 3, torch.float32, device)
     x.requires_grad_(True)

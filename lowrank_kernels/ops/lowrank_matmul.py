@@ -70,15 +70,19 @@ def _lowrank_matmul_backward_op(dy: torch.Tensor, x: torch.Tensor, U: torch.Tens
                                 t: torch.Tensor, need_dx: bool, need_dU: bool, need_dV: bool,
                                 need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dU, dV, dbias)``; a gradient that is not needed comes back as an empty tensor."""
-    from ..kernels.lowrank_matmul import lowrank_matmul_backward_dx
+    from ..kernels.lowrank_matmul import lowrank_matmul_backward
 
     dy2, x2 = _as_2d(dy), _as_2d(x)
-    s, dx, dbias = lowrank_matmul_backward_dx(dy2, U, V, need_dx=need_dx, need_dbias=need_dbias)
+    s, dx, dbias, dU, dV = lowrank_matmul_backward(dy2, x2, U, V, t, need_dx=need_dx, need_dbias=need_dbias,
+                                                   fuse_grads=None if (need_dU and need_dV) else False)
     # outputs may not alias each other, so each skipped gradient gets its own empty tensor
     dx = dx.view(x.shape) if need_dx else dy.new_empty(0)
-    dU = torch.mm(dy2.t(), t) if need_dU else dy.new_empty(0)
-    dV = torch.mm(s.t(), x2) if need_dV else dy.new_empty(0)
-    return dx, dU, dV, (dbias if need_dbias else dy.new_empty(0))
+    if need_dU:
+        dU = torch.mm(dy2.t(), t) if dU is None else dU
+    if need_dV:
+        dV = torch.mm(s.t(), x2) if dV is None else dV
+    return (dx, dU if need_dU else dy.new_empty(0), dV if need_dV else dy.new_empty(0),
+            dbias if need_dbias else dy.new_empty(0))
 
 
 @_lowrank_matmul_backward_op.register_fake
