@@ -29,6 +29,13 @@ def _small_threshold(monkeypatch):
     monkeypatch.setattr(tsvd_mod, "SMALL_DIM", 64)
 
 
+@pytest.fixture(params=["cholesky", "householder"])
+def ortho(request, monkeypatch):
+    """Run a test with either orthonormalisation (the CPU default is Householder, CUDA's is Cholesky-QR)."""
+    monkeypatch.setattr(tsvd_mod, "ORTHO_METHOD", {"cpu": request.param, "cuda": request.param})
+    return request.param
+
+
 def _check_orthonormal(Q: torch.Tensor, tol: float = 1e-4) -> None:
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype).expand(*Q.shape[:-2], -1, -1)
     assert_verbose_allclose(Q.transpose(-1, -2) @ Q, eye, atol=tol, rtol=0, name="Q^T Q")
@@ -42,7 +49,7 @@ def _check_subspace(U: torch.Tensor, U_true: torch.Tensor, tol: float) -> None:
 
 
 @pytest.mark.parametrize("shape, rank", [((100, 170), 12), ((180, 97), 20), ((2, 90, 110), 7)])
-def test_decaying_spectrum(shape, rank):
+def test_decaying_spectrum(shape, rank, ortho):
     k = min(shape[-2:])
     s = 5.0 * 0.8 ** torch.arange(float(k))
     W = _with_spectrum(shape, s)
@@ -68,7 +75,7 @@ def test_flat_spectrum_values():
 
 
 @pytest.mark.parametrize("zero", [False, True])
-def test_rank_deficient_and_zero(zero):
+def test_rank_deficient_and_zero(zero, ortho):
     """Y = W Omega has dependent columns: Cholesky-QR must hand over to Householder QR."""
     s = torch.zeros(0) if zero else torch.tensor([6.0, 2.0, 1.0, 0.5])
     W = torch.zeros(120, 100) if zero else _with_spectrum((120, 100), s)
@@ -135,15 +142,16 @@ def test_non_convergence_falls_back(monkeypatch):
     assert_verbose_allclose(S, S_ref, rtol=1e-6, name="S")
 
 
-def test_orthonormalize_ill_conditioned():
-    """cond(Y) ~ 1e7 defeats Cholesky-QR in fp32; the fallback still returns an orthonormal basis."""
-    Y = _with_spectrum((200, 12), torch.logspace(0, -7, 12))
-    Q = orthonormalize(Y)
+@pytest.mark.parametrize("cond", [1e2, 1e7])  # 1e7 defeats Cholesky-QR in fp32: the fallback takes over
+def test_orthonormalize_cholesky(cond):
+    Y = _with_spectrum((200, 12), torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 12))
+    Q = orthonormalize(Y, method="cholesky")
     _check_orthonormal(Q, 1e-5)
     assert torch.linalg.matrix_norm(Y - Q @ (Q.t() @ Y)) <= 1e-5
 
 
 @pytest.mark.parametrize("bad, err", [
+    (lambda: orthonormalize(torch.randn(10, 3), method="gram-schmidt"), ValueError),
     (lambda: ops.truncated_svd(torch.randn(10), 2), ValueError),
     (lambda: ops.truncated_svd(torch.randn(2, 2, 3, 3), 2), ValueError),
     (lambda: ops.truncated_svd(torch.randn(5, 4), 5), ValueError),

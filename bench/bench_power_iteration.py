@@ -1,0 +1,126 @@
+"""Benchmark ``ops.spectral_norm``: sigma_max of every Linear weight of a model in one call.
+
+Providers: ``triton`` (ours: the whole loop in one launch per dtype group), ``torch`` (the looped PyTorch
+power iteration ``spectral_norm_ref``, same iterations, no host syncs) and ``matrix_norm`` (a loop of
+``torch.linalg.matrix_norm(W, ord=2)``, i.e. a full SVD per matrix; it ignores ``iters``). Mode
+``forward``; ``x`` is ``iters`` (1 = the per-step cost with a warm :class:`PowerIterationState`).
+Metrics: ``time`` (ms), ``bandwidth`` / ``hbm_pct`` (weights read once per iteration) and ``rel_err``
+(max over matrices of ``|sigma - sigma_exact| / sigma_exact`` from a cold start with that many iterations).
+
+Full (GPU): the 72 Linear weights of a 12-layer d=768 transformer (per layer qkv 2304x768, proj 768x768,
+fc1 3072x768, fc2 768x3072), fp32 and bf16. The weights are Gaussian (``1/sqrt(in)``) plus a rank-2 spike,
+like trained weights with a few outlying singular values; pure Gaussian matrices have a clustered top of
+the spectrum that no iteration count resolves. CPU full: 2 layers (8 matrices), fp32, torch providers.
+Quick: 4 tiny matrices (CPU: Triton interpreted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from bench.common import hbm_peak_gbs, make_row, resolve_device, time_fn
+from lowrank_kernels import backend
+from lowrank_kernels.ops import PowerIterationState, spectral_norm, spectral_norm_ref
+from lowrank_kernels.ops.power_iteration import initial_vectors
+
+KERNEL = "power_iteration"
+LAYER_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072))
+
+
+@contextlib.contextmanager
+def _backend(name: str):
+    old = os.environ.get(backend.ENV_VAR)
+    os.environ[backend.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(backend.ENV_VAR, None)
+        else:
+            os.environ[backend.ENV_VAR] = old
+
+
+def make_weights(shapes, dtype: torch.dtype, dev: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """Gaussian ``(out, in)`` weights scaled ``1/sqrt(in)`` plus a rank-2 spike (sigma ~ 8 and 5)."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    mats = []
+    for out_f, in_f in shapes:
+        W = torch.randn(out_f, in_f, device=dev, generator=gen) / in_f**0.5
+        u = torch.randn(out_f, 2, device=dev, generator=gen) / out_f**0.5
+        v = torch.randn(2, in_f, device=dev, generator=gen) / in_f**0.5
+        W += u @ (torch.tensor([8.0, 5.0], device=dev)[:, None] * v)
+        mats.append(W.to(dtype))
+    return mats
+
+
+def _config(quick: bool, dev: torch.device):
+    """``(shapes, dtypes, providers, iters list, label)``."""
+    if quick:
+        shapes = [(40, 24), (24, 72), (64, 64), (17, 5)]
+        providers = ["torch", "matrix_norm"]
+        if dev.type == "cuda" or (backend.interpreter_enabled() and backend.triton_available()):
+            providers.insert(0, "triton")
+        return shapes, [torch.float32], providers, [1, 4], "tiny4"
+    if dev.type == "cuda":
+        return list(LAYER_SHAPES) * 12, [torch.float32, torch.bfloat16], ["triton", "torch", "matrix_norm"], \
+            [1, 5, 20], "gpt12_d768_72mats"
+    return list(LAYER_SHAPES) * 2, [torch.float32], ["torch", "matrix_norm"], [1, 5, 20], "gpt2layers_d768_8mats"
+
+
+def _fn(provider: str, mats, iters: int):
+    if provider == "matrix_norm":
+        return lambda: torch.stack([torch.linalg.matrix_norm(W.float(), 2) for W in mats])
+    if provider == "torch":
+        v0 = initial_vectors(mats)
+        return lambda: spectral_norm_ref(mats, iters, 0.0, v0)[0]
+    state = PowerIterationState()
+    spectral_norm(mats, iters=iters, tol=0.0, state=state)  # warm the state and the table cache
+    return lambda: spectral_norm(mats, iters=iters, tol=0.0, state=state)
+
+
+def run(quick: bool = True, device: str | None = None) -> list[dict]:
+    """Rows for every (dtype, provider, iters) of this run (see the module docstring)."""
+    dev = resolve_device(device)
+    shapes, dtypes, providers, iters_list, label = _config(quick, dev)
+    rep = 20 if quick else 200
+    peak = hbm_peak_gbs(dev)
+    rows: list[dict] = []
+    for dtype in dtypes:
+        mats = make_weights(shapes, dtype, dev)
+        exact = torch.stack([torch.linalg.matrix_norm(W.double(), 2) for W in mats])
+        nbytes = sum(W.numel() * W.element_size() for W in mats)
+        config = {"mats": label, "n": len(mats), "dtype": str(dtype).replace("torch.", "")}
+        for provider in providers:
+            with _backend("triton" if provider == "triton" else "torch"):
+                cached = None
+                for iters in iters_list:
+                    fn = _fn(provider, mats, iters)
+                    if provider != "matrix_norm" or cached is None:  # matrix_norm ignores iters: time it once
+                        cached = time_fn(fn, dev, warmup=rep / 4, rep=rep)
+                    p50, p20, p80 = cached
+                    rows.append(make_row(KERNEL, provider, "forward", "time", "ms", "iters", iters, p50, p20, p80,
+                                         config))
+                    if provider == "matrix_norm":
+                        sigma = fn()
+                    else:
+                        sigma = spectral_norm(mats, iters=iters, tol=0.0)  # cold start: the honest error
+                    err = float(((sigma.double() - exact) / exact).abs().max())
+                    rows.append(make_row(KERNEL, provider, "forward", "rel_err", "", "iters", iters, err,
+                                         config=config))
+                    if provider != "matrix_norm":
+                        gbs = [iters * nbytes / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]
+                        rows.append(make_row(KERNEL, provider, "forward", "bandwidth", "GB/s", "iters", iters,
+                                             *gbs, config=config))
+                        if peak:
+                            rows.append(make_row(KERNEL, provider, "forward", "hbm_pct", "%", "iters", iters,
+                                                 *[100 * g / peak for g in gbs], config=config))
+    return rows
+
+
+if __name__ == "__main__":
+    from bench.common import main
+
+    main(run)
