@@ -2,6 +2,9 @@
 
 Providers: ``torch`` (eager, two matmuls = ``lowrank_matmul_ref``), ``torch_compile``
 (``torch.compile`` of the same reference) and ``triton`` (ours, forced through the Triton kernels).
+On the GPU two more rows per shape (backward/full only) tell whether ``FUSE_GRADS_MAX_RANK`` is set
+right: ``triton_fused_grads`` (dU/dV always fused into the dy pass with atomics) and
+``triton_separate_grads`` (never fused: cuBLAS for dU/dV).
 Modes: ``forward`` (inputs require grad, as in training), ``backward`` (``torch.autograd.grad`` on a
 retained graph, so no ``.grad`` accumulation is timed) and ``full`` (both). Metrics: ``time`` (ms),
 ``memory`` (peak extra MiB, GPU only) and, for ``forward``, ``bandwidth`` (GB/s over the minimal
@@ -28,6 +31,22 @@ KERNEL = "lowrank_matmul"
 
 
 @contextlib.contextmanager
+def _fuse_grads(provider: str):
+    """Force the backward strategy for the ``triton_*_grads`` providers."""
+    if provider not in ("triton_fused_grads", "triton_separate_grads"):
+        yield
+        return
+    from lowrank_kernels.kernels import lowrank_matmul as kernels
+
+    old = kernels.FUSE_GRADS_MAX_RANK
+    kernels.FUSE_GRADS_MAX_RANK = 1 << 30 if provider == "triton_fused_grads" else 0
+    try:
+        yield
+    finally:
+        kernels.FUSE_GRADS_MAX_RANK = old
+
+
+@contextlib.contextmanager
 def _backend(name: str):
     old = os.environ.get(backend.ENV_VAR)
     os.environ[backend.ENV_VAR] = name
@@ -43,7 +62,7 @@ def _backend(name: str):
 def _shapes(quick: bool, dev: torch.device) -> tuple[list[tuple[int, int, int, int]], torch.dtype, list[str]]:
     """``[(M, in, out, r)]``, dtype, providers for this run."""
     if dev.type == "cuda":
-        providers = ["torch", "torch_compile", "triton"]
+        providers = ["torch", "torch_compile", "triton", "triton_fused_grads", "triton_separate_grads"]
         if quick:
             return [(1024, 1024, 1024, 16)], torch.bfloat16, providers
         return [(8192, 4096, 4096, r) for r in (16, 64, 128)], torch.bfloat16, providers
@@ -88,7 +107,8 @@ def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
     elem = x.element_size()
     fwd_bytes = elem * (m * k + m * n + m * r + r * (k + n) + n)
     peak = hbm_peak_gbs(dev)
-    for mode, f in (("forward", forward), ("backward", backward), ("full", full)):
+    modes = [("forward", forward), ("backward", backward), ("full", full)]
+    for mode, f in modes[1:] if provider.endswith("_grads") else modes:
         p50, p20, p80 = time_fn(f, dev, warmup=rep / 4, rep=rep)
         rows.append(make_row(KERNEL, provider, mode, "time", "ms", "r", r, p50, p20, p80, config))
         mem = peak_memory_mb(f, dev)
@@ -111,7 +131,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     rows: list[dict] = []
     for m, k, n, r in shapes:
         for provider in providers:
-            with _backend("triton" if provider == "triton" else "auto"):
+            with _backend("triton" if provider.startswith("triton") else "auto"), _fuse_grads(provider):
                 rows += _bench_shape(provider, m, k, n, r, dtype, dev, rep)
     return rows
 

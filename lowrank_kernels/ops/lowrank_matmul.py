@@ -7,9 +7,13 @@ cheaper than re-reading ``x``).
 
 Backward: the same kernel, run on ``dy``, reads ``dy`` once to build ``s = dy U`` on chip, writes
 ``dx = s V`` from registers and, in the same pass over ``dy``, the per-block column sums that give
-``dbias``. ``dU = dy^T t`` and ``dV = s^T x`` are plain ``torch.mm`` calls (cuBLAS is already optimal
-for these long-reduction GEMMs; fusing ``dU`` into the ``dy`` pass would need cross-block atomics), so
-``dy`` is read twice in total (``s``/``dx``/``dbias`` pass, then ``dU``) and ``x`` once (``dV``).
+``dbias``. For ``dU = dy^T t`` and ``dV = s^T x`` there are two strategies:
+
+* ``r <= kernels.lowrank_matmul.FUSE_GRADS_MAX_RANK`` (16): fused into that same pass with fp32
+  atomics (``dy`` and ``x`` are each read once for the whole backward; summation order, hence the last
+  bits of ``dU``/``dV``, is not deterministic);
+* larger ``r``: two ``torch.mm`` calls (cuBLAS), so ``dy`` is read twice and ``x`` once (the atomics
+  would move ``2 r / BLOCK_M`` times the bytes of ``dy``).
 
 The Triton path is registered as the custom ops ``lowrank_kernels::lowrank_matmul`` (returns ``y`` and
 the saved ``t``) and ``lowrank_kernels::lowrank_matmul_backward`` with fakes and autograd, so
