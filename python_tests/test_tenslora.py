@@ -284,3 +284,58 @@ def test_errors():
         T.apply_tenslora(model)
     with pytest.raises(ValueError, match="budget"):
         T.allocate_ranks(_planted([4, 4, 4, 3, 4], [1, 1, 1, 1, 1]), 10)
+
+
+def _finetune_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "adapters_finetune.py"
+    spec = importlib.util.spec_from_file_location("_adapters_finetune", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_finetune_tenslora_and_lora_beat_head_only():
+    """Digits 0-4 -> 5-9 (bench/adapters_finetune.py, shortened): adapters beat the linear probe."""
+    bench = _finetune_bench()
+    rows = bench.run(quick=True, methods=("head", "lora_qkv", "tenslora:att_qkv_depth:tucker:8_8_4_3_2+"),
+                     seeds=(0,), steps=100, pretrain_steps=150)
+    acc = {r["method"].split()[0]: r["accuracy"] for r in rows}
+    params = {r["method"].split()[0]: r["trainable_params"] for r in rows}
+    assert acc["lora_qkv"] >= acc["head"] + 5, acc
+    assert acc["tenslora+"] >= acc["head"] + 5, acc
+    assert params["tenslora+"] < params["lora_qkv"]
+
+
+def _grads_through(model, x, params):
+    y = model(x)
+    return y, torch.autograd.grad(y.square().sum(), params)
+
+
+def test_fused_kernel_path_matches_torch_path(triton_backend, monkeypatch):
+    """The adapted Linear runs ops.lora_matmul: Triton kernel (interpreted on CPU) == PyTorch reference."""
+    model = T.apply_tenslora(_vit(), method="att_qkv_depth", ranks=4)
+    _perturb(model)
+    params = [p for ad in T.get_adapters(model) for p in ad.parameters()]
+    x = torch.randn(2, 1, 8, 8)
+    y, g = _grads_through(model, x, params)
+    monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", "torch")
+    y_ref, g_ref = _grads_through(model, x, params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision_matches_fp32(dtype):
+    model = T.apply_tenslora(_vit(), method="att_qkv_depth", ranks=4).cuda()
+    _perturb(model)
+    x = torch.randn(8, 1, 8, 8, device="cuda")
+    ref = model(x)
+    low = copy.deepcopy(model).to(dtype)
+    y = low(x.to(dtype)).float()
+    err, ref_err = (y - ref).abs().max(), (ref.to(dtype).float() - ref).abs().max()
+    assert err <= 2 * ref_err + 3e-2, (float(err), float(ref_err))

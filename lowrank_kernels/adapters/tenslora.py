@@ -315,7 +315,7 @@ def apply_tenslora(model: nn.Module, method: str = "att_qkv_depth", ranks: int |
         for ad in module.tenslora_adapters:
             ad.invalidate()
 
-    model._tenslora_hook = model.register_forward_pre_hook(_invalidate)
+    model.register_forward_pre_hook(_invalidate)
     return model
 
 
