@@ -103,7 +103,8 @@ class Technique:
 
         mods = extract_linear(self.model, self.targets, fused=self._fused_map())
         self.optimizer = AdamQ3R(param_groups(self.model, self.cfg.weight_decay), trainable_modules=mods,
-                                 lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), **self._q3r_kwargs(total_steps))
+                                 lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                 **self._q3r_kwargs(total_steps))
 
     def _setup_q3r(self, total_steps: int) -> None:
         from .q3r import Q3R, extract_linear

@@ -186,7 +186,6 @@ class _Log:
 def run(cfg: TrainConfig) -> dict:
     """Train ``cfg``; returns the final metrics (``{"stopped_at": step}`` when ``stop_after`` ends it early)."""
     validate(cfg)
-    t_start = time.time()
     out = Path(cfg.out)
     ckpt_path, final_path = out / "checkpoint.pt", out / "final.json"
     ckpt = None
