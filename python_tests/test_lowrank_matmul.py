@@ -88,14 +88,21 @@ def test_triton_1d_input_and_broadcast_grad(triton_backend, device):
     assert_verbose_allclose(x.grad, U.sum(0) @ V, atol=1e-5, name="dx")
 
 
-def test_triton_only_requested_grads(triton_backend, device):
+@pytest.mark.parametrize("trainable", ["U", "UVb", "xV"])
+def test_triton_only_requested_grads(triton_backend, device, trainable):
+    # "UVb" is a layer on frozen input (no dx) with r small enough for the fused dU/dV path
     x, U, V, b = _inputs((11,), 20, 17, 3, torch.float32, device)
-    U.requires_grad_(True)  # x, V, bias frozen
+    named = {"x": x, "U": U, "V": V, "b": b}
+    for key in trainable:
+        named[key].requires_grad_(True)
     lowrank_matmul(x, U, V, b).square().sum().backward()
-    U_ref = U.detach().clone().requires_grad_(True)
-    lowrank_matmul_ref(x, U_ref, V, b).square().sum().backward()
-    assert_verbose_allclose(U.grad, U_ref.grad, atol=1e-4, rtol=1e-5, name="dU")
-    assert x.grad is None and V.grad is None and b.grad is None
+    refs = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in named.items()}
+    lowrank_matmul_ref(refs["x"], refs["U"], refs["V"], refs["b"]).square().sum().backward()
+    for key, t in named.items():
+        if key in trainable:
+            assert_verbose_allclose(t.grad, refs[key].grad, atol=1e-4, rtol=1e-5, name=f"d{key}")
+        else:
+            assert t.grad is None, key
 
 
 def test_fallbacks_fp64_and_large_rank(triton_backend, device):

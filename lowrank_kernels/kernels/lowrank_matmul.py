@@ -74,17 +74,18 @@ def _chain_matmul_kernel(
     if WRITE_MID:
         tl.store(mid_ptr + offs_m[:, None] * stride_midm + offs_r[None, :] * stride_midr, mid,
                  mask=mask_m[:, None] & mask_r[None, :])
-    if WRITE_OUT:
+    if WRITE_OUT or FUSE_GRADS:  # dV needs this loop even when dx is not wanted (frozen input)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            b2 = tl.load(b2_ptr + offs_r[:, None] * stride_b2r + offs_n[None, :] * stride_b2n,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            o = tl.dot(mid, b2, input_precision=PRECISION)
-            if HAS_BIAS:
-                o += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                     o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            if WRITE_OUT:
+                b2 = tl.load(b2_ptr + offs_r[:, None] * stride_b2r + offs_n[None, :] * stride_b2n,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                o = tl.dot(mid, b2, input_precision=PRECISION)
+                if HAS_BIAS:
+                    o += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                         o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
             if FUSE_GRADS:
                 x_blk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn,
                                 mask=mask_m[:, None] & mask_n[None, :], other=0.0)
