@@ -156,3 +156,19 @@ def test_rank_too_large_and_wrong_module_raise():
         LowRankLinear.from_linear(nn.Conv1d(3, 3, 1), 2)
     with pytest.raises(ValueError, match="in_features"):
         LowRankLinear(5, 8, 2)(torch.randn(3, 6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_layer_matches_dense_and_resizes(dtype):
+    lin = nn.Linear(300, 200, device="cuda", dtype=dtype)
+    layer = LowRankLinear.from_linear(lin, 32)
+    x = torch.randn(4, 50, 300, device="cuda", dtype=dtype)
+    dense = layer.to_linear()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert_verbose_allclose(layer(x).float(), dense(x).float(), atol=tol, rtol=tol, name="forward")
+    before = layer(x).detach()
+    layer.resize(48)
+    assert_verbose_allclose(layer(x).float(), before.float(), atol=tol, rtol=tol, name="after grow")
+    layer(x).float().square().mean().backward()
+    assert layer.U.grad.shape == (200, 48) and torch.isfinite(layer.V.grad).all()
