@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from bench.common import hbm_peak_gbs, make_row, peak_memory_mb, resolve_device, time_fn
+from bench.common import bandwidth_rows, make_row, peak_memory_mb, resolve_device, time_fn
 from lowrank_kernels import backend
 from lowrank_kernels.ops import lowrank_matmul, lowrank_matmul_ref
 
@@ -106,7 +106,6 @@ def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
     rows = []
     elem = x.element_size()
     fwd_bytes = elem * (m * k + m * n + m * r + r * (k + n) + n)
-    peak = hbm_peak_gbs(dev)
     modes = [("forward", forward), ("backward", backward), ("full", full)]
     for mode, f in modes[1:] if provider.endswith("_grads") else modes:
         p50, p20, p80 = time_fn(f, dev, warmup=rep / 4, rep=rep)
@@ -115,11 +114,7 @@ def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
         if mem is not None:
             rows.append(make_row(KERNEL, provider, mode, "memory", "MB", "r", r, mem, config=config))
         if mode == "forward":
-            gbs = [fwd_bytes / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]  # slower time = lower bandwidth
-            rows.append(make_row(KERNEL, provider, mode, "bandwidth", "GB/s", "r", r, *gbs, config=config))
-            if peak:
-                rows.append(make_row(KERNEL, provider, mode, "hbm_pct", "%", "r", r, *[100 * g / peak for g in gbs],
-                                     config=config))
+            rows += bandwidth_rows(KERNEL, provider, mode, "r", r, fwd_bytes, p50, p20, p80, dev, config)
     return rows
 
 
