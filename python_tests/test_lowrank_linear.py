@@ -58,11 +58,13 @@ def test_init_scale_like_linear():
 def test_resize_up_keeps_function_and_parameter_identity(old, new):
     layer = LowRankLinear(11, 9, old, dtype=torch.float64)
     x = torch.randn(6, 11, dtype=torch.float64)
+    layer(x).sum().backward()  # a stale gradient of the old shape must not survive a rank change
     before, w_before = layer(x).detach(), _product(layer)
     u_obj, v_obj, b_obj = layer.U, layer.V, layer.bias
     info = layer.resize(new)
     assert isinstance(info, ResizeInfo) and info.added == new - old
     assert layer.U is u_obj and layer.V is v_obj and layer.bias is b_obj
+    assert layer.U.grad is None or layer.U.grad.shape == layer.U.shape
     assert layer.rank == new and layer.U.shape == (9, new) and layer.V.shape == (new, 11)
     assert_verbose_allclose(_product(layer), w_before, atol=1e-12, name="U V")
     assert_verbose_allclose(layer(x), before, atol=1e-12, name="forward")

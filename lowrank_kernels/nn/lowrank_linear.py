@@ -150,8 +150,9 @@ class LowRankLinear(nn.Module):
         new columns is non-zero so they can learn; two zero factors would be a saddle point).
 
         Raises ``ValueError`` when ``new_rank`` exceeds ``min(in_features, out_features)``. Returns a
-        :class:`ResizeInfo` describing how parameters and gradients map (for optimizer state).
-        Computed in fp64 on the parameters' device.
+        :class:`ResizeInfo` describing how parameters and gradients map (for optimizer state; the
+        optimizer's own state is not touched here, see ``rank.resize``). A ``.grad`` whose shape no
+        longer matches is dropped (set to None). Computed in fp64 on the parameters' device.
         """
         check_positive_int(new_rank, "new_rank")
         if new_rank > min(self.in_features, self.out_features):
@@ -179,6 +180,9 @@ class LowRankLinear(nn.Module):
             v_new = torch.cat([v_new, self._completion(q_v, extra, s)], dim=0)
         self.U.data = u_new.to(dtype).contiguous()
         self.V.data = v_new.to(dtype).contiguous()
+        for p in (self.U, self.V):
+            if p.grad is not None and p.grad.shape != p.shape:
+                p.grad = None
         return ResizeInfo(old, new_rank, left.to(dtype), right.to(dtype), sv.to(dtype))
 
     @staticmethod
