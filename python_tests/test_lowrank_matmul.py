@@ -111,6 +111,22 @@ def test_fallbacks_fp64_and_large_rank(triton_backend, device):
         assert_verbose_allclose(lowrank_matmul(x, U, V, b), lowrank_matmul_ref(x, U, V, b), atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["triton", "torch"])
+def test_autocast_casts_like_linear(monkeypatch, device, which):
+    if which == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", which)
+    x, U, V, b = _inputs((6,), 20, 17, 3, torch.float32, device)
+    U.requires_grad_(True)
+    with torch.autocast(device_type=device, dtype=torch.float16):
+        y = lowrank_matmul(x, U, V, b)
+    assert y.dtype == torch.float16
+    ref = lowrank_matmul_ref(*(t.half() for t in (x, U, V, b)))
+    assert_verbose_allclose(y, ref, atol=2e-2, rtol=1e-2)
+    y.float().sum().backward()
+    assert U.grad.dtype == torch.float32 and U.grad.shape == U.shape
+
+
 def test_torch_backend_is_reference(torch_backend, device):
     _check_against_reference(*_inputs((4, 5), 12, 10, 3, torch.float32, device))
 

@@ -120,6 +120,18 @@ _lowrank_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------- public function
+def _autocast(x, U, V, bias):
+    """Inside ``torch.autocast`` cast fp32/fp16/bf16 inputs to the autocast dtype, as ``F.linear`` would
+    (custom ops get no autocast rule of their own); the casts are differentiable."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
+        return x, U, V, bias
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, U, V, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _TRITON_DTYPES else t
+                 for t in (x, U, V, bias))
+
+
 def _check_inputs(x, U, V, bias) -> None:
     check_tensor(x, "x", min_ndim=1)
     check_tensor(U, "U", ndim=2)
@@ -152,8 +164,10 @@ def lowrank_matmul(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
 
     The Triton kernels serve fp32/fp16/bf16 with ``1 <= r <= 256`` (fp32 ``tl.dot`` uses TF32 exactly
     when ``torch.backends.cuda.matmul.allow_tf32`` is on, like ``torch.matmul``); fp64, larger ranks and
-    empty inputs use :func:`lowrank_matmul_ref`.
+    empty inputs use :func:`lowrank_matmul_ref`. Inside ``torch.autocast`` the inputs are first cast to
+    the autocast dtype.
     """
+    x, U, V, bias = _autocast(x, U, V, bias)
     _check_inputs(x, U, V, bias)
     if backend.choose(x, U, V, bias, op="lowrank_matmul") == "torch":
         return lowrank_matmul_ref(x, U, V, bias)
