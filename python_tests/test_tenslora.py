@@ -224,6 +224,21 @@ def test_mode_metrics_flag_redundant_mode():
     assert set(cp) == {"input", "output", "qkv"}
 
 
+@pytest.mark.parametrize("decomposition", ["tucker", "cp"])
+def test_mode_metrics_equal_full_tensor_unfolding_spectra(decomposition):
+    ad = T.TensorAdapter(("input", "head_dim", "heads", "qkv"), [12, 5, 4, 3], 3, decomposition)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_()
+    full = ad.full_tensor().detach().double()
+    met = T.mode_metrics(ad)
+    for k, m in enumerate(ad.modes):
+        e = torch.linalg.svdvals(torch.movedim(full, k, 0).reshape(full.shape[k], -1)).square()
+        e = e[: min(3, full.shape[k])] / e.sum()
+        assert met[m]["top1_energy"] == pytest.approx(float(e[0]), rel=1e-6)
+        assert met[m]["entropy"] == pytest.approx(float(-(e * e.log()).sum()), rel=1e-6, abs=1e-9)
+
+
 def test_allocate_ranks_respects_budget_and_keeps_update():
     ad = _planted([4, 4, 4, 3, 4], [4, 4, 1, 3, 2])
     before = ad.full_tensor().detach()

@@ -281,15 +281,18 @@ def spectral_analysis(model: nn.Module, *, fit_method: str = "ks", sigma_mp: str
     for (mm, nn_, _, _), idx in groups.items():
         lam = torch.stack([lams[i] for i in idx])
         spikes, edge = mp_spikes(lam, mm, nn_, sigma_mp=sigma_mp, tracy_widom=tracy_widom)
+        # λ is ascending, so dropping the near-zero ones keeps a suffix: rows keeping as many share a fit
+        counts = (lam > eigenvalue_threshold).sum(1).tolist()
+        alpha = torch.full((len(idx),), float("nan"), dtype=lam.dtype)
+        ks = alpha.clone()
+        for c in set(counts):
+            if c >= max(2, min_eigenvalues):
+                sel = [j for j, cj in enumerate(counts) if cj == c]
+                a, d = hill_alpha(lam[sel, lam.shape[1] - c:], fit_method, xmin_position)
+                alpha[sel], ks[sel] = a.cpu(), d.cpu()
         for j, i in enumerate(idx):
-            kept = lam[j][lam[j] > eigenvalue_threshold]
-            if kept.numel() >= max(2, min_eigenvalues):
-                a, d = hill_alpha(kept, fit_method, xmin_position)
-                alpha, ks = float(a[0]), float(d[0])
-            else:
-                alpha, ks = float("nan"), float("nan")
-            rows[i] = LayerSpectrum(name=names[i], shape=shapes[i], num_eigs=int(kept.numel()), alpha=alpha,
-                                    ks_distance=ks, spikes=int(spikes[j]), mp_edge=float(edge[j]),
+            rows[i] = LayerSpectrum(name=names[i], shape=shapes[i], num_eigs=int(counts[j]), alpha=float(alpha[j]),
+                                    ks_distance=float(ks[j]), spikes=int(spikes[j]), mp_edge=float(edge[j]),
                                     spectral_norm=float(lam[j, -1].sqrt()))
     return rows  # type: ignore[return-value]
 

@@ -76,12 +76,14 @@ class TensorAdapter(nn.Module):
     """One low-rank tensor over ``modes`` with sizes ``dims``.
 
     Tucker: ``core (r_1, ..., r_n)`` (zeros: the adapted model starts equal to the base model) and one
-    factor ``(dim_k, r_k)`` per mode (orthogonal init). CP: factors ``(dim_k, R)``; the ``input``
-    factor starts at zero, the others Kaiming-uniform (the original TensLoRA's choice).
+    factor ``(dim_k, r_k)`` per mode. CP: factors ``(dim_k, R)``, the ``input`` one zero so that CP
+    starts at the base model too. Other factors: ``init`` (orthogonal, the original TensLoRA default,
+    or Kaiming-uniform as LoRA's A).
     Parameters: ``Σ r_k dim_k + Π r_k`` (Tucker) or ``R Σ dim_k`` (CP).
     """
 
-    def __init__(self, modes: Sequence[str], dims: Sequence[int], ranks: Sequence[int], decomposition: str = "tucker",
+    def __init__(self, modes: Sequence[str], dims: Sequence[int], ranks: int | str | Sequence[int],
+                 decomposition: str = "tucker",
                  init: str = "orthogonal"):
         super().__init__()
         if decomposition not in ("tucker", "cp"):
@@ -89,21 +91,20 @@ class TensorAdapter(nn.Module):
         if modes[0] != "input":
             raise ValueError(f"the first mode must be 'input', got {modes}")
         self.modes, self.dims, self.decomposition = tuple(modes), tuple(dims), decomposition
-        self.ranks = parse_ranks(list(ranks), len(modes), decomposition)
+        self.ranks = parse_ranks(ranks if isinstance(ranks, (int, str)) else list(ranks), len(modes), decomposition)
         r_of = self.ranks if decomposition == "tucker" else self.ranks * len(modes)
         self.core = nn.Parameter(torch.zeros(*r_of)) if decomposition == "tucker" else None
         self.factors = nn.ParameterDict({m: nn.Parameter(torch.empty(d, r)) for m, d, r in zip(modes, dims, r_of,
                                                                                               strict=True)})
+        if init not in ("orthogonal", "kaiming_uniform"):
+            raise ValueError(f"init must be 'orthogonal' or 'kaiming_uniform', got {init!r}")
         for m in modes:
-            f = self.factors[m]
             if decomposition == "cp" and m == "input":
-                nn.init.zeros_(f)
+                nn.init.zeros_(self.factors[m])
             elif init == "orthogonal":
-                nn.init.orthogonal_(f)
-            elif init == "kaiming_uniform" or decomposition == "cp":
-                nn.init.kaiming_uniform_(f, a=math.sqrt(5))
+                nn.init.orthogonal_(self.factors[m])
             else:
-                raise ValueError(f"init must be 'orthogonal' or 'kaiming_uniform', got {init!r}")
+                nn.init.kaiming_uniform_(self.factors[m], a=math.sqrt(5))
         self._cache: torch.Tensor | None = None
         self._cache_key: tuple | None = None
         self.num_reconstructions = 0  # how often B was contracted (tests check: once per forward)
@@ -359,22 +360,33 @@ def param_groups(model: nn.Module, lr: float, core_mult: float = 1.0,
 
 
 def _orthonormal_core(ad: TensorAdapter) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(G', [Q_k])`` with ``T = G' ×_k Q_k`` and orthonormal ``Q_k (dim_k, q_k)``: the factors' QR
-    ``U_k = Q_k R_k`` folded into the core, so the core's spectra do not depend on how scale is split
-    between core and factors (CP: the superdiagonal core)."""
-    fs = [f.detach().double() for f in ad._ordered()]
-    if ad.decomposition == "tucker":
-        g = ad.core.detach().double()
-    else:
-        n, r = len(fs), ad.ranks[0]
-        g = torch.zeros([r] * n, dtype=torch.float64, device=fs[0].device)
-        g[(torch.arange(r),) * n] = 1.0
+    """Tucker: ``(G', [Q_k])`` with ``T = G' ×_k Q_k``, ``Q_k (dim_k, q_k)`` orthonormal: the factors'
+    QR ``U_k = Q_k R_k`` folded into the core, so the core's spectra do not depend on how scale is split
+    between core and factors."""
+    g = ad.core.detach().double()
     qs = []
-    for k, f in enumerate(fs):
-        q, rr = torch.linalg.qr(f)
+    for k, f in enumerate(ad._ordered()):
+        q, rr = torch.linalg.qr(f.detach().double())
         qs.append(q)
         g = torch.movedim(torch.tensordot(rr, g, dims=([1], [k])), 0, k)
     return g, qs
+
+
+def _mode_energies(ad: TensorAdapter) -> list[torch.Tensor]:
+    """Squared singular values of every mode unfolding ``T_(k)`` of the represented tensor."""
+    if ad.decomposition == "tucker":
+        g, _ = _orthonormal_core(ad)
+        return [torch.linalg.svdvals(_unfold(g, k)).square() for k in range(g.dim())]
+    # CP: T_(k) T_(k)ᵀ = U_k (∘_{j≠k} U_jᵀU_j) U_kᵀ (Khatri-Rao Gram = Hadamard product of Grams),
+    # evaluated in the R x R space of U_k's QR: never forms the R^n core.
+    us = [f.detach().double() for f in ad._ordered()]
+    grams = [u.t() @ u for u in us]
+    out = []
+    for k, u in enumerate(us):
+        h = math.prod(grams[j] for j in range(len(us)) if j != k)
+        rk = torch.linalg.qr(u)[1]
+        out.append(torch.linalg.eigvalsh(rk @ h @ rk.t()).clamp_min(0).flip(0))
+    return out
 
 
 def _unfold(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -382,29 +394,28 @@ def _unfold(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def mode_metrics(adapter: TensorAdapter) -> dict[str, dict[str, float]]:
-    """Per mode: SVD entropy and top-1 energy of the mode unfolding of the (orthonormalised) core.
+    """Per mode: SVD entropy and top-1 energy of the mode-k unfolding of the adapter's tensor.
+
+    Tucker: computed on the core with the factors orthonormalised (the same spectra as the full
+    tensor's unfoldings, from ``Π r_k`` numbers); CP: from the factors' Gram matrices.
 
     With ``p_i = s_i² / Σ s_j²``: ``entropy = −Σ p_i ln p_i``, ``normalized_entropy = entropy / ln(q)``
     (q = number of singular values; 1 = information spread evenly, 0 = one direction),
     ``top1_energy = p_1`` (near 1: a redundant mode), ``effective_rank = exp(entropy)``.
     All NaN while the update is zero (a fresh Tucker core).
     """
-    g, _ = _orthonormal_core(adapter)
     out = {}
-    for k, m in enumerate(adapter.modes):
-        s = torch.linalg.svdvals(_unfold(g, k))
-        e = s.square()
+    for k, (m, e) in enumerate(zip(adapter.modes, _mode_energies(adapter), strict=True)):
+        row = dict(rank=adapter.ranks[k if adapter.decomposition == "tucker" else 0], dim=adapter.dims[k])
         tot = float(e.sum())
         if tot <= 0:
-            nan = float("nan")
-            out[m] = dict(entropy=nan, normalized_entropy=nan, top1_energy=nan, effective_rank=nan,
-                          rank=adapter.ranks[k if adapter.decomposition == "tucker" else 0], dim=adapter.dims[k])
+            out[m] = dict(entropy=math.nan, normalized_entropy=math.nan, top1_energy=math.nan,
+                          effective_rank=math.nan, **row)
             continue
         p = e / tot
         ent = float(-(p * p.clamp_min(1e-300).log()).sum())
         out[m] = dict(entropy=ent, normalized_entropy=ent / math.log(len(p)) if len(p) > 1 else 0.0,
-                      top1_energy=float(p.max()), effective_rank=math.exp(ent),
-                      rank=adapter.ranks[k if adapter.decomposition == "tucker" else 0], dim=adapter.dims[k])
+                      top1_energy=float(p.max()), effective_rank=math.exp(ent), **row)
     return out
 
 
