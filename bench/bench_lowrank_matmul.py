@@ -22,6 +22,7 @@ import contextlib
 import os
 
 import torch
+from torch._functorch import config as functorch_config
 
 from bench.common import bandwidth_rows, make_row, peak_memory_mb, resolve_device, time_fn
 from lowrank_kernels import backend
@@ -126,7 +127,10 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     rows: list[dict] = []
     for m, k, n, r in shapes:
         for provider in providers:
-            with _backend("triton" if provider.startswith("triton") else "auto"), _fuse_grads(provider):
+            # backward mode re-runs the backward of one retained graph, which compiled graphs only allow
+            # without donated buffers (they save memory, not time)
+            no_donation = functorch_config.patch(donated_buffer=False)
+            with _backend("triton" if provider.startswith("triton") else "auto"), _fuse_grads(provider), no_donation:
                 rows += _bench_shape(provider, m, k, n, r, dtype, dev, rep)
     return rows
 
