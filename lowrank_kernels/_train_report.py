@@ -122,9 +122,8 @@ def truncated_copy(model: nn.Module, targets: list[str], fused: dict[str, int],
         factored += w.shape[0]
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lin)
-    if hasattr(model, "tenslora_adapters"):  # every adapted layer is now a plain Linear
-        model._tenslora_hook.remove()
-        del model.tenslora_adapters
+    if hasattr(model, "tenslora_adapters"):  # every adapted layer is now a plain Linear (the model's
+        model.tenslora_adapters = nn.ModuleList()  # cache-invalidating hook then has nothing to do)
     others = sum(p.numel() for n, p in model.named_parameters()
                  if not any(n == t or n.startswith(t + ".") for t in targets))
     return model, factored + others

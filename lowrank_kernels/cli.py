@@ -101,11 +101,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    return _bench(args.bench_args)
+
+
+def _bench(bench_args: list[str]) -> int:
     root = Path.cwd()
     if not (root / "bench" / "__main__.py").is_file():
         raise UsageError("bench: run it from the lowrank-kernels repository root (no bench/__main__.py in "
                          f"{root}); the benchmark suite is not part of the installed package")
-    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
+    return subprocess.call([sys.executable, "-m", "bench", *bench_args], cwd=root)
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
@@ -162,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     from ._train_data import ConfigError
 
     debug = os.environ.get("LOWRANK_KERNELS_DEBUG", "") not in ("", "0")
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
+            return _bench(argv[1:])  # everything after `bench` belongs to python -m bench, options included
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except (UsageError, ConfigError) as exc:
