@@ -66,7 +66,7 @@ def _power_iteration_kernel(
                     z += tl.sum(a * u[:, None], axis=0)
                     fro_rows += tl.sum(a * a, axis=1)
                 s = tl.sqrt(tl.sum(z * z, axis=0))
-                v = tl.where(s > 0, z / tl.maximum(s, 1e-38), v)
+                v = tl.where(s > 0, z / tl.maximum(s, 1e-30), v)
             else:
                 for n0 in range(0, N, BLOCK_N):
                     tl.store(zp + n0 + rn, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n0 + rn < N)
@@ -96,6 +96,8 @@ def _power_iteration_kernel(
                         a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                         zb = tl.load(zp + cols, mask=cols < N, other=0.0)
                         tl.store(zp + cols, zb + tl.sum(a * u[:, None], axis=0), mask=cols < N)
+                    # The store and the next row block's load of z may map an element to different threads.
+                    tl.debug_barrier()
                 tl.debug_barrier()
                 ss = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for n0 in range(0, N, BLOCK_N):

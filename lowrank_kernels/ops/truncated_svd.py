@@ -114,9 +114,11 @@ def _randomized(A: torch.Tensor, rank: int, oversample: int, n_iter: int,
     for _ in range(n_iter):
         Q = orthonormalize(A @ orthonormalize(At @ Q))
     B = Q.transpose(-1, -2) @ A  # (..., k, n): small, exact SVD is cheap
-    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-    U = Q @ Ub[..., :rank]
-    return U, S[..., :rank], Vh[..., :rank, :]
+    # SVD of the tall column-major view B^T, not of B: LAPACK then needs no copy and takes its tall path
+    # (80x3072 on 2 CPU cores: 2.7 ms vs 20.9 ms best of 7).
+    Ut, S, Vth = torch.linalg.svd(B.transpose(-1, -2), full_matrices=False)
+    U = Q @ Vth.transpose(-1, -2)[..., :rank]
+    return U, S[..., :rank], Ut.transpose(-1, -2)[..., :rank, :]
 
 
 def _converged(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> bool:
