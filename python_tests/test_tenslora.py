@@ -180,6 +180,11 @@ def test_cache_once_per_forward_and_invalidated_by_parameter_change():
         y1 = model(x)
         y2 = model(x)
     torch.testing.assert_close(y1, y2)
+    model(x)  # leaves a cache with a graph behind: copies and pickles must still work
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x), model(x))
+    (tad,) = T.get_adapters(twin)
+    assert tad is not ad and twin.blocks[1].attn.qkv._slots[0][1] is tad  # the copy's wrappers use its adapter
 
 
 def test_param_groups_tenslora_plus_learning_rates():
@@ -345,12 +350,15 @@ def test_fused_kernel_path_matches_torch_path(triton_backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_low_precision_matches_fp32(dtype):
+def test_gpu_low_precision_matches_fp32(dtype, monkeypatch):
+    """Kernel error in fp16/bf16 <= 2x PyTorch's same-precision error against an fp32 reference (+ atol)."""
     model = T.apply_tenslora(_vit(), method="att_qkv_depth", ranks=4).cuda()
     _perturb(model)
     x = torch.randn(8, 1, 8, 8, device="cuda")
-    ref = model(x)
     low = copy.deepcopy(model).to(dtype)
-    y = low(x.to(dtype)).float()
-    err, ref_err = (y - ref).abs().max(), (ref.to(dtype).float() - ref).abs().max()
-    assert err <= 2 * ref_err + 3e-2, (float(err), float(ref_err))
+    y = low(x.to(dtype)).float()  # Triton lora_matmul
+    monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", "torch")
+    ref = model(x)
+    y_torch = low(x.to(dtype)).float()
+    err, torch_err = (y - ref).abs().max(), (y_torch - ref).abs().max()
+    assert err <= 2 * torch_err + 1e-2, (float(err), float(torch_err))

@@ -8,7 +8,10 @@ Two statistics are derived per layer:
   eigenvalue (``"median"``) or by scanning every ``xmin`` and keeping the fit with the smallest
   Kolmogorov-Smirnov distance (``"ks"``, WeightWatcher's choice; vectorised, no Python loop);
 * the number of Marchenko-Pastur spikes: eigenvalues above the bulk edge
-  ``λ₊ = σ²_MP (1 + 1/√Q)²`` (``Q = N/M ≥ 1``), optionally raised by a Tracy-Widom margin.
+  ``λ₊ = σ²_MP (1 + 1/√Q)²`` (``Q = N/M ≥ 1``), optionally raised by a Tracy-Widom margin. The
+  default ``σ²_MP`` is ``"robust"`` (the mean of the bulk, spikes excluded, iterated to a fixed point),
+  not the seed's ``mean(λ)``: the spikes' energy is in that mean and lifts the edge over the very
+  spikes being counted (a planted 5-spike matrix reads as 2 with the mean, 5 with the robust estimate).
 
 A less heavy-tailed layer (large ``α``) with few spikes has learned little structure and is given more
 rank: ``score = w_hill · minmax(α) + w_spikes · (1 − minmax(spikes))``.

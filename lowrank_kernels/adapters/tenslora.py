@@ -160,6 +160,12 @@ class TensorAdapter(nn.Module):
     def invalidate(self) -> None:
         self._cache = self._cache_key = None
 
+    def __getstate__(self):
+        # the cache may hold a non-leaf tensor, which deepcopy/pickle refuse: never copy it
+        state = self.__dict__.copy()
+        state["_cache"] = state["_cache_key"] = None
+        return state
+
     def delta_weight(self, layer: int = 0, proj: int = 0) -> torch.Tensor:
         """The update ``ΔW (out, in)`` of (layer, projection), unscaled."""
         return self.output_factors()[layer, proj] @ self.input_factor()
