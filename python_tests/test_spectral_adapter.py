@@ -271,3 +271,13 @@ def test_argument_errors():
         S.hill_alpha(torch.rand(10).sort().values, method="mle")
     with pytest.raises(ValueError, match="no Linear"):
         S.spectral_analysis(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.gpu
+def test_analysis_on_cuda_matches_cpu():
+    model = _TwoBlock()
+    cpu = S.spectral_analysis(model)
+    gpu = S.spectral_analysis(model.cuda())
+    for c, g in zip(cpu, gpu, strict=True):
+        assert c.name == g.name and c.spikes == g.spikes
+        assert g.alpha == pytest.approx(c.alpha, rel=1e-3)
