@@ -20,6 +20,8 @@ from setuptools import setup
 
 SKIP_EXT = os.environ.get("LOWRANK_KERNELS_SKIP_EXT", "0") == "1"
 FORCE_CUDA = os.environ.get("FORCE_CUDA", "0") == "1"
+# The op uses no CPython API beyond module creation, so one abi3 wheel serves every Python >= 3.10.
+LIMITED_API = os.environ.get("LOWRANK_KERNELS_LIMITED_API", "1") == "1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -47,11 +49,12 @@ def _ext_modules_and_cmdclass():
         warnings.warn(f"building lowrank_kernels._C without its CUDA kernel ({reason})", stacklevel=1)
 
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch >= 2.14).
-    cxx_flags = ["-O3"]
+    debug = os.environ.get("LOWRANK_KERNELS_DEBUG", "0") == "1"
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     extra = {"cxx": cxx_flags}
     define_macros = []  # py_limited_api=True below makes cpp_extension define Py_LIMITED_API itself
     if with_cuda:
-        nvcc_flags = ["-O3", "--use_fast_math"]
+        nvcc_flags = ["-O0", "-g"] if debug else ["-O3", "--use_fast_math"]
         nvcc_threads = os.environ.get("NVCC_THREADS")
         if nvcc_threads:
             nvcc_flags.append(f"--threads={nvcc_threads}")
@@ -59,11 +62,11 @@ def _ext_modules_and_cmdclass():
         define_macros.append(("WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "lowrank_kernels._C", cpp_sources + cu_sources, extra_compile_args=extra,
-            define_macros=define_macros, py_limited_api=True)
+            define_macros=define_macros, py_limited_api=LIMITED_API)
     else:
         ext = cpp_extension.CppExtension(
             "lowrank_kernels._C", cpp_sources, extra_compile_args=extra,
-            define_macros=define_macros, py_limited_api=True)
+            define_macros=define_macros, py_limited_api=LIMITED_API)
 
     class BuildExt(cpp_extension.BuildExtension):
         """Warn instead of failing: the package works without the extension."""
@@ -83,4 +86,4 @@ def _ext_modules_and_cmdclass():
 
 ext_modules, cmdclass = _ext_modules_and_cmdclass()
 setup(ext_modules=ext_modules, cmdclass=cmdclass,
-      options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules and sys.version_info >= (3, 10) else {})
+      options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules and LIMITED_API and sys.version_info >= (3, 10) else {})

@@ -45,10 +45,20 @@ def device():
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    """Force the Triton kernels (interpreted on CPU, compiled on GPU)."""
+    """Force the Triton kernels: interpreted on a CPU-only machine, compiled on a GPU machine.
+
+    With a GPU, triton was imported without the interpreter, so CPU tensors cannot reach a kernel;
+    tensors a test creates without naming a device are then made on the GPU (default device).
+    """
     pytest.importorskip("triton")
     monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", "triton")
-    return "triton"
+    if HAS_CUDA:
+        previous = torch.get_default_device()
+        torch.set_default_device("cuda")
+        yield "triton"
+        torch.set_default_device(previous)
+    else:
+        yield "triton"
 
 
 @pytest.fixture

@@ -242,7 +242,11 @@ def test_gpu_bf16_layer_and_peft(triton_backend, fused_calls):
     assert (layer(x).float() - ref).abs().max() <= 2 * (_manual(layer, x).float() - ref).abs().max() + 1e-2
     assert len(fused_calls) == 1
     # PEFT keeps fp32 adapters on a bf16 base: the fused layer must take the casting (unfused) path
+    # Both are bf16 computations of the same function, rounded differently (PEFT rounds x A^T to bf16,
+    # the fused path keeps it in fp32), so each is compared with the fp32 model, not with the other.
     model = _peft_model().to("cuda", torch.bfloat16)
     fused = fuse_peft_lora(copy.deepcopy(model))
     xs = torch.randn(8, 24, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(fused(xs), model(xs))
+    ref32 = copy.deepcopy(model).float()(xs.float())
+    peft_err = (model(xs).float() - ref32).abs().max()
+    assert (fused(xs).float() - ref32).abs().max() <= 2 * peft_err + 1e-2

@@ -48,7 +48,7 @@ def _upcast(tensors):
 
 
 def _check_against_reference(tensors, scaling, atol):
-    dy = torch.randn(*tensors[0].shape[:-1], tensors[1].shape[0], dtype=torch.float64)
+    dy = torch.randn(*tensors[0].shape[:-1], tensors[1].shape[0], dtype=torch.float64, device=tensors[0].device)
     y, grads = _run(ops.lora_matmul, tensors, scaling, dy.to(tensors[0]))
     y64, grads64 = _run(lora_matmul_ref, _upcast(tensors), scaling, dy)
     y_lp, grads_lp = _run(lora_matmul_ref, tensors, scaling, dy.to(tensors[0]))
@@ -137,7 +137,7 @@ def test_torch_compile_fullgraph(triton_backend, device):
     """The custom op's fake and autograd let dynamo + AOTAutograd trace forward and backward in one graph."""
     tensors = _inputs((2, 7), 40, 24, 5, torch.float32, device, w_grad=True)
     compiled = torch.compile(ops.lora_matmul, fullgraph=True, backend="aot_eager")
-    dy = torch.randn(2, 7, 24)
+    dy = torch.randn(2, 7, 24, device=device)
     y, grads = _run(compiled, tensors, 0.5, dy)
     y_ref, grads_ref = _run(lora_matmul_ref, tensors, 0.5, dy)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)

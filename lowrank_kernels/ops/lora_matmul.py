@@ -157,10 +157,12 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
         TypeError: non-tensor input, non-float dtype, mixed dtypes/devices, or a non-float ``scaling``.
     """
     _check_inputs(x, W, A, B, scaling, bias)
-    impl = backend.choose(x, W, A, B, bias, op="lora_matmul")
     # fp64: no tensor-core path worth a kernel. bf16 on the CPU: the Triton interpreter's bf16 tl.dot
-    # returns garbage (measured: errors ~1e10), so the reference answers instead.
-    if impl == "torch" or x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+    # returns garbage (measured: errors ~1e10), so the reference answers instead (decided before the
+    # backend, so a forced triton backend without the interpreter does not refuse these calls).
+    if x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+        return lora_matmul_ref(x, W, A, B, scaling, bias)
+    if backend.choose(x, W, A, B, bias, op="lora_matmul") == "torch":
         return lora_matmul_ref(x, W, A, B, scaling, bias)
     y, _ = torch.ops.lowrank_kernels.lora_matmul(x, W, A, B, float(scaling), bias)
     return y
