@@ -187,7 +187,8 @@ def summarize(jobs, errors: dict, out: str) -> list[dict]:
             ranks = [v["rank"] for v in res["layers"].values()]
             row["mean_rank"] = round(sum(ranks) / len(ranks), 2) if ranks else ""
         rows.append(row)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if any(r.get(c, "") != "" for r in rows)]
+    rows = [{c: r.get(c, "") for c in cols} for r in rows]
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
