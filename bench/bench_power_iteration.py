@@ -1,9 +1,11 @@
 """Benchmark ``ops.spectral_norm``: sigma_max of every Linear weight of a model in one call.
 
-Providers: ``triton`` (ours: the whole loop in one launch per dtype group), ``torch`` (the looped PyTorch
+Providers: ``triton`` (ours, ``ops.spectral_norm`` on the Triton backend), ``torch`` (the looped PyTorch
 power iteration ``spectral_norm_ref``, same iterations, no host syncs) and ``matrix_norm`` (a loop of
-``torch.linalg.matrix_norm(W, ord=2)``, i.e. a full SVD per matrix; it ignores ``iters``). Mode
-``forward``; ``x`` is ``iters`` (1 = the per-step cost with a warm :class:`PowerIterationState`).
+``torch.linalg.matrix_norm(W, ord=2)``, i.e. a full SVD per matrix; it ignores ``iters``). On a GPU the Triton
+launcher is also timed with each variant forced (``config`` ``variant=fused`` / ``variant=split``) to
+check its automatic choice. Mode ``forward``; ``x`` is ``iters`` (1 = the per-step cost with a warm
+:class:`PowerIterationState`).
 Metrics: ``time`` (ms), ``bandwidth`` / ``hbm_pct`` (weights read once per iteration) and ``rel_err``
 (max over matrices of ``|sigma - sigma_exact| / sigma_exact`` from a cold start with that many iterations).
 
@@ -70,15 +72,27 @@ def _config(quick: bool, dev: torch.device):
     return list(LAYER_SHAPES) * 2, [torch.float32], ["torch", "matrix_norm"], [1, 5, 20], "gpt2layers_d768_8mats"
 
 
-def _fn(provider: str, mats, iters: int):
+def _fn(provider: str, mats, iters: int, variant: str = "auto"):
     if provider == "matrix_norm":
         return lambda: torch.stack([torch.linalg.matrix_norm(W.float(), 2) for W in mats])
     if provider == "torch":
         v0 = initial_vectors(mats)
         return lambda: spectral_norm_ref(mats, iters, 0.0, v0)[0]
+    if variant != "auto":  # the launcher itself, one variant forced (GPU tuning of the auto choice)
+        from lowrank_kernels.kernels.power_iteration import power_iteration_triton
+
+        v = initial_vectors(mats)
+        split = variant == "split"
+        return lambda: power_iteration_triton(mats, v, iters, 0.0, split=split)[0]
     state = PowerIterationState()
     spectral_norm(mats, iters=iters, tol=0.0, state=state)  # warm the state and the table cache
     return lambda: spectral_norm(mats, iters=iters, tol=0.0, state=state)
+
+
+def _cold(mats, iters: int, variant: str) -> torch.Tensor:
+    from lowrank_kernels.kernels.power_iteration import power_iteration_triton
+
+    return power_iteration_triton(mats, initial_vectors(mats), iters, 0.0, split=variant == "split")[0]
 
 
 def run(quick: bool = True, device: str | None = None) -> list[dict]:
@@ -92,19 +106,23 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
         mats = make_weights(shapes, dtype, dev)
         exact = torch.stack([torch.linalg.matrix_norm(W.double(), 2) for W in mats])
         nbytes = sum(W.numel() * W.element_size() for W in mats)
-        config = {"mats": label, "n": len(mats), "dtype": str(dtype).replace("torch.", "")}
-        for provider in providers:
+        base_config = {"mats": label, "n": len(mats), "dtype": str(dtype).replace("torch.", "")}
+        runs = [(p, "auto") for p in providers]
+        if "triton" in providers and dev.type == "cuda":
+            runs += [("triton", "fused"), ("triton", "split")]
+        for provider, variant in runs:
+            config = {**base_config, "variant": variant} if variant != "auto" else base_config
             with _backend("triton" if provider == "triton" else "torch"):
                 cached = None
                 for iters in iters_list:
-                    fn = _fn(provider, mats, iters)
+                    fn = _fn(provider, mats, iters, variant)
                     if provider != "matrix_norm" or cached is None:  # matrix_norm ignores iters: time it once
                         cached = time_fn(fn, dev, warmup=rep / 4, rep=rep)
                     p50, p20, p80 = cached
                     rows.append(make_row(KERNEL, provider, "forward", "time", "ms", "iters", iters, p50, p20, p80,
                                          config))
-                    if provider == "matrix_norm":
-                        sigma = fn()
+                    if provider == "matrix_norm" or variant != "auto":
+                        sigma = fn() if provider == "matrix_norm" else _cold(mats, iters, variant)
                     else:
                         sigma = spectral_norm(mats, iters=iters, tol=0.0)  # cold start: the honest error
                     err = float(((sigma.double() - exact) / exact).abs().max())

@@ -59,17 +59,19 @@ def test_known_spectra_converge(backend_fixture, request):
         assert r.item() == pytest.approx(want, rel=2e-3, abs=1e-6), name
 
 
+@pytest.mark.parametrize("split", [False, True])  # one fused launch / two launches per iteration with atomics
 @pytest.mark.parametrize("block_n", [None, 16])  # None: vectors in registers; 16: streamed through scratch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_kernel_equals_reference(dtype, block_n):
+def test_kernel_equals_reference(dtype, block_n, split):
     pytest.importorskip("triton")
     from lowrank_kernels.kernels.power_iteration import power_iteration_triton
 
-    mats = [torch.randn(37, 21).to(dtype), torch.randn(13, 50).to(dtype), torch.randn(48, 33).to(dtype).t(),
+    # (150, 21) spans several work items of the split variant (rows are shared out over 4 "SMs" on the CPU).
+    mats = [torch.randn(150, 21).to(dtype), torch.randn(13, 50).to(dtype), torch.randn(48, 33).to(dtype).t(),
             torch.randn(1, 19).to(dtype), torch.zeros(6, 6, dtype=dtype)]
     v0 = initial_vectors(mats)
     v = v0.clone()
-    sigma, fro = power_iteration_triton(mats, v, 3, 0.0, block_n=block_n)
+    sigma, fro = power_iteration_triton(mats, v, 3, 0.0, block_n=block_n, split=split)
     sigma_ref, fro_ref, v_ref = ops.spectral_norm_ref(mats, 3, 0.0, v0)
     assert_verbose_allclose(sigma, sigma_ref, rtol=1e-5, atol=1e-6, name="sigma")
     assert_verbose_allclose(fro, fro_ref, rtol=1e-5, atol=1e-5, name="fro_sq")
@@ -95,13 +97,18 @@ def test_mixed_dtypes_and_layouts_dispatch(triton_backend, monkeypatch):
     assert_verbose_allclose(state.get(mats), ref_state.get(mats), rtol=1e-4, atol=1e-5, name="vectors")
 
 
-@pytest.mark.parametrize("backend_fixture", ["torch_backend", "triton_backend"])
-def test_early_stop_matches(backend_fixture, request):
-    """tol stops each matrix on its own; both backends stop at the same iteration."""
-    request.getfixturevalue(backend_fixture)
+@pytest.mark.parametrize("variant", ["torch", "fused", "split"])
+def test_early_stop_matches(variant):
+    """tol stops each matrix on its own; every implementation stops at the same iteration."""
     mats = [_with_spectrum(24, 16, 0.3 ** torch.arange(16.0)), _with_spectrum(20, 20, 0.95 ** torch.arange(20.0))]
-    sigma = ops.spectral_norm(mats, iters=25, tol=1e-4)
     v0 = initial_vectors(mats)
+    if variant == "torch":
+        sigma = ops.spectral_norm(mats, iters=25, tol=1e-4)
+    else:
+        pytest.importorskip("triton")
+        from lowrank_kernels.kernels.power_iteration import power_iteration_triton
+
+        sigma, _ = power_iteration_triton(mats, v0.clone(), 25, 1e-4, split=variant == "split")
     sigma_ref, _, _ = ops.spectral_norm_ref(mats, 25, 1e-4, v0)
     assert_verbose_allclose(sigma, sigma_ref, rtol=1e-5, name="sigma")
     assert _rel_err(sigma[0], _dense_sigma(mats[:1])[0]) <= 1e-3
@@ -195,8 +202,9 @@ def test_errors(bad, err):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gpu_transformer_weights(dtype, triton_backend):
+def test_gpu_transformer_weights(dtype, split, triton_backend):
     torch.manual_seed(0)
     shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 2 + [(4100, 2500), (3000, 5000)]
     mats = [(torch.randn(s, device="cuda") / s[1] ** 0.5).to(dtype) for s in shapes]
@@ -205,7 +213,7 @@ def test_gpu_transformer_weights(dtype, triton_backend):
     v = v0.clone()
     from lowrank_kernels.kernels.power_iteration import power_iteration_triton
 
-    sigma, fro = power_iteration_triton(mats, v, 5, 0.0)
+    sigma, fro = power_iteration_triton(mats, v, 5, 0.0, split=split)
     sigma_ref, fro_ref, v_ref = ops.spectral_norm_ref(mats, 5, 0.0, v0)
     assert_verbose_allclose(sigma, sigma_ref, rtol=1e-4, name="sigma")
     assert_verbose_allclose(fro, fro_ref, rtol=1e-4, name="fro_sq")
@@ -218,3 +226,17 @@ def test_gpu_converges_to_matrix_norm(triton_backend):
             _with_spectrum(768, 2304, 0.8 ** torch.arange(768.0)).cuda().to(torch.bfloat16)]
     sigma = ops.spectral_norm(mats, iters=100, tol=1e-7)
     assert (_rel_err(sigma.cpu(), _dense_sigma([m.cpu() for m in mats])) <= 1e-3).all()
+
+
+def test_split_work_items_cover_rows_once():
+    pytest.importorskip("triton")
+    from lowrank_kernels.kernels.power_iteration import _use_split, _work_items
+
+    shapes = [(2304, 768), (768, 768), (3072, 768), (5, 3)]
+    items = _work_items(shapes, 8, torch.device("cpu"))
+    for j, (M, _) in enumerate(shapes):
+        spans = sorted((r0, r1) for k, r0, r1 in items if k == j)
+        assert spans[0][0] == 0 and spans[-1][1] == M
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert all(r1 - r0 <= items[0][2] - items[0][1] for r0, r1 in spans)
+    assert not _use_split([100, 10_000], 1, torch.device("cpu"))  # the CPU interpreter always runs fused

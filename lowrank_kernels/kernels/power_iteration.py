@@ -6,6 +6,12 @@ the row blocks ``A_b`` of its (oriented, ``N <= M``) matrix and, from the same t
 ``u_b = A_b v`` and accumulates ``z += A_b^T u_b``; ``sum_b A_b^T A_b v = A^T A v``, so ``A`` is read
 once per iteration. The iteration matches :func:`lowrank_kernels.ops.power_iteration.spectral_norm_ref`.
 
+A second, "split" variant balances the load when one program per matrix would leave most of the GPU
+idle behind the largest matrix (72 transformer weights on 132 SMs): work items of a few hundred rows each
+add their partial ``A_b^T u_b`` into ``z`` with fp32 atomics (launch 1), then one program per matrix
+normalises (launch 2): two launches per iteration. :func:`power_iteration_triton` picks one by
+:func:`_use_split`.
+
 Accumulation is fp32 with elementwise products and reductions (no ``tl.dot``), so there is no TF32
 rounding on the GPU and bf16 is exact under the interpreter too.
 """
@@ -119,6 +125,102 @@ def _power_iteration_kernel(
     tl.store(fro_ptr + pid, fro)
 
 
+@triton.jit
+def _power_iteration_partial_kernel(
+    w0_ptr, table_ptr, work_ptr, v_ptr, z_ptr, fro_ptr, done_ptr,
+    CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIRST: tl.constexpr,
+):
+    """Split variant, launch 1: rows ``[r0, r1)`` of matrix ``j`` add ``A_b^T A_b v`` into ``z`` (atomics)."""
+    wid = tl.program_id(0).to(tl.int64)
+    j = tl.load(work_ptr + wid * 3)
+    r0 = tl.load(work_ptr + wid * 3 + 1)
+    r1 = tl.load(work_ptr + wid * 3 + 2)
+    if tl.load(done_ptr + j) == 0:
+        row = table_ptr + j * 6
+        a_ptr = tl.load(row).to(w0_ptr.dtype)
+        N = tl.load(row + 2)
+        stride_m = tl.load(row + 3)
+        stride_n = tl.load(row + 4)
+        voff = tl.load(row + 5)
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.arange(0, BLOCK_N)
+        fro_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if ONE_BLOCK_N:
+            mask_n = rn < N
+            v = tl.load(v_ptr + voff + rn, mask=mask_n, other=0.0)
+            z = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for m0 in range(r0, r1, BLOCK_M):
+            rows = m0 + rm
+            if ONE_BLOCK_N:
+                mask = (rows[:, None] < r1) & mask_n[None, :]
+                if CONTIG_N:
+                    offs = rows[:, None].to(tl.int64) * stride_m + rn[None, :]
+                else:
+                    offs = rows[:, None] + rn[None, :].to(tl.int64) * stride_n
+                a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                u = tl.sum(a * v[None, :], axis=1)
+                z += tl.sum(a * u[:, None], axis=0)
+                if FIRST:
+                    fro_rows += tl.sum(a * a, axis=1)
+            else:
+                u = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for n0 in range(0, N, BLOCK_N):
+                    cols = n0 + rn
+                    mask = (rows[:, None] < r1) & (cols[None, :] < N)
+                    if CONTIG_N:
+                        offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
+                    else:
+                        offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
+                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    vb = tl.load(v_ptr + voff + cols, mask=cols < N, other=0.0)
+                    u += tl.sum(a * vb[None, :], axis=1)
+                    if FIRST:
+                        fro_rows += tl.sum(a * a, axis=1)
+                for n0 in range(0, N, BLOCK_N):
+                    cols = n0 + rn
+                    mask = (rows[:, None] < r1) & (cols[None, :] < N)
+                    if CONTIG_N:
+                        offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
+                    else:
+                        offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
+                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    tl.atomic_add(z_ptr + voff + cols, tl.sum(a * u[:, None], axis=0), mask=cols < N)
+        if ONE_BLOCK_N:
+            tl.atomic_add(z_ptr + voff + rn, z, mask=mask_n)
+        if FIRST:
+            tl.atomic_add(fro_ptr + j, tl.sum(fro_rows, axis=0))
+
+
+@triton.jit
+def _power_iteration_normalize_kernel(
+    table_ptr, v_ptr, z_ptr, sigma_ptr, s_prev_ptr, done_ptr, it, tol, BLOCK_N: tl.constexpr,
+):
+    """Split variant, launch 2 (one program per matrix): ``v = z / ||z||``, ``sigma``, stop flag, ``z = 0``."""
+    j = tl.program_id(0).to(tl.int64)
+    if tl.load(done_ptr + j) == 0:
+        N = tl.load(table_ptr + j * 6 + 2)
+        voff = tl.load(table_ptr + j * 6 + 5)
+        rn = tl.arange(0, BLOCK_N)
+        ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            zb = tl.load(z_ptr + voff + n0 + rn, mask=n0 + rn < N, other=0.0)
+            ss += zb * zb
+        s = tl.sqrt(tl.sum(ss, axis=0))
+        keep = (tl.zeros([BLOCK_N], dtype=tl.float32) + s) > 0  # a zero z keeps the old v
+        for n0 in range(0, N, BLOCK_N):
+            # Same pointers as the load, so each element is re-read and zeroed by the thread that loads it.
+            mask = n0 + rn < N
+            zb = tl.load(z_ptr + voff + n0 + rn, mask=mask, other=0.0)
+            tl.store(v_ptr + voff + n0 + rn, zb / tl.maximum(s, 1e-30), mask=mask & keep)
+            tl.store(z_ptr + voff + n0 + rn, tl.zeros([BLOCK_N], dtype=tl.float32), mask=mask)
+        tl.store(sigma_ptr + j, tl.sqrt(s))
+        s_prev = tl.load(s_prev_ptr + j)
+        stop = (it > 0) & (tol > 0) & (tl.abs(s - s_prev) <= tol * s)
+        tl.store(done_ptr + j, stop.to(tl.int32))
+        tl.store(s_prev_ptr + j, s)
+
+
 def _oriented_meta(W: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     """``(tensor, M, N, stride_m, stride_n)`` of ``A = W`` or ``W^T`` with ``N = min(m, n)``.
 
@@ -142,8 +244,13 @@ def _blocks(n_max: int, block_n: int | None) -> tuple[bool, int, int]:
     return one, block_m, block_n
 
 
+_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+_TABLE_CACHE_SIZE = 64
+
+
 def _table(entries: list[tuple[int, ...]], dev: torch.device) -> torch.Tensor:
-    """Device copy of the ``(n, 6)`` int64 table ``[address, M, N, stride_m, stride_n, vector offset]``.
+    """Device copy of an int64 table: per matrix ``[address, M, N, stride_m, stride_n, vector offset]``, or
+    the split variant's work items ``[matrix, first row, end row]``.
 
     Cached by content: a training loop passes the same parameters (same storage) every step, so after
     the first step no host-to-device copy is needed. A stale entry is harmless, the key is the content.
@@ -158,18 +265,61 @@ def _table(entries: list[tuple[int, ...]], dev: torch.device) -> torch.Tensor:
     return table
 
 
-_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
-_TABLE_CACHE_SIZE = 64
+# Auto choice of the split variant (see _use_split). Estimates, not yet timed on a GPU: the split variant
+# costs two launches per iteration, so the fused loop wins once iterations repeat; the split one wins when
+# the largest matrix holds more than _SPLIT_IMBALANCE times an even per-SM share of the work.
+_SPLIT_MAX_ITERS = 2
+_SPLIT_IMBALANCE = 2.0
+_ITEMS_PER_SM = 4
+
+
+def _num_sms(dev: torch.device) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+
+
+def _use_split(sizes: list[int], iters: int, dev: torch.device) -> bool:
+    if dev.type != "cuda" or iters > _SPLIT_MAX_ITERS:
+        return False
+    return max(sizes) > _SPLIT_IMBALANCE * sum(sizes) / _num_sms(dev)
+
+
+def _work_items(shapes: list[tuple[int, int]], block_m: int, dev: torch.device) -> list[tuple[int, int, int]]:
+    """``(matrix, first row, end row)`` items of about equal size, ~_ITEMS_PER_SM per SM in all."""
+    total = sum(M for M, _ in shapes)
+    rows = max(block_m, triton.cdiv(triton.cdiv(total, _ITEMS_PER_SM * _num_sms(dev)), block_m) * block_m)
+    return [(j, r, min(r + rows, M)) for j, (M, _) in enumerate(shapes) for r in range(0, M, rows)]
+
+
+def _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, dev):
+    n = len(entries)
+    table = _table(entries, dev)
+    work = _work_items([(e[1], e[2]) for e in entries], block_m, dev)
+    work_t = _table(work, dev)
+    z = torch.zeros_like(vectors)
+    fro = torch.zeros(n, dtype=torch.float32, device=dev)
+    sigma = torch.zeros(n, dtype=torch.float32, device=dev)
+    s_prev = torch.zeros(n, dtype=torch.float32, device=dev)
+    done = torch.zeros(n, dtype=torch.int32, device=dev)
+    num_warps = 8 if bn * block_m >= 4096 else 4
+    norm_bn = min(bn, 1024)
+    for it in range(iters):
+        _power_iteration_partial_kernel[(len(work),)](
+            w0, table, work_t, vectors, z, fro, done,
+            CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn, FIRST=it == 0, num_warps=num_warps,
+        )
+        _power_iteration_normalize_kernel[(n,)](table, vectors, z, sigma, s_prev, done, it, tol, BLOCK_N=norm_bn)
+    return sigma, fro
 
 
 def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iters: int, tol: float,
-                           block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernel over ``mats``; updates the flat fp32 ``vectors`` in place.
+                           block_n: int | None = None, split: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernels over ``mats``; updates the flat fp32 ``vectors`` in place.
 
     Args:
         mats: 2-D tensors on one device (fp16/bf16/fp32/fp64; fp64 is read and accumulated in fp32).
         vectors: flat fp32 ``(sum_i min(m_i, n_i),)`` start vectors, contiguous.
         block_n: force the column block (tests use it to reach the streamed path on tiny shapes).
+        split: force the split (True) or fused-loop (False) variant; ``None`` chooses by :func:`_use_split`.
 
     Returns:
         ``sigma (n,)`` and ``fro_sq (n,)``, fp32.
@@ -187,15 +337,21 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
     results = []
     scratch = None
     for (_, contig_n), idx in groups.items():
-        one, block_m, bn = _blocks(max(prepared[i][1][2] for i in idx), block_n)
+        entries = [prepared[i][1] for i in idx]
+        w0 = prepared[idx[0]][0]
+        one, block_m, bn = _blocks(max(e[2] for e in entries), block_n)
+        use_split = _use_split([e[1] * e[2] for e in entries], iters, dev) if split is None else split
+        if use_split:
+            g_sigma, g_fro = _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, dev)
+            results.append((idx, g_sigma, g_fro))
+            continue
         if not one and scratch is None:
             scratch = torch.empty_like(vectors)
         g_sigma = torch.empty(len(idx), dtype=torch.float32, device=dev)
         g_fro = torch.empty_like(g_sigma)
         _power_iteration_kernel[(len(idx),)](
-            prepared[idx[0]][0], _table([prepared[i][1] for i in idx], dev), vectors,
-            scratch if scratch is not None else vectors, g_sigma, g_fro, iters, tol,
-            CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn,
+            w0, _table(entries, dev), vectors, scratch if scratch is not None else vectors, g_sigma, g_fro,
+            iters, tol, CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn,
             num_warps=8 if bn * block_m >= 4096 else 4,
         )
         results.append((idx, g_sigma, g_fro))
