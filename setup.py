@@ -85,5 +85,5 @@ def _ext_modules_and_cmdclass():
 
 
 ext_modules, cmdclass = _ext_modules_and_cmdclass()
-setup(ext_modules=ext_modules, cmdclass=cmdclass,
-      options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules and LIMITED_API and sys.version_info >= (3, 10) else {})
+abi3 = ext_modules and LIMITED_API and sys.version_info >= (3, 10)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}} if abi3 else {})

@@ -48,7 +48,7 @@ def normalize_slices(slices: Sequence[Sequence[int]], full_size: int, n: int | N
             raise ValueError(f"slice {i} = {pair} is empty or reversed (resolves to ({rs}, {re}))")
         out.append((rs, re))
     order = sorted(range(len(out)), key=lambda i: out[i][0])
-    for a, b in zip(order, order[1:]):
+    for a, b in zip(order, order[1:], strict=False):
         if out[b][0] < out[a][1]:
             raise ValueError(f"slices {a} = {pairs[a]} and {b} = {pairs[b]} overlap")
     return out
@@ -112,7 +112,7 @@ if _ext.HAS_EXT:
     @torch.library.register_fake("lowrank_kernels::gather_slices")
     def _gather_slices_fake(full, starts, stops, dim):
         outs = []
-        for start, stop in zip(starts, stops):
+        for start, stop in zip(starts, stops, strict=True):
             shape = list(full.shape)
             shape[dim] = stop - start
             outs.append(full.new_empty(shape))
@@ -131,7 +131,7 @@ if _ext.HAS_EXT:
 
     def _gather_backward(ctx, grad_outs):
         parts = []
-        for g, start, stop in zip(grad_outs, ctx.starts, ctx.stops):
+        for g, start, stop in zip(grad_outs, ctx.starts, ctx.stops, strict=True):
             if g is None:
                 shape = list(ctx.full_shape)
                 shape[ctx.dim] = stop - start
