@@ -240,3 +240,9 @@ def test_split_work_items_cover_rows_once():
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
         assert all(r1 - r0 <= items[0][2] - items[0][1] for r0, r1 in spans)
     assert not _use_split([100, 10_000], 1, torch.device("cpu"))  # the CPU interpreter always runs fused
+
+
+def test_custom_op_registration():
+    """Schema (mutated vectors), fake tensor and autograd registration pass torch.library.opcheck."""
+    mats = [torch.randn(8, 5), torch.randn(4, 9)]
+    torch.library.opcheck(torch.ops.lowrank_kernels.power_iteration.default, (mats, initial_vectors(mats), 3, 0.0))
