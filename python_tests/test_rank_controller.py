@@ -238,6 +238,26 @@ def test_invalid_arguments():
         RankController(model, None).apply({"1": 3})
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_controller_on_cuda(dtype, atol):
+    model = _mlp().to("cuda", dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 12, device="cuda", dtype=dtype), torch.randn(32, 10, device="cuda", dtype=dtype)
+    _train_steps(model, opt, 3, x, y)
+    ctrl = RankController(model, opt, min_rank=1, interval=1)
+    with torch.no_grad():
+        before = model(x)
+    ctrl.apply({"0": 9, "2": 7})
+    with torch.no_grad():
+        assert_verbose_allclose(model(x), before, atol=atol, rtol=atol, name="output after grow")
+    _train_steps(model, opt, 3, x, y, ctrl)
+    for p in model.parameters():
+        for v in opt.state[p].values():
+            if v.dim() > 0:  # ("step" stays a CPU scalar in torch's non-capturable AdamW)
+                assert v.device.type == "cuda" and v.shape == p.shape
+
+
 # ------------------------------------------------------------------------------- log and resume
 def test_jsonl_log_matches_events(tmp_path):
     torch.manual_seed(0)
@@ -296,7 +316,7 @@ def _ddp_worker(rank, world, port, out_dir):
     ctrl = RankController(ddp, opt, min_rank=2, interval=2, safety_factor=2.5, ema_decay=0.5, grow_threshold=0.05)
     torch.manual_seed(100 + rank)  # different data and a different RNG stream (grow directions) per rank
     events = []
-    for _ in range(12):
+    for _ in range(13):  # the last step comes after the last decision: plain DDP must keep the ranks in sync
         x, y = torch.randn(16, 12), torch.randn(16, 10)
         loss = F.mse_loss(ddp(x), y)
         opt.zero_grad()
@@ -385,7 +405,7 @@ def test_demo_carried_state_spikes_less_than_reset():
         assert spikes[mode, "carry"] < spikes[mode, "reset"] - 0.03, (mode, spikes)
     assert spikes["grow", "carry"] < 0.05 and spikes["grow", "reset"] > 0.15
     for key, measured in SPIKE_MEASURED.items():  # margins: run-to-run (BLAS) noise, not a new behaviour
-        assert abs(spikes[key] - measured) < 0.1, (key, spikes[key], measured)
+        assert abs(spikes[key] - measured) < 0.15, (key, spikes[key], measured)
 
 
 # ---------------------------------------------------------------------------- causal LM demo model
