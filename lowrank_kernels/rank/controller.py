@@ -58,7 +58,7 @@ def stable_ranks_of(layers: list[LowRankLinear]) -> torch.Tensor:
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
 
