@@ -189,8 +189,7 @@ def validate(cfg: TrainConfig) -> None:
         ch = f.metadata.get("choices")
         v = getattr(cfg, f.name)
         if ch and v not in ch:
-            extra = " (the technique name is misspelled?)" if f.name == "technique" else ""
-            raise ConfigError(f"unknown {f.name} {v!r}{extra}: choose from {', '.join(ch)}")
+            raise ConfigError(f"unknown {f.name} {v!r}: choose from {', '.join(ch)}")
     positive = ["seq_len", "dim", "depth", "heads", "batch_size", "q3r_steps", "lorita_depth", "rank", "min_rank",
                 "interval", "max_step"]
     for k in positive:

@@ -65,6 +65,7 @@ def _train_config(args: argparse.Namespace):
         saved = Path(flags.get("out", TrainConfig.out)) / "config.json"
         if saved.is_file():
             base = load_file(str(saved))
+            base.pop("stop_after", None)  # the interruption is not part of the run's config
     return from_dict({**base, **flags})
 
 

@@ -238,6 +238,8 @@ def run(cfg: TrainConfig) -> dict:
         final_path.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     log = _Log(out / "log.jsonl", step if ckpt is not None else None)
+    if ckpt is None and cfg.rank_every:
+        log.write({"step": 0, "ranks": report.effective_ranks(model, targets, fused)})
 
     def save_ckpt():
         _save_atomic({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,

@@ -48,6 +48,24 @@ def test_bad_input_one_line_nonzero_exit(capsys, argv, needle):
     assert "Traceback" not in err and out == ""
 
 
+def test_unavailable_technique_is_one_line(capsys, tmp_path, monkeypatch):
+    from lowrank_kernels import _train_techniques as T
+
+    monkeypatch.setitem(T._NEEDS, "tenslora", [("lowrank_kernels.adapters.not_there", "apply")])
+    rc, _, err = _run(capsys, ["train", "--technique", "tenslora", "--out", str(tmp_path), *TINY])
+    assert rc == 2 and err.count("\n") == 1
+    assert "technique 'tenslora' is unavailable: lowrank_kernels.adapters.not_there.apply is missing" in err
+    assert "UNAVAILABLE" in _run(capsys, ["techniques"])[1]
+
+
+def test_resume_from_the_command_line(capsys, tmp_path):
+    rc, out, err = _run(capsys, ["train", "--steps", "6", "--stop-after", "2", "--out", str(tmp_path), *TINY])
+    assert rc == 0 and "continue with --resume" in out, err
+    rc, out, err = _run(capsys, ["train", "--resume", "--out", str(tmp_path)])  # the run's own config.json
+    assert rc == 0, err
+    assert json.loads((tmp_path / "final.json").read_text())["steps"] == 6
+
+
 def test_bad_config_value_in_file(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: fast\nepochs: 1\n")
@@ -89,6 +107,15 @@ def test_train_each_technique_few_steps(capsys, tmp_path, technique):
         assert final["params"] < 2762  # factored layers: fewer parameters than the dense tiny model
     if technique == "lorita-q3r":
         assert final["params"] == 2762  # composed back into plain Linear layers for inference
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_train_each_technique_on_cuda(capsys, tmp_path, technique):
+    rc, _, err = _run(capsys, ["train", "--technique", technique, "--steps", "4", "--device", "cuda",
+                               "--out", str(tmp_path), *TINY])
+    assert rc == 0, err
+    assert json.loads((tmp_path / "final.json").read_text())["steps"] == 4
 
 
 def test_train_text_file_lm_with_plots_and_config(capsys, tmp_path):
