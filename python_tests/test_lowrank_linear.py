@@ -174,3 +174,17 @@ def test_gpu_layer_matches_dense_and_resizes(dtype):
     assert_verbose_allclose(layer(x).float(), before.float(), atol=tol, rtol=tol, name="after grow")
     layer(x).float().square().mean().backward()
     assert layer.U.grad.shape == (200, 48) and torch.isfinite(layer.V.grad).all()
+
+
+@pytest.mark.parametrize("new_rank", [3, 9])
+def test_backward_after_resize_while_old_graph_alive(new_rank):
+    """A graph built before the resize (a live ``loss``) must not poison the next backward."""
+    layer = LowRankLinear(12, 10, rank=6)
+    old_loss = layer(torch.randn(4, 12)).square().sum()
+    old_loss.backward(retain_graph=True)
+    info = layer.resize(new_rank)
+    assert info.left.dtype == torch.float32 and layer.U.shape == (10, new_rank)
+    layer.zero_grad(set_to_none=True)
+    layer(torch.randn(4, 12)).square().sum().backward()
+    assert layer.U.grad.shape == (10, new_rank) and layer.V.grad.shape == (new_rank, 12)
+    del old_loss

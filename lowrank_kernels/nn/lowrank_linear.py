@@ -62,6 +62,20 @@ class ResizeInfo:
         return self.left.to(t.dtype).t() @ t
 
 
+def forget_grad_accumulator(p: torch.Tensor) -> None:
+    """Drop the cached autograd accumulator of ``p`` after its ``.data`` changed shape.
+
+    ``p.data = x`` keeps the leaf's cached ``AccumulateGrad`` node, which remembers the old shape; while anything
+    still references it (the previous step's ``loss`` graph, hooks, DDP) the next backward fails with "returned
+    an invalid gradient ... expected shape compatible with" the old shape. PyTorch resets that cache only when
+    ``.data`` changes dtype or device, so the data passes through another dtype.
+    """
+    data = p.data
+    p.data = torch.empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32,
+                         device=data.device)
+    p.data = data
+
+
 class LowRankLinear(nn.Module):
     """``y = x (U V)^T + bias`` computed as ``(x V^T) U^T + bias`` by :func:`ops.lowrank_matmul`.
 
@@ -178,12 +192,15 @@ class LowRankLinear(nn.Module):
             extra = new_rank - old
             u_new = torch.cat([u_new, u_new.new_zeros(self.out_features, extra)], dim=1)
             v_new = torch.cat([v_new, self._completion(q_v, extra, s)], dim=0)
-        self.U.data = u_new.to(dtype).contiguous()
-        self.V.data = v_new.to(dtype).contiguous()
+        for param, data in ((self.U, u_new), (self.V, v_new)):
+            param.data = data.to(dtype).contiguous()
+            forget_grad_accumulator(param)
         for p in (self.U, self.V):
             if p.grad is not None and p.grad.shape != p.shape:
                 p.grad = None
-        return ResizeInfo(old, new_rank, left.to(dtype), right.to(dtype), sv.to(dtype))
+        # The maps stay fp32 even for bf16/fp16 factors: they are applied to fp32 optimizer moments.
+        maps_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return ResizeInfo(old, new_rank, left.to(maps_dtype), right.to(maps_dtype), sv.to(maps_dtype))
 
     @staticmethod
     def _completion(q: torch.Tensor, extra: int, s: torch.Tensor) -> torch.Tensor:

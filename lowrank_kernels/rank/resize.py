@@ -115,20 +115,6 @@ def reset_state(optimizer, params: Iterable[torch.Tensor]) -> None:
         optimizer.state.pop(p, None)
 
 
-def _forget_grad_accumulator(p: torch.Tensor) -> None:
-    """Drop the cached autograd accumulator of ``p`` after its ``.data`` changed shape.
-
-    ``p.data = x`` keeps the leaf's cached ``AccumulateGrad`` node, which remembers the old shape; while anything
-    still references it (the previous step's ``loss`` graph, hooks) the next backward fails with "returned an
-    invalid gradient ... expected shape compatible with" the old shape. PyTorch resets the cache only when
-    ``.data`` changes dtype or device, so we pass through another dtype.
-    """
-    data = p.data
-    p.data = torch.empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32,
-                         device=data.device)
-    p.data = data
-
-
 def resize_with_state(layer, new_rank: int, optimizer=None, state_policy: str = "carry"):
     """``layer.resize(new_rank)`` plus the optimizer-state update; returns the layer's ``ResizeInfo``.
 
@@ -144,7 +130,6 @@ def resize_with_state(layer, new_rank: int, optimizer=None, state_policy: str = 
         raise RuntimeError(f"{type(layer).__name__}.resize replaced its Parameter objects; the optimizer would "
                            f"keep training the old ones")
     for p in (U, V):
-        _forget_grad_accumulator(p)
         if p.grad is not None and p.grad.shape != p.shape:
             p.grad = None
     if optimizer is not None:
