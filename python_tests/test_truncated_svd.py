@@ -120,9 +120,10 @@ def test_deterministic_and_leaves_global_rng():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_raises(value):
-    W = torch.randn(100, 100)
+@pytest.mark.parametrize("shape", [(100, 120), (20, 30)])  # randomized path, full-SVD path
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_raises(value, shape):
+    W = torch.randn(shape)
     W[4, 7] = value
     with pytest.raises(ValueError, match="NaN or Inf"):
         ops.truncated_svd(W, 4)
