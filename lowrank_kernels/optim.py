@@ -69,7 +69,8 @@ class AdamQ3R(torch.optim.Optimizer):
         names = [f"grad of param {i} {tuple(p.shape)}" for i, p in active]
         tensors = [p.grad for _, p in active]
         index = self._index()
-        for w in self.q3r.params:
+        # a non-finite weight only breaks the operator rebuild (the SVD); between rebuilds it stays in its own rows
+        for w in self.q3r.params if self.q3r.t % self.q3r.steps == 0 else ():
             names.append(f"regularised weight (param {index[id(w)]}) {tuple(w.shape)}")
             tensors.append(w)
         # half tensors get fp32 norms: an fp16 norm of finite values can overflow to inf

@@ -175,7 +175,7 @@ def test_closure_and_zero_grad():
 def test_nan_skips_step_with_warning(where):
     model, data = _setup()
     opt = _opt(model)
-    _train(model, opt, data, 2)
+    _train(model, opt, data, 3)  # the next step rebuilds the operators (steps=3)
     X, Y = data
     opt.zero_grad()
     (model(X) - Y).square().mean().backward()

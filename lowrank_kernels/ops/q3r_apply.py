@@ -76,20 +76,24 @@ def q3r_apply_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
     base = 1.0 - lr * weight_decay
-    if factors:
-        scale = torch.full((p.shape[0], 1), base, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
-        for s, e, _, _ in factors:
-            scale[s:e] = base - c
-        p.mul_(scale)
-        for s, e, A, B in factors:
-            if A is None:
-                continue
-            if A.dtype == p.dtype and B.dtype == p.dtype:
-                p[s:e].addmm_(A, B, alpha=-c)
-            else:
-                p[s:e].add_((A @ B).to(p.dtype), alpha=-c)
-    elif base != 1.0:
-        p.mul_(base)
+    covered = 0
+    for s, e, A, B in factors:
+        rows = p[s:e]
+        covered += e - s
+        if A is None:
+            rows.mul_(base - c)
+        elif A.dtype == p.dtype and B.dtype == p.dtype:
+            rows.addmm_(A, B, beta=base - c, alpha=-c)  # scales the rows in the same pass
+        else:
+            rows.mul_(base - c).add_((A @ B).to(p.dtype), alpha=-c)
+    if base != 1.0 and covered < (p.shape[0] if factors else 1):
+        if factors:
+            mask = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+            for s, e, _, _ in factors:
+                mask[s:e] = False
+            p[mask] *= base
+        else:
+            p.mul_(base)
     p.addcdiv_(exp_avg, denom, value=-lr / bc1)
 
 

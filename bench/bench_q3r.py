@@ -1,0 +1,206 @@
+"""Benchmark AdamQ3R: optimizer step time vs ``torch.optim.AdamW`` and a straightforward seed version.
+
+Parameter set (the issue's ViT-Tiny): 12 blocks, d=192, per block ``qkv 576x192`` (regularised as 3 slices),
+``proj 192x192``, ``fc1 768x192``, ``fc2 192x768``, all with biases; AdamQ3R with ``steps=5``,
+``target_rank=0.2``, ``lmbda=0.1``. The step time is amortised over one period of 5 steps (one operator
+rebuild + 5 applications), gradients fixed.
+
+Kernel ``q3r``, mode ``step``, providers:
+
+* ``adamw``: ``torch.optim.AdamW`` (its default implementation for the device), the target's baseline;
+* ``torch``: AdamQ3R through the PyTorch reference of ``ops.q3r_apply`` (what runs on a CPU);
+* ``triton``: AdamQ3R through the fused Triton kernel (GPU only);
+* ``torch+randomized_svd``: ``torch`` with the full-SVD shortcut of ``ops.truncated_svd`` for
+  ``min(m, n) <= 256`` switched off (its randomized path on every ViT-Tiny matrix);
+* ``seed``: the seed's algorithm written plainly: a full SVD every 5 steps, dense ``L (m x m)`` and
+  ``R (n x n)``, ``G = 2 lmbda L X R`` materialised and padded per slice, then AdamW and ``p -= lr G``.
+
+Kernel ``q3r``, mode ``update``: one rebuild of every operator (what ``steps`` amortises), providers
+``torch_svd`` (full ``torch.linalg.svd``), ``truncated_svd`` (``ops.truncated_svd`` as dispatched: it answers
+with a full SVD when ``min(m, n) <= 256``) and ``truncated_svd_randomized`` (its randomized path forced).
+
+CPU runs use 2 torch threads (the issue's setting; ``LOWRANK_BENCH_THREADS`` overrides). Quick: 2 blocks of d=64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import torch
+from torch import nn
+
+from bench.common import make_row, resolve_device, time_fn
+from lowrank_kernels import AdamQ3R, backend, ops
+from lowrank_kernels.q3r import EPS_START, Q3R, resolve_rank
+
+KERNEL = "q3r"
+_tsvd_module = importlib.import_module("lowrank_kernels.ops.truncated_svd")
+PERIOD = 5
+LR, LMBDA, TARGET = 1e-3, 0.1, 0.2
+
+
+@contextlib.contextmanager
+def _env(var: str, value: str):
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
+@contextlib.contextmanager
+def _attr(obj, name: str, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def _randomized_svd():
+    """``ops.truncated_svd`` with its small-matrix full-SVD shortcut switched off."""
+    with _attr(_tsvd_module, "SMALL_DIM", 0), _attr(_tsvd_module, "DENSE_FRACTION", 2.0):
+        yield
+
+
+def _param_set(blocks: int, d: int, dev, dtype):
+    """``(model, {module: slices})``: the ViT-Tiny block linears, QKV split into 3 slices."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList()
+    tm = {}
+    for _ in range(blocks):
+        qkv, proj, fc1, fc2 = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        layers.extend([qkv, proj, fc1, fc2])
+        tm.update({qkv: [(0, d), (d, 2 * d), (2 * d, 3 * d)], proj: None, fc1: None, fc2: None})
+    layers.to(dev, dtype)
+    for p in layers.parameters():
+        p.grad = 1e-2 * torch.randn_like(p)
+    return layers, tm
+
+
+class _SeedAdamQ3R:
+    """The straightforward version: full SVD, dense L and R, G materialised, AdamW then ``p -= lr G``."""
+
+    def __init__(self, model, tm, target_rank, lmbda, steps, lr):
+        self.adamw = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        self.lmbda, self.steps, self.lr, self.t = lmbda, steps, lr, 0
+        self.ops = []
+        for module, slices in tm.items():
+            w = module.weight
+            for rows in slices or [(0, w.shape[0])]:
+                m = rows[1] - rows[0]
+                self.ops.append({"w": w, "rows": rows, "r": resolve_rank(target_rank, m, w.shape[1]),
+                                 "eps": EPS_START, "L": None, "R": None})
+
+    @torch.no_grad()
+    def step(self):
+        if self.t % self.steps == 0:
+            for op in self.ops:
+                X = op["w"][op["rows"][0]:op["rows"][1]].float()
+                U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+                op["eps"] = min(op["eps"], float(S[op["r"]]))
+                keep = S > op["eps"]
+                d = (op["eps"] / S[keep]).clamp(max=1) - 1
+                Uk, Vk = U[:, keep], Vh[keep].T
+                op["L"] = torch.eye(X.shape[0], device=X.device) + Uk * d @ Uk.T
+                op["R"] = torch.eye(X.shape[1], device=X.device) + Vk * d @ Vk.T
+        self.t += 1
+        grads: dict = {}
+        for op in self.ops:
+            X = op["w"][op["rows"][0]:op["rows"][1]].float()
+            grads.setdefault(op["w"], []).append((op["rows"], 2 * self.lmbda * op["L"] @ X @ op["R"]))
+        full = {w: ops.pad_slices([g for _, g in parts], [s for s, _ in parts], w.shape[0])
+                for w, parts in grads.items()}
+        self.adamw.step()
+        for w, g in full.items():
+            w.sub_(self.lr * g.to(w.dtype))
+
+
+def _step_fn(provider: str, model, tm):
+    if provider == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    elif provider == "seed":
+        opt = _SeedAdamQ3R(model, tm, TARGET, LMBDA, PERIOD, LR)
+    else:
+        opt = AdamQ3R(model.parameters(), tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, lr=LR)
+    forced = provider.endswith("randomized_svd")
+
+    def period():
+        with _randomized_svd() if forced else contextlib.nullcontext():
+            for _ in range(PERIOD):
+                opt.step()
+
+    return period
+
+
+def _update_fn(provider: str, tm):
+    q = Q3R(tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD)
+    if provider == "torch_svd":
+        def refresh():
+            with _attr(_tsvd_module, "SMALL_DIM", 1 << 30):
+                q.refresh()
+    elif provider == "truncated_svd_randomized":
+        def refresh():
+            with _randomized_svd():
+                q.refresh()
+    else:
+        refresh = q.refresh
+    return refresh
+
+
+def run(quick: bool = True, device: str | None = None) -> list[dict]:
+    """Rows for AdamQ3R vs AdamW vs the seed (mode ``step``) and the operator rebuild (mode ``update``)."""
+    dev = resolve_device(device)
+    blocks, d = (2, 64) if quick else (12, 192)
+    dtype = torch.float32
+    step_providers = ["adamw", "torch", "torch+randomized_svd", "seed"] + (["triton"] if dev.type == "cuda" else [])
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("LOWRANK_BENCH_THREADS", "2")))
+    rep = 50 if quick else 1500
+    config = {"blocks": blocks, "d": d, "steps": PERIOD, "target_rank": TARGET, "dtype": "float32",
+              "threads": torch.get_num_threads() if dev.type == "cpu" else None}
+    config = {k: v for k, v in config.items() if v is not None}
+    rows = []
+    try:
+        for provider in step_providers:
+            model, tm = _param_set(blocks, d, dev, dtype)
+            with _env(backend.ENV_VAR, "triton" if provider == "triton" else "torch"):  # ours on CPU = reference
+                fn = _step_fn(provider, model, tm)
+                fn()
+                p50, p20, p80 = (t / PERIOD for t in time_fn(fn, dev, warmup=rep / 5, rep=rep))
+            rows.append(make_row(KERNEL, provider, "step", "time", "ms", "blocks", blocks, p50, p20, p80, config))
+        for provider in ("torch_svd", "truncated_svd", "truncated_svd_randomized"):
+            model, tm = _param_set(blocks, d, dev, dtype)
+            fn = _update_fn(provider, tm)
+            fn()
+            p50, p20, p80 = time_fn(fn, dev, warmup=rep / 5, rep=rep)
+            rows.append(make_row(KERNEL, provider, "update", "time", "ms", "blocks", blocks, p50, p20, p80, config))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """Step time over AdamW's per provider, and full-SVD over truncated rebuild time."""
+    t = {(r["mode"], r["provider"]): float(r["p50"]) for r in rows}
+    out = {f"{p}/adamw": t[("step", p)] / t[("step", "adamw")] for m, p in t if m == "step" and p != "adamw"}
+    for p in ("truncated_svd", "truncated_svd_randomized"):
+        out[f"svd speedup {p}"] = t[("update", "torch_svd")] / t[("update", p)]
+    return out
+
+
+if __name__ == "__main__":
+    from bench.common import main
+
+    rows = main(run)
+    for name, value in ratios(rows).items():
+        print(f"{name}: {value:.2f}x")
