@@ -2,7 +2,8 @@
 
 ``spectral_norm(mats)`` takes a list of 2-D tensors of mixed shapes and dtypes (e.g. every Linear weight of
 a model) and returns ``sigma_max`` of each. The Triton kernel runs the whole iteration loop in one launch
-per dtype group (one program per matrix, addresses and shapes from a table); the PyTorch reference loops.
+per dtype group (one program per matrix, addresses and shapes from a table), or, for one or two iterations
+over matrices of very unequal size, two load-balanced launches per iteration; the PyTorch reference loops.
 
 Each matrix is iterated on its shorter side: ``A = W`` when ``m >= n``, else ``A = W^T``, so the kept
 vector has length ``min(m, n)``. One iteration computes ``z = A^T (A v)`` and takes
@@ -126,7 +127,7 @@ def spectral_norm_ref(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, 
     fro_sq = torch.zeros_like(sigma)
     for i, (W, v) in enumerate(zip(mats, out_v.split(_vector_lengths(mats)), strict=True)):
         A = _oriented(W).float()
-        fro_sq[i] = A.square().sum()
+        fro_sq[i] = torch.linalg.vector_norm(A).square()  # no squared copy of A
         s_prev = None
         for _ in range(iters):
             z = A.t() @ (A @ v)
