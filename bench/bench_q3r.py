@@ -3,7 +3,10 @@
 Parameter set (the issue's ViT-Tiny): 12 blocks, d=192, per block ``qkv 576x192`` (regularised as 3 slices),
 ``proj 192x192``, ``fc1 768x192``, ``fc2 192x768``, all with biases; AdamQ3R with ``steps=5``,
 ``target_rank=0.2``, ``lmbda=0.1``. The step time is amortised over one period of 5 steps (one operator
-rebuild + 5 applications), gradients fixed.
+rebuild + 5 applications). The gradients are fixed random tensors whose sign flips every step (one
+``_foreach_neg_``, timed for every provider): under a constant gradient Adam drifts every weight linearly,
+the spectrum grows past the default schedule's non-increasing eps and the kept rank climbs towards
+``min(m, n)`` (measured: 56-139 instead of ~38 after 50 steps), which is not what training looks like.
 
 Kernel ``q3r``, mode ``step``, providers:
 
@@ -132,10 +135,12 @@ def _step_fn(provider: str, model, tm):
     else:
         opt = AdamQ3R(model.parameters(), tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, lr=LR)
     forced = provider.endswith("randomized_svd")
+    grads = [p.grad for p in model.parameters()]
 
     def period():
         with _randomized_svd() if forced else contextlib.nullcontext():
             for _ in range(PERIOD):
+                torch._foreach_neg_(grads)
                 opt.step()
 
     return period
