@@ -16,6 +16,7 @@ from an optimizer under ``no_grad``, so it has no autograd and is not a ``torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -113,6 +114,13 @@ def _pack(factors: list[Factor], M: int, N: int, block_m: int, base: float, c: f
             B_full[off:off + k] = B
             spans.append((s, e, off, off + k))
         off += k
+    return (A_full, B_full, row_scale, *_k_ranges(tuple(spans), M, block_m, device))
+
+
+@functools.lru_cache(maxsize=256)
+def _k_ranges(spans: tuple, M: int, block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[kbeg, kend)`` of each row block; cached because the spans only change when Q3R rebuilds, and
+    building them costs a host-to-device copy."""
     n_blocks = -(-M // block_m)
     kbeg, kend = [0] * n_blocks, [0] * n_blocks
     for b in range(n_blocks):
@@ -121,7 +129,7 @@ def _pack(factors: list[Factor], M: int, N: int, block_m: int, base: float, c: f
         if hits:  # slices are sorted, so the hit K ranges are adjacent
             kbeg[b], kend[b] = hits[0][0], hits[-1][1]
     as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
-    return A_full, B_full, row_scale, as_t(kbeg), as_t(kend)
+    return as_t(kbeg), as_t(kend)
 
 
 def q3r_apply(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
