@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from bench.common import hbm_peak_gbs, make_row, resolve_device, time_fn
+from bench.common import bandwidth_rows, make_row, resolve_device, time_fn
 from lowrank_kernels import backend
 from lowrank_kernels.ops import PowerIterationState, spectral_norm, spectral_norm_ref
 from lowrank_kernels.ops.power_iteration import initial_vectors
@@ -100,7 +100,6 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     dev = resolve_device(device)
     shapes, dtypes, providers, iters_list, label = _config(quick, dev)
     rep = 20 if quick else 200
-    peak = hbm_peak_gbs(dev)
     rows: list[dict] = []
     for dtype in dtypes:
         mats = make_weights(shapes, dtype, dev)
@@ -126,15 +125,11 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
                     else:
                         sigma = spectral_norm(mats, iters=iters, tol=0.0)  # cold start: the honest error
                     err = float(((sigma.double() - exact) / exact).abs().max())
-                    rows.append(make_row(KERNEL, provider, "forward", "rel_err", "", "iters", iters, err,
+                    rows.append(make_row(KERNEL, provider, "forward", "rel_err", "rel", "iters", iters, err,
                                          config=config))
                     if provider != "matrix_norm":
-                        gbs = [iters * nbytes / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]
-                        rows.append(make_row(KERNEL, provider, "forward", "bandwidth", "GB/s", "iters", iters,
-                                             *gbs, config=config))
-                        if peak:
-                            rows.append(make_row(KERNEL, provider, "forward", "hbm_pct", "%", "iters", iters,
-                                                 *[100 * g / peak for g in gbs], config=config))
+                        rows += bandwidth_rows(KERNEL, provider, "forward", "iters", iters, iters * nbytes, p50, p20,
+                                               p80, dev, config)
     return rows
 
 

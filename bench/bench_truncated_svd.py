@@ -84,7 +84,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
                 rows.append(make_row(KERNEL, provider, "forward", "time", "ms", "rank", rank, p50, p20, p80, config))
                 S = fn()[1].double()
                 err = float(((S - exact) / exact).abs().max())
-                rows.append(make_row(KERNEL, provider, "forward", "rel_err", "", "rank", rank, err, config=config))
+                rows.append(make_row(KERNEL, provider, "forward", "rel_err", "rel", "rank", rank, err, config=config))
     return rows
 
 
