@@ -30,6 +30,20 @@ _STREAM_BLOCK_N = 512
 
 
 @triton.jit
+def _load_tile(a_ptr, rows, cols, row_end, N, stride_m, stride_n, CONTIG_N: tl.constexpr):
+    """fp32 tile ``A[rows, cols]`` (zeros outside ``rows < row_end``, ``cols < N``).
+
+    The unit stride is a compile-time fact (CONTIG_N), so the compiler can coalesce along that axis.
+    """
+    mask = (rows[:, None] < row_end) & (cols[None, :] < N)
+    if CONTIG_N:
+        offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
+    else:
+        offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
+    return tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _power_iteration_kernel(
     w0_ptr, table_ptr, v_ptr, z_ptr, sigma_ptr, fro_ptr, iters, tol,
     CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -62,12 +76,7 @@ def _power_iteration_kernel(
                 z = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for m0 in range(0, M, BLOCK_M):
                     rows = m0 + rm
-                    mask = (rows[:, None] < M) & mask_n[None, :]
-                    if CONTIG_N:
-                        offs = rows[:, None].to(tl.int64) * stride_m + rn[None, :]
-                    else:
-                        offs = rows[:, None] + rn[None, :].to(tl.int64) * stride_n
-                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    a = _load_tile(a_ptr, rows, rn, M, N, stride_m, stride_n, CONTIG_N)
                     u = tl.sum(a * v[None, :], axis=1)
                     z += tl.sum(a * u[:, None], axis=0)
                     fro_rows += tl.sum(a * a, axis=1)
@@ -82,24 +91,14 @@ def _power_iteration_kernel(
                     u = tl.zeros([BLOCK_M], dtype=tl.float32)
                     for n0 in range(0, N, BLOCK_N):
                         cols = n0 + rn
-                        mask = (rows[:, None] < M) & (cols[None, :] < N)
-                        if CONTIG_N:
-                            offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
-                        else:
-                            offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
-                        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                        a = _load_tile(a_ptr, rows, cols, M, N, stride_m, stride_n, CONTIG_N)
                         vb = tl.load(vp + cols, mask=cols < N, other=0.0)
                         u += tl.sum(a * vb[None, :], axis=1)
                         fro_rows += tl.sum(a * a, axis=1)
                     # Second sweep of the same row block: it was just read, so it comes from L1/L2.
                     for n0 in range(0, N, BLOCK_N):
                         cols = n0 + rn
-                        mask = (rows[:, None] < M) & (cols[None, :] < N)
-                        if CONTIG_N:
-                            offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
-                        else:
-                            offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
-                        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                        a = _load_tile(a_ptr, rows, cols, M, N, stride_m, stride_n, CONTIG_N)
                         zb = tl.load(zp + cols, mask=cols < N, other=0.0)
                         tl.store(zp + cols, zb + tl.sum(a * u[:, None], axis=0), mask=cols < N)
                     # The store and the next row block's load of z may map an element to different threads.
@@ -153,12 +152,7 @@ def _power_iteration_partial_kernel(
         for m0 in range(r0, r1, BLOCK_M):
             rows = m0 + rm
             if ONE_BLOCK_N:
-                mask = (rows[:, None] < r1) & mask_n[None, :]
-                if CONTIG_N:
-                    offs = rows[:, None].to(tl.int64) * stride_m + rn[None, :]
-                else:
-                    offs = rows[:, None] + rn[None, :].to(tl.int64) * stride_n
-                a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                a = _load_tile(a_ptr, rows, rn, r1, N, stride_m, stride_n, CONTIG_N)
                 u = tl.sum(a * v[None, :], axis=1)
                 z += tl.sum(a * u[:, None], axis=0)
                 if FIRST:
@@ -167,24 +161,14 @@ def _power_iteration_partial_kernel(
                 u = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for n0 in range(0, N, BLOCK_N):
                     cols = n0 + rn
-                    mask = (rows[:, None] < r1) & (cols[None, :] < N)
-                    if CONTIG_N:
-                        offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
-                    else:
-                        offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
-                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    a = _load_tile(a_ptr, rows, cols, r1, N, stride_m, stride_n, CONTIG_N)
                     vb = tl.load(v_ptr + voff + cols, mask=cols < N, other=0.0)
                     u += tl.sum(a * vb[None, :], axis=1)
                     if FIRST:
                         fro_rows += tl.sum(a * a, axis=1)
                 for n0 in range(0, N, BLOCK_N):
                     cols = n0 + rn
-                    mask = (rows[:, None] < r1) & (cols[None, :] < N)
-                    if CONTIG_N:
-                        offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
-                    else:
-                        offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
-                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    a = _load_tile(a_ptr, rows, cols, r1, N, stride_m, stride_n, CONTIG_N)
                     tl.atomic_add(z_ptr + voff + cols, tl.sum(a * u[:, None], axis=0), mask=cols < N)
         if ONE_BLOCK_N:
             tl.atomic_add(z_ptr + voff + rn, z, mask=mask_n)
