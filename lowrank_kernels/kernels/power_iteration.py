@@ -47,6 +47,7 @@ def _load_tile(a_ptr, rows, cols, row_end, N, stride_m, stride_n, CONTIG_N: tl.c
 def _power_iteration_kernel(
     w0_ptr, table_ptr, v_ptr, z_ptr, sigma_ptr, fro_ptr, iters, tol,
     CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     # w0_ptr only carries the element type: every matrix of the group shares it.
@@ -57,6 +58,13 @@ def _power_iteration_kernel(
     stride_m = tl.load(row + 3)
     stride_n = tl.load(row + 4)
     voff = tl.load(row + 5)
+    if VEC > 1:
+        # Rows start 16-byte aligned and hold a multiple of VEC elements (checked on the host): tiles then
+        # load as 16-byte vectors. Addresses read from a table carry no alignment the compiler could see,
+        # and the hints must be set here (returned from a helper they are lost: measured in the PTX).
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        N = tl.multiple_of(N, VEC)
+        stride_m = tl.multiple_of(stride_m, VEC)
     vp = v_ptr + voff
     zp = z_ptr + voff
     rm = tl.arange(0, BLOCK_M)
@@ -128,7 +136,7 @@ def _power_iteration_kernel(
 def _power_iteration_partial_kernel(
     w0_ptr, table_ptr, work_ptr, v_ptr, z_ptr, fro_ptr, done_ptr,
     CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FIRST: tl.constexpr,
+    VEC: tl.constexpr, FIRST: tl.constexpr,
 ):
     """Split variant, launch 1: rows ``[r0, r1)`` of matrix ``j`` add ``A_b^T A_b v`` into ``z`` (atomics)."""
     wid = tl.program_id(0).to(tl.int64)
@@ -142,6 +150,10 @@ def _power_iteration_partial_kernel(
         stride_m = tl.load(row + 3)
         stride_n = tl.load(row + 4)
         voff = tl.load(row + 5)
+        if VEC > 1:  # see _power_iteration_kernel
+            a_ptr = tl.multiple_of(a_ptr, 16)
+            N = tl.multiple_of(N, VEC)
+            stride_m = tl.multiple_of(stride_m, VEC)
         rm = tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
         fro_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -218,6 +230,15 @@ def _oriented_meta(W: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     return W, n, m, W.stride(1), W.stride(0)
 
 
+def _vector_width(entries: list[tuple[int, ...]], elem_size: int, contig_n: bool) -> int:
+    """Elements per 16-byte load when every row of every matrix in the group starts 16-byte aligned and
+    holds a multiple of that many elements (row-major groups only), else 1 (scalar loads)."""
+    vec = 16 // elem_size
+    if contig_n and all(addr % 16 == 0 and N % vec == 0 and sm % vec == 0 for addr, _, N, sm, _, _ in entries):
+        return vec
+    return 1
+
+
 def _blocks(n_max: int, block_n: int | None) -> tuple[bool, int, int]:
     if block_n is None:
         one = n_max <= _MAX_REG_N
@@ -274,7 +295,7 @@ def _work_items(shapes: list[tuple[int, int]], block_m: int, dev: torch.device) 
     return [(j, r, min(r + rows, M)) for j, (M, _) in enumerate(shapes) for r in range(0, M, rows)]
 
 
-def _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, dev):
+def _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec, dev):
     n = len(entries)
     table = _table(entries, dev)
     work = _work_items([(e[1], e[2]) for e in entries], block_m, dev)
@@ -289,7 +310,8 @@ def _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, dev
     for it in range(iters):
         _power_iteration_partial_kernel[(len(work),)](
             w0, table, work_t, vectors, z, fro, done,
-            CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn, FIRST=it == 0, num_warps=num_warps,
+            CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn, VEC=vec, FIRST=it == 0,
+            num_warps=num_warps,
         )
         _power_iteration_normalize_kernel[(n,)](table, vectors, z, sigma, s_prev, done, it, tol, BLOCK_N=norm_bn)
     return sigma, fro
@@ -324,9 +346,10 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
         entries = [prepared[i][1] for i in idx]
         w0 = prepared[idx[0]][0]
         one, block_m, bn = _blocks(max(e[2] for e in entries), block_n)
+        vec = _vector_width(entries, w0.element_size(), contig_n)
         use_split = _use_split([e[1] * e[2] for e in entries], iters, dev) if split is None else split
         if use_split:
-            g_sigma, g_fro = _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, dev)
+            g_sigma, g_fro = _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec, dev)
             results.append((idx, g_sigma, g_fro))
             continue
         if not one and scratch is None:
@@ -335,7 +358,7 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
         g_fro = torch.empty_like(g_sigma)
         _power_iteration_kernel[(len(idx),)](
             w0, _table(entries, dev), vectors, scratch if scratch is not None else vectors, g_sigma, g_fro,
-            iters, tol, CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn,
+            iters, tol, CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn, VEC=vec,
             num_warps=8 if bn * block_m >= 4096 else 4,
         )
         results.append((idx, g_sigma, g_fro))
