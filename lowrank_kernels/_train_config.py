@@ -59,6 +59,9 @@ class TrainConfig:
     lorita_depth: int = _f(2, "lorita-q3r: factors per target Linear")
     # low rank / LoRA / controller
     rank: int = _f(16, "initial rank (controller), LoRA rank, spectral-lora maximum rank")
+    lowrank_init: str = _f("auto", "controller: factors from the SVD of the dense weights (svd: keeps an "
+                                   "init_from model), LowRankLinear's own init (native), or auto (svd with init_from, "
+                                   "else native)", ("auto", "svd", "native"))
     min_rank: int = _f(4, "controller / spectral-lora minimum rank")
     max_rank: int = _f(0, "controller maximum rank (0: min(in, out))")
     interval: int = _f(50, "controller decision interval (steps)")

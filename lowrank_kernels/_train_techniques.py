@@ -126,6 +126,11 @@ class Technique:
 
         c = self.cfg
         replace_linear(self.model, rank=c.rank, target_modules=self.targets)
+        # from scratch the SVD of a std-0.02 init gives small factors whose product learns slowly: on the demo
+        # (3 seeds) native init reached 0.94-0.95 test accuracy where the SVD init gave 0.61-0.94
+        if c.lowrank_init == "native" or (c.lowrank_init == "auto" and not c.init_from):
+            for name in self.targets:
+                self.model.get_submodule(name).reset_parameters()
         self.optimizer = self._adamw()
         self.controller = RankController(self.model, self.optimizer, min_rank=c.min_rank, max_rank=c.max_rank or None,
                                          interval=c.interval, warmup=c.controller_warmup, ema_decay=c.ema_decay,
