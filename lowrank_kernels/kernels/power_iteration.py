@@ -27,6 +27,8 @@ import triton.language as tl
 _MAX_REG_N = 2048
 _TILE = 8192
 _STREAM_BLOCK_N = 512
+# v is only replaced by z / ||z|| when 0 < ||z|| <= this: a zero, Inf or NaN matrix keeps its vector.
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -89,7 +91,7 @@ def _power_iteration_kernel(
                     z += tl.sum(a * u[:, None], axis=0)
                     fro_rows += tl.sum(a * a, axis=1)
                 s = tl.sqrt(tl.sum(z * z, axis=0))
-                v = tl.where(s > 0, z / tl.maximum(s, 1e-30), v)
+                v = tl.where((s > 0) & (s <= _FP32_MAX), z / tl.maximum(s, 1e-30), v)
             else:
                 for n0 in range(0, N, BLOCK_N):
                     tl.store(zp + n0 + rn, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n0 + rn < N)
@@ -117,7 +119,7 @@ def _power_iteration_kernel(
                     zb = tl.load(zp + n0 + rn, mask=n0 + rn < N, other=0.0)
                     ss += zb * zb
                 s = tl.sqrt(tl.sum(ss, axis=0))
-                if s > 0:
+                if (s > 0) & (s <= _FP32_MAX):
                     for n0 in range(0, N, BLOCK_N):
                         zb = tl.load(zp + n0 + rn, mask=n0 + rn < N, other=0.0)
                         tl.store(vp + n0 + rn, zb / s, mask=n0 + rn < N)
@@ -203,7 +205,8 @@ def _power_iteration_normalize_kernel(
             zb = tl.load(z_ptr + voff + n0 + rn, mask=n0 + rn < N, other=0.0)
             ss += zb * zb
         s = tl.sqrt(tl.sum(ss, axis=0))
-        keep = (tl.zeros([BLOCK_N], dtype=tl.float32) + s) > 0  # a zero z keeps the old v
+        s_row = tl.zeros([BLOCK_N], dtype=tl.float32) + s
+        keep = (s_row > 0) & (s_row <= _FP32_MAX)  # a zero or non-finite z keeps the old v
         for n0 in range(0, N, BLOCK_N):
             # Same pointers as the load, so each element is re-read and zeroed by the thread that loads it.
             mask = n0 + rn < N

@@ -9,8 +9,9 @@ Each matrix is iterated on its shorter side: ``A = W`` when ``m >= n``, else ``A
 vector has length ``min(m, n)``. One iteration computes ``z = A^T (A v)`` and takes
 ``sigma^2 ~= ||z||`` (``v`` a unit vector; this bounds the Rayleigh quotient ``||A v||^2`` from above and
 ``sigma_max^2`` from below, so it is the better of the two free estimates), then ``v <- z / ||z||``. A zero
-``z`` keeps the old ``v`` so a matrix that is zero for a while (a LoRA ``B`` at init) does not lose its
-vector. ``||W||_F^2`` comes from the same pass, so ``stable_rank = ||W||_F^2 / sigma_max^2`` is free.
+(or non-finite) ``z`` keeps the old ``v`` so a matrix that is zero for a while (a LoRA ``B`` at init), or
+a step with NaN/Inf weights, does not lose or poison its vector. ``||W||_F^2`` comes from the same pass,
+so ``stable_rank = ||W||_F^2 / sigma_max^2`` is free.
 
 Warm start: pass a :class:`PowerIterationState`; its vectors carry over between calls with the same
 shapes, and on a slowly changing matrix (a weight during training) one iteration per call keeps
@@ -132,8 +133,10 @@ def spectral_norm_ref(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, 
         for _ in range(iters):
             z = A.t() @ (A @ v)
             s = z.norm()
-            # torch.where instead of `if s > 0` keeps the loop free of host syncs (a fair GPU baseline).
-            v.copy_(torch.where(s > 0, z / s.clamp_min(torch.finfo(s.dtype).tiny), v))
+            # torch.where instead of `if` keeps the loop free of host syncs (a fair GPU baseline). A zero,
+            # Inf or NaN z keeps the old v, so one bad step does not poison a warm-start state.
+            keep_old = ~((s > 0) & torch.isfinite(s))
+            v.copy_(torch.where(keep_old, v, z / s.clamp_min(torch.finfo(s.dtype).tiny)))
             sigma[i] = s.sqrt()
             if tol > 0 and s_prev is not None and (s - s_prev).abs() <= tol * s:
                 break
