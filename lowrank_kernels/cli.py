@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("LOWRANK_KERNELS_DEBUG", "") not in ("", "0")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
+        if argv[:1] == ["bench"]:
             return _bench(argv[1:])  # everything after `bench` belongs to python -m bench, options included
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
