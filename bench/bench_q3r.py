@@ -15,12 +15,15 @@ Kernel ``q3r``, mode ``step``, providers:
 * ``triton``: AdamQ3R through the fused Triton kernel (GPU only);
 * ``torch+randomized_svd``: ``torch`` with the full-SVD shortcut of ``ops.truncated_svd`` for
   ``min(m, n) <= 256`` switched off (its randomized path on every ViT-Tiny matrix);
+* ``torch+warm_start`` / ``triton+warm_start``: AdamQ3R(warm_start=True), rebuilds started from the previous
+  singular vectors (approximate, see :class:`Q3R`);
 * ``seed``: the seed's algorithm written plainly: a full SVD every 5 steps, dense ``L (m x m)`` and
   ``R (n x n)``, ``G = 2 lmbda L X R`` materialised and padded per slice, then AdamW and ``p -= lr G``.
 
 Kernel ``q3r``, mode ``update``: one rebuild of every operator (what ``steps`` amortises), providers
 ``torch_svd`` (full ``torch.linalg.svd``), ``truncated_svd`` (``ops.truncated_svd`` as dispatched: it answers
-with a full SVD when ``min(m, n) <= 256``) and ``truncated_svd_randomized`` (its randomized path forced).
+with a full SVD when ``min(m, n) <= 256``), ``truncated_svd_randomized`` (its randomized path forced) and
+``warm_start`` (one subspace step from the previous vectors, ``Q3R(warm_start=True)``).
 
 CPU runs use 2 torch threads (the issue's setting; ``LOWRANK_BENCH_THREADS`` overrides). Quick: 2 blocks of d=64.
 """
@@ -133,7 +136,8 @@ def _step_fn(provider: str, model, tm):
     elif provider == "seed":
         opt = _SeedAdamQ3R(model, tm, TARGET, LMBDA, PERIOD, LR)
     else:
-        opt = AdamQ3R(model.parameters(), tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, lr=LR)
+        opt = AdamQ3R(model.parameters(), tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, lr=LR,
+                      warm_start=provider.endswith("warm_start"))
     forced = provider.endswith("randomized_svd")
     grads = [p.grad for p in model.parameters()]
 
@@ -147,7 +151,7 @@ def _step_fn(provider: str, model, tm):
 
 
 def _update_fn(provider: str, tm):
-    q = Q3R(tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD)
+    q = Q3R(tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, warm_start=provider == "warm_start")
     if provider == "torch_svd":
         def refresh():
             with _attr(_tsvd_module, "SMALL_DIM", 1 << 30):
@@ -166,7 +170,8 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     dev = resolve_device(device)
     blocks, d = (2, 64) if quick else (12, 192)
     dtype = torch.float32
-    step_providers = ["adamw", "torch", "torch+randomized_svd", "seed"] + (["triton"] if dev.type == "cuda" else [])
+    step_providers = ["adamw", "torch", "torch+randomized_svd", "torch+warm_start", "seed"]
+    step_providers += ["triton", "triton+warm_start"] if dev.type == "cuda" else []
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(int(os.environ.get("LOWRANK_BENCH_THREADS", "2")))
@@ -178,12 +183,12 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     try:
         for provider in step_providers:
             model, tm = _param_set(blocks, d, dev, dtype)
-            with _env(backend.ENV_VAR, "triton" if provider == "triton" else "torch"):  # ours on CPU = reference
+            with _env(backend.ENV_VAR, provider.split("+")[0] if provider.startswith("triton") else "torch"):
                 fn = _step_fn(provider, model, tm)
                 fn()
                 p50, p20, p80 = (t / PERIOD for t in time_fn(fn, dev, warmup=rep / 5, rep=rep))
             rows.append(make_row(KERNEL, provider, "step", "time", "ms", "blocks", blocks, p50, p20, p80, config))
-        for provider in ("torch_svd", "truncated_svd", "truncated_svd_randomized"):
+        for provider in ("torch_svd", "truncated_svd", "truncated_svd_randomized", "warm_start"):
             model, tm = _param_set(blocks, d, dev, dtype)
             fn = _update_fn(provider, tm)
             fn()
@@ -198,7 +203,7 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     """Step time over AdamW's per provider, and full-SVD over truncated rebuild time."""
     t = {(r["mode"], r["provider"]): float(r["p50"]) for r in rows}
     out = {f"{p}/adamw": t[("step", p)] / t[("step", "adamw")] for m, p in t if m == "step" and p != "adamw"}
-    for p in ("truncated_svd", "truncated_svd_randomized"):
+    for p in ("truncated_svd", "truncated_svd_randomized", "warm_start"):
         out[f"svd speedup {p}"] = t[("update", "torch_svd")] / t[("update", p)]
     return out
 

@@ -183,6 +183,26 @@ def _svd(X: torch.Tensor, k: int, seed: int, oversample: int, n_iter: int):
     return ops.truncated_svd(X, k, oversample=oversample, n_iter=n_iter, generator=gen)
 
 
+def _warm_svd(X: torch.Tensor, k: int, Vh_prev: torch.Tensor, seed: int, oversample: int):
+    """Top-``k`` triplets by one subspace-iteration step started at the previous right singular vectors.
+
+    Weights move little between rebuilds, so ``X [V_prev, Omega]`` (seeded Gaussian ``Omega`` fills the
+    oversampling columns) is close to the top subspace: four thin products instead of the ``2 + 2 n_iter``
+    (+ an exact SVD below 256 rows) of ``ops.truncated_svd``.
+    """
+    width = min(min(X.shape), k + oversample)
+    Omega = Vh_prev[:width].T
+    if Omega.shape[1] < width:
+        gen = torch.Generator(device=X.device)
+        gen.manual_seed(seed)
+        extra = torch.randn(X.shape[1], width - Omega.shape[1], generator=gen, dtype=X.dtype, device=X.device)
+        Omega = torch.cat([Omega, extra], dim=1)
+    Q, _ = torch.linalg.qr(X @ Omega)
+    Q, _ = torch.linalg.qr(X @ (X.T @ Q))  # one power step: trailing sigmas of flat spectra were 13% low without
+    Ub, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
+    return Q @ Ub[:, :k], S[:k], Vh[:k]
+
+
 # ------------------------------------------------------------------------------------------------ Q3R
 class Q3R:
     """The Q3R regularizer over a set of weights (see the module docstring for the maths).
@@ -201,6 +221,11 @@ class Q3R:
             ``"exploration"`` eps = sigma_{r+1} at every rebuild.
         oversample, n_iter: passed to :func:`ops.truncated_svd`.
         seed: base seed of the randomized SVD sketches.
+        warm_start: after the first rebuild, start each rebuild from the previous right singular vectors
+            with one subspace-iteration step instead of calling ``ops.truncated_svd`` (widening still calls
+            it). Cheaper rebuilds (ViT-Tiny step 77 vs 126 ms on one CPU thread) but approximate: on the
+            flat spectra of randomly initialised weights the kept sigmas were up to 5% low (39-42 kept
+            for r = 38); accurate when the spectrum decays. Off by default.
         group: process group; when ``torch.distributed`` is initialised the operators are split over its
             ranks by cost ``m * n * r`` and their states shared after every rebuild (two all-reduces).
 
@@ -211,7 +236,8 @@ class Q3R:
     def __init__(self, trainable_modules: Mapping[nn.Module, Sequence[Sequence[int]] | None] | Iterable[nn.Module],
                  target_rank: Rank | Sequence[Rank], lmbda: float, steps: int = 5,
                  epsilon_schedule: str = "default", N: int | None = None, eps_min: float = 1e-6,
-                 epsilon: float | None = None, oversample: int = 8, n_iter: int = 2, seed: int = 0, group=None):
+                 epsilon: float | None = None, oversample: int = 8, n_iter: int = 2, seed: int = 0,
+                 warm_start: bool = False, group=None):
         if not isinstance(trainable_modules, Mapping):
             trainable_modules = {m: None for m in trainable_modules}
         if not trainable_modules:
@@ -231,6 +257,7 @@ class Q3R:
         self.lmbda, self.steps, self.schedule = float(lmbda), steps, epsilon_schedule
         self.N, self.eps_min, self.epsilon = N, float(eps_min), epsilon
         self.oversample, self.n_iter, self.seed, self.group = oversample, n_iter, seed, group
+        self.warm_start = bool(warm_start)
         self.ops: list[_Operator] = []
         self._build(trainable_modules, target_rank)
         self.t, self.t0, self.n_refresh = 0, None, 0
@@ -307,7 +334,10 @@ class Q3R:
         # a second, wider SVD per rebuild doubled the rebuild time in the ViT-Tiny benchmark
         k, first = min(kmax, max(op.rank + 1, op.k + 1 + _WIDEN_MARGIN)), True
         while True:
-            U, S, Vh = _svd(X, k, seed, self.oversample, self.n_iter)
+            if first and self.warm_start and op.k and k < kmax:
+                U, S, Vh = _warm_svd(X, k, op.Vh, seed, self.oversample)
+            else:
+                U, S, Vh = _svd(X, k, seed, self.oversample, self.n_iter)
             if first:
                 op.eps, first = self._next_eps(op, float(S[op.rank])), False
             # every triplet above eps matters: widen the sketch until one falls below it
