@@ -34,8 +34,8 @@ def _sensing(out_blocks, d_in=32, n=16):
     return X, X @ torch.cat(stars).T
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_adamq3r_reaches_target_rank_where_adam_does_not(fused):
+@pytest.mark.parametrize(("fused", "warm_start"), [(False, False), (True, False), (True, True)])
+def test_adamq3r_reaches_target_rank_where_adam_does_not(fused, warm_start):
     blocks = [(16, 3), (16, 5)] if fused else [(24, 4)]
     X, Y = _sensing(blocks)
     results = {}
@@ -47,7 +47,7 @@ def test_adamq3r_reaches_target_rank_where_adam_does_not(fused):
         else:
             slices = [(0, 16), (16, 32)] if fused else None
             opt = AdamQ3R(model.parameters(), {model: slices}, target_rank=[r for _, r in blocks], lmbda=1.0,
-                          steps=5, lr=5e-2)
+                          steps=5, lr=5e-2, warm_start=warm_start)
         for _ in range(250):
             opt.zero_grad()
             loss = (model(X) - Y).square().mean()

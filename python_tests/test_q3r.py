@@ -239,3 +239,26 @@ def test_extract_linear_vit():
 def test_extract_linear_errors(target, fused, match):
     with pytest.raises(ValueError, match=match):
         extract_linear(vit_tiny(depth=1), target, fused=fused)
+
+
+def test_warm_start_tracks_a_drifting_decaying_spectrum():
+    """warm_start: one subspace step from the previous vectors matches the exact triplets when the spectrum
+    decays, and the first rebuild (no previous vectors) is the ordinary one."""
+    g = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(300, 280, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(280, 280, generator=g, dtype=torch.float64))
+    S = 10 * 0.8 ** torch.arange(280, dtype=torch.float64)
+    lin = nn.Linear(280, 300).double()
+    with torch.no_grad():
+        lin.weight.copy_(U * S @ V.T)
+    warm = Q3R({lin: None}, target_rank=8, lmbda=0.1, steps=1, warm_start=True, epsilon_schedule="exploration")
+    cold = Q3R({lin: None}, target_rank=8, lmbda=0.1, steps=1, epsilon_schedule="exploration")
+    for _ in range(4):
+        warm.update()
+        cold.update()
+        exact = torch.linalg.svdvals(lin.weight.detach())
+        assert warm.effective_ranks() == cold.effective_ranks() == [8]
+        assert_verbose_allclose(warm.ops[0].S, exact[:8], rtol=1e-6, name="warm sigma")
+        assert warm.ops[0].eps == pytest.approx(float(exact[8]), rel=1e-3)  # the trailing sigma is the least exact
+        with torch.no_grad():
+            lin.weight.add_(1e-2 * torch.randn(300, 280, generator=g, dtype=torch.float64))
