@@ -1,6 +1,7 @@
 """truncated_svd: randomized subspace iteration against torch.linalg.svd on matrices with known spectra."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -75,11 +76,19 @@ def test_flat_spectrum_values():
 
 
 @pytest.mark.parametrize("zero", [False, True])
-def test_rank_deficient_and_zero(zero, ortho):
+def test_rank_deficient_and_zero(zero, ortho, monkeypatch):
     """Y = W Omega has dependent columns: Cholesky-QR must hand over to Householder QR."""
     s = torch.zeros(0) if zero else torch.tensor([6.0, 2.0, 1.0, 0.5])
     W = torch.zeros(120, 100) if zero else _with_spectrum((120, 100), s)
-    U, S, Vh = ops.truncated_svd(W, 10)
+    methods = []
+    randomized = tsvd_mod._randomized
+    monkeypatch.setattr(tsvd_mod, "_randomized", lambda *a: methods.append(a[-1]) or randomized(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall back to the full SVD
+        U, S, Vh = ops.truncated_svd(W, 10)
+    if ortho == "cholesky" and zero:
+        assert methods == ["cholesky", "householder"], "a zero Gram matrix must send the run to Householder QR"
+    assert methods[-1] == ortho or methods == ["cholesky", "householder"]
     expected = torch.cat([s, torch.zeros(10 - s.numel())])
     assert_verbose_allclose(S, expected, rtol=1e-4, atol=1e-4, name="S")
     _check_orthonormal(U)

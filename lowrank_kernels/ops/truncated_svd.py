@@ -7,8 +7,9 @@ exact SVD of the small ``(rank + oversample) x n`` projection ``Q^T W``.
 
 Orthonormalisation on CUDA is Cholesky-QR (``Q = Y R^{-1}`` with ``R^T R = Y^T Y``, Gram in fp64, done
 twice: "CholeskyQR2"), because batched ``torch.linalg.qr`` runs a loop of small kernels on the GPU while
-Cholesky-QR is two matmuls and a tiny batched factorisation. When the Gram matrix is not positive definite
-or too ill-conditioned (rank-deficient ``W``, exact zeros) it falls back to Householder ``torch.linalg.qr``.
+Cholesky-QR is two matmuls and a tiny batched factorisation. It runs without host syncs; when the Gram
+matrix was not positive definite or too ill-conditioned (rank-deficient ``W``, exact zeros) the final check
+(finite, orthonormal ``U``) fails and the run is repeated with Householder ``torch.linalg.qr``.
 On the CPU LAPACK's Householder QR is the faster one (3072x72 fp32, 2 cores: 2.7 ms vs 29.5 ms for
 CholeskyQR2 with its fp64 Gram), so it is used directly there (see :data:`ORTHO_METHOD`).
 """
@@ -27,8 +28,6 @@ from .._checks import check_finite, check_positive_int, check_tensor
 # 40.6 vs 37.1 ms; 384^2 rank 32: 154 vs 26 ms.
 SMALL_DIM = 192
 DENSE_FRACTION = 0.5
-# R's diagonal ratio below which Cholesky-QR of an fp64 Gram is no longer trusted (cond(Y) > ~1e6).
-_CHOLQR_MIN_DIAG_RATIO = 1e-6
 # The orthonormality error ||Q^T Q - I||_max above which the result is treated as not converged.
 _ORTHO_TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
 
@@ -43,38 +42,51 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cholesky_qr_once(Y: torch.Tensor) -> torch.Tensor | None:
-    """One Cholesky-QR pass; ``None`` when the Gram matrix is not safely positive definite."""
-    G = Y.transpose(-1, -2).to(torch.float64) @ Y.to(torch.float64)
-    L, info = torch.linalg.cholesky_ex(G)
-    if bool((info != 0).any()):
-        return None
-    diag = L.diagonal(dim1=-2, dim2=-1)
-    ratio = diag.min(dim=-1).values / diag.max(dim=-1).values.clamp_min(torch.finfo(torch.float64).tiny)
-    if not bool((ratio > _CHOLQR_MIN_DIAG_RATIO).all()):
-        return None
-    # Q = Y L^{-T}: solve L Q^T = Y^T, i.e. Q L^T = Y from the right.
-    Linv_t = torch.linalg.solve_triangular(L.transpose(-1, -2), torch.eye(L.shape[-1], dtype=L.dtype,
-                                                                          device=L.device), upper=True)
-    return Y @ Linv_t.to(Y.dtype)
+def _cholesky_qr2(Y: torch.Tensor) -> torch.Tensor:
+    """CholeskyQR2 (two passes, fp64 Gram) with no host synchronisation.
+
+    A failed or ill-conditioned factorisation (rank-deficient ``Y``, cond(Y) > ~1e7) is not detected here:
+    it leaves NaN/Inf or a non-orthonormal ``Q``, which the caller checks once at the end, because a sync
+    per orthonormalisation would stall the GPU ~2 n_iter + 2 times per call.
+    """
+    eye = torch.eye(Y.shape[-1], dtype=torch.float64, device=Y.device)
+    for _ in range(2):
+        Y64 = Y.to(torch.float64)
+        L, _ = torch.linalg.cholesky_ex(Y64.transpose(-1, -2) @ Y64)
+        # Q = Y L^{-T}: one small fp64 inverse, then a GEMM in Y's precision.
+        Y = Y @ torch.linalg.solve_triangular(L.transpose(-1, -2), eye, upper=True).to(Y.dtype)
+    return Y
+
+
+def _householder(Y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(Y, mode="reduced").Q
+
+
+def _is_orthonormal(Q: torch.Tensor) -> bool:
+    """All finite and ``max |Q^T Q - I| <= tol`` (NaN fails the comparison); one host sync."""
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    return bool((Q.transpose(-1, -2) @ Q - eye).abs().amax() <= _ORTHO_TOL[Q.dtype])
+
+
+def _method(method: str | None, device: torch.device) -> str:
+    method = method or ORTHO_METHOD.get(device.type, "householder")
+    if method not in ("cholesky", "householder"):
+        raise ValueError(f"method must be 'cholesky' or 'householder', got {method!r}")
+    return method
 
 
 def orthonormalize(Y: torch.Tensor, method: str | None = None) -> torch.Tensor:
     """Orthonormal basis ``Q (..., m, k)`` of the columns of ``Y (..., m, k)``, ``k <= m``.
 
-    ``method``: ``"cholesky"`` (CholeskyQR2, two passes with an fp64 Gram; Householder when Cholesky fails
-    or the columns are nearly dependent) or ``"householder"`` (``torch.linalg.qr``); ``None`` picks by
-    device from :data:`ORTHO_METHOD`.
+    ``method``: ``"cholesky"`` (CholeskyQR2 with an fp64 Gram, then Householder if the result is not
+    orthonormal: dependent or nearly dependent columns) or ``"householder"`` (``torch.linalg.qr``);
+    ``None`` picks by device from :data:`ORTHO_METHOD`.
     """
-    method = method or ORTHO_METHOD.get(Y.device.type, "householder")
-    if method not in ("cholesky", "householder"):
-        raise ValueError(f"method must be 'cholesky' or 'householder', got {method!r}")
-    Q = _cholesky_qr_once(Y) if method == "cholesky" else None
-    if Q is not None:
-        Q = _cholesky_qr_once(Q)
-    if Q is None:
-        Q = torch.linalg.qr(Y, mode="reduced").Q
-    return Q
+    if _method(method, Y.device) == "cholesky":
+        Q = _cholesky_qr2(Y)
+        if _is_orthonormal(Q):
+            return Q
+    return _householder(Y)
 
 
 def _check_args(W, rank, oversample, n_iter) -> tuple[int, int]:
@@ -104,15 +116,16 @@ def truncated_svd_ref(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
-def _randomized(A: torch.Tensor, rank: int, oversample: int, n_iter: int,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _randomized(A: torch.Tensor, rank: int, oversample: int, n_iter: int, generator: torch.Generator | None,
+                method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, n = A.shape[-2:]
     k = min(rank + oversample, min(m, n))
+    orth = _cholesky_qr2 if method == "cholesky" else _householder
     At = A.transpose(-1, -2)
     omega = torch.randn(*A.shape[:-2], n, k, dtype=A.dtype, device=A.device, generator=generator)
-    Q = orthonormalize(A @ omega)
+    Q = orth(A @ omega)
     for _ in range(n_iter):
-        Q = orthonormalize(A @ orthonormalize(At @ Q))
+        Q = orth(A @ orth(At @ Q))
     B = Q.transpose(-1, -2) @ A  # (..., k, n): small, exact SVD is cheap
     # SVD of the tall column-major view B^T, not of B: LAPACK then needs no copy and takes its tall path
     # (80x3072 on 2 CPU cores: 2.7 ms vs 20.9 ms best of 7).
@@ -122,8 +135,8 @@ def _randomized(A: torch.Tensor, rank: int, oversample: int, n_iter: int,
 
 
 def _converged(U: torch.Tensor, S: torch.Tensor) -> bool:
-    """Finite and orthonormal. Vh = (diag(S)^-1 U^T W) is finite whenever S and U are; a NaN anywhere in
-    U makes the orthonormality error NaN, which fails the comparison."""
+    """Finite and orthonormal (one host sync). ``Vh`` is finite whenever ``S`` and ``U`` are; a NaN in ``U``
+    makes the orthonormality error NaN, which fails the comparison."""
     eye = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
     err = (U.transpose(-1, -2) @ U - eye).abs().amax()
     return bool(torch.isfinite(S).all() & (err <= _ORTHO_TOL[U.dtype]))
@@ -163,20 +176,21 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
     if generator is None:
         generator = torch.Generator(device=A.device)
         generator.manual_seed(0)
-    try:
-        U, S, Vh = _randomized(A, rank, oversample, n_iter, generator)
-        ok = _converged(U, S)
-    except torch.linalg.LinAlgError:
-        ok = False
-    if not ok:
-        # NaN/Inf in W always reaches the result (W is multiplied by a dense Gaussian block), so a finite W
-        # pays no extra pass for this check (~8% of the run time at 768x3072 rank 64 on the CPU).
-        check_finite(W, "W")
-        warnings.warn(f"truncated_svd: randomized subspace iteration did not converge for W of shape "
-                      f"{tuple(W.shape)} at rank {rank}; falling back to torch.linalg.svd", RuntimeWarning,
-                      stacklevel=2)
-        return truncated_svd_ref(A, rank)
-    return U, S, Vh
+    # Cholesky-QR failures (rank-deficient or very ill-conditioned bases) show up only in the final check;
+    # the run is then repeated with Householder QR, and only if that fails too does the full SVD run.
+    for method in dict.fromkeys((_method(None, A.device), "householder")):
+        try:
+            U, S, Vh = _randomized(A, rank, oversample, n_iter, generator, method)
+            if _converged(U, S):
+                return U, S, Vh
+        except torch.linalg.LinAlgError:
+            pass
+    # NaN/Inf in W always reaches the result (W is multiplied by a dense Gaussian block), so a finite W
+    # pays no extra pass for this check (~8% of the run time at 768x3072 rank 64 on the CPU).
+    check_finite(W, "W")
+    warnings.warn(f"truncated_svd: randomized subspace iteration did not converge for W of shape "
+                  f"{tuple(W.shape)} at rank {rank}; falling back to torch.linalg.svd", RuntimeWarning, stacklevel=2)
+    return truncated_svd_ref(A, rank)
 
 
 def svd_path(shape: tuple[int, ...], rank: int, oversample: int = 16) -> str:
