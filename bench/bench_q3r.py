@@ -25,7 +25,8 @@ Kernel ``q3r``, mode ``update``: one rebuild of every operator (what ``steps`` a
 with a full SVD when ``min(m, n) <= 256``), ``truncated_svd_randomized`` (its randomized path forced) and
 ``warm_start`` (one subspace step from the previous vectors, ``Q3R(warm_start=True)``).
 
-CPU runs use 2 torch threads (the issue's setting; ``LOWRANK_BENCH_THREADS`` overrides). Quick: 2 blocks of d=64.
+CPU runs use 2 torch threads (the issue's setting; ``LOWRANK_BENCH_THREADS`` overrides). Quick: 2 blocks of d=64,
+one thread.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     step_providers += ["triton", "triton+warm_start"] if dev.type == "cuda" else []
     threads = torch.get_num_threads()
     if dev.type == "cpu":
-        torch.set_num_threads(int(os.environ.get("LOWRANK_BENCH_THREADS", "2")))
+        # quick runs are smoke tests: one thread, because two on a busy 2-core box ran 10-100x slower
+        torch.set_num_threads(int(os.environ.get("LOWRANK_BENCH_THREADS", "1" if quick else "2")))
     rep = 50 if quick else 1500
     config = {"blocks": blocks, "d": d, "steps": PERIOD, "target_rank": TARGET, "dtype": "float32",
               "threads": torch.get_num_threads() if dev.type == "cpu" else None}
