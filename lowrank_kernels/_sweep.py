@@ -201,7 +201,7 @@ def print_summary(rows: list[dict]) -> None:
     cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "run"]
 
     def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
     table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
