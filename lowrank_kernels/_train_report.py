@@ -62,7 +62,7 @@ def operator_weights(model: nn.Module, targets: list[str], fused: dict[str, int]
     for name in targets:
         w, _ = dense_affine(model.get_submodule(name))
         for label, a, b in slice_labels(name, w.shape[0], fused):
-            out[label] = w[a:b].detach().to("cpu", torch.float64)
+            out[label] = w[a:b].detach().cpu().to(torch.float64)  # move first: MPS has no float64
     return out
 
 
@@ -113,8 +113,8 @@ def truncated_copy(model: nn.Module, targets: list[str], fused: dict[str, int],
                 factored += (c - a) * w.shape[1]
                 continue
             r = min(ranks[label], min(c - a, w.shape[1]))
-            U, S, Vh = torch.linalg.svd(w[a:c].double(), full_matrices=False)
-            new_w[a:c] = ((U[:, :r] * S[:r]) @ Vh[:r]).to(w.dtype)
+            U, S, Vh = torch.linalg.svd(w[a:c].cpu().double(), full_matrices=False)
+            new_w[a:c] = ((U[:, :r] * S[:r]) @ Vh[:r]).to(device=w.device, dtype=w.dtype)
             factored += r * (c - a + w.shape[1])
         lin = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
         lin.weight.copy_(new_w)
