@@ -18,8 +18,8 @@ Quick: 4 tiny matrices (CPU: Triton interpreted).
 
 from __future__ import annotations
 
-import contextlib
 import os
+from unittest import mock
 
 import torch
 
@@ -30,19 +30,6 @@ from lowrank_kernels.ops.power_iteration import initial_vectors
 
 KERNEL = "power_iteration"
 LAYER_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072))
-
-
-@contextlib.contextmanager
-def _backend(name: str):
-    old = os.environ.get(backend.ENV_VAR)
-    os.environ[backend.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(backend.ENV_VAR, None)
-        else:
-            os.environ[backend.ENV_VAR] = old
 
 
 def make_weights(shapes, dtype: torch.dtype, dev: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -111,7 +98,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
             runs += [("triton", "fused"), ("triton", "split")]
         for provider, variant in runs:
             config = {**base_config, "variant": variant} if variant != "auto" else base_config
-            with _backend("triton" if provider == "triton" else "torch"):
+            with mock.patch.dict(os.environ, {backend.ENV_VAR: "triton" if provider == "triton" else "torch"}):
                 cached = None
                 for iters in iters_list:
                     fn = _fn(provider, mats, iters, variant)

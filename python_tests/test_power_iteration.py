@@ -304,7 +304,10 @@ except Exception as exc:  # no CUDA toolchain in this triton build
         sys.exit(0)
     raise
 for fn, signature, constexprs in cases:
-    assert triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target).asm["cubin"]
+    asm = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target).asm
+    assert asm["cubin"]
+    # The alignment hints must turn row-major tile loads into 16-byte vector loads.
+    assert constexprs.get("VEC", 1) == 1 or "ld.global.v4" in asm["ptx"], (fn.__name__, constexprs)
 print("COMPILED", len(cases))
 """
 

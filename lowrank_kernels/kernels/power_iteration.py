@@ -52,7 +52,8 @@ def _power_iteration_kernel(
     VEC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    # w0_ptr only carries the element type: every matrix of the group shares it.
+    # w0_ptr only carries the element type: every matrix of the group shares it. (The entry is read inline:
+    # read through a helper, the alignment hints below no longer vectorise the loads, per the PTX.)
     row = table_ptr + pid * 6
     a_ptr = tl.load(row).to(w0_ptr.dtype)
     M = tl.load(row + 1)
