@@ -220,7 +220,7 @@ def run(cfg: TrainConfig) -> dict:
     spectra_before = report.spectra(model, targets, fused)
     try:
         tech = Technique(cfg, model, targets, fused, total)
-    except TechniqueUnavailable:
+    except ConfigError:  # already phrased for the user (unknown or unavailable technique)
         raise
     except ValueError as exc:  # the library's own argument checks (ranks, slices...) are user errors here
         raise ConfigError(f"technique {cfg.technique!r}: {exc}") from None
