@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 
+from lowrank_kernels._train_techniques import TECHNIQUES
 from lowrank_kernels.train import from_dict, run
 
 TINY = dict(data="synthetic", dim=16, heads=2, depth=1, batch_size=16, rank=6, min_rank=2, target_rank=2,
-            interval=3, q3r_steps=4, rank_every=3, threads=1, progress=False, plots=False)
+            interval=3, q3r_steps=4, rank_every=3, tensor_ranks="2_2_2_2_2", threads=1, progress=False, plots=False)
 
 
 def _cfg(out, **kw):
@@ -41,7 +42,7 @@ def _assert_same_params(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k}: max diff {(a[k] - b[k]).abs().max().item()}"
 
 
-@pytest.mark.parametrize("technique", ["adamw", "adamq3r", "q3r", "lorita-q3r", "controller"])
+@pytest.mark.parametrize("technique", TECHNIQUES)
 def test_stop_and_resume_equals_uninterrupted(tmp_path, technique):
     steps = 13  # Q3R refreshes at steps 1, 5, 9, 13 and the controller decides every 3: both straddle the stop
     kw = dict(technique=technique, steps=steps)
