@@ -84,14 +84,19 @@ def test_kernel_equals_reference(dtype, block_n, split):
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_vectorized_rows(dtype, split):
-    """Row-major groups whose rows are 16-byte aligned multiples take the vector-load path (VEC > 1)."""
+    """Groups whose unit-stride runs are 16-byte aligned multiples take the vector-load path (VEC > 1)."""
     pytest.importorskip("triton")
     from lowrank_kernels.kernels.power_iteration import _oriented_meta, _vector_width, power_iteration_triton
 
-    mats = [torch.randn(72, 16).to(dtype), torch.randn(40, 32).to(dtype), torch.randn(20, 56).to(dtype)[:, 8:24]]
+    rows = [torch.randn(72, 16).to(dtype), torch.randn(40, 32).to(dtype), torch.randn(20, 56).to(dtype)[:, 8:24]]
+    cols = [torch.randn(24, 80).to(dtype), torch.randn(16, 64).to(dtype).t()]  # A = W^T / a column-major W
+    mats = rows + cols
+    vec, size = 16 // mats[0].element_size(), mats[0].element_size()
     entries = [(A.data_ptr(), M, N, sm, sn, 0) for A, M, N, sm, sn in map(_oriented_meta, mats)]
-    assert _vector_width(entries, mats[0].element_size(), True) == 16 // mats[0].element_size()
-    assert _vector_width(entries[:1] + [(entries[1][0] + 2, *entries[1][1:])], mats[0].element_size(), True) == 1
+    assert _vector_width(entries[:3], size, True, 8) == vec
+    assert _vector_width(entries[3:], size, False, 8) == vec
+    assert _vector_width(entries[3:], size, False, 2) == 1  # a row block must hold whole vectors
+    assert _vector_width(entries[:1] + [(entries[1][0] + 2, *entries[1][1:])], size, True, 8) == 1
     v0 = initial_vectors(mats)
     v = v0.clone()
     sigma, fro = power_iteration_triton(mats, v, 3, 0.0, split=split)
@@ -292,8 +297,11 @@ norm = {"table_ptr": "*i64", "v_ptr": "*fp32", "z_ptr": "*fp32", "sigma_ptr": "*
 blocks = {"BLOCK_M": 8, "BLOCK_N": 1024}
 cases = [(K._power_iteration_kernel, fused, {"CONTIG_N": True, "ONE_BLOCK_N": True, "VEC": 8, **blocks}),
          (K._power_iteration_kernel, fused, {"CONTIG_N": False, "ONE_BLOCK_N": False, "VEC": 1, **blocks}),
+         (K._power_iteration_kernel, fused, {"CONTIG_N": False, "ONE_BLOCK_N": True, "VEC": 8, **blocks}),
          (K._power_iteration_partial_kernel, partial,
           {"CONTIG_N": True, "ONE_BLOCK_N": True, "VEC": 4, "FIRST": True, **blocks}),
+         (K._power_iteration_partial_kernel, partial,
+          {"CONTIG_N": False, "ONE_BLOCK_N": True, "VEC": 4, "FIRST": True, **blocks}),
          (K._power_iteration_normalize_kernel, norm, {"BLOCK_N": 1024})]
 try:
     target = GPUTarget("cuda", 90, 32)
@@ -322,4 +330,4 @@ def test_kernels_compile_for_sm90():
                           timeout=300)
     if "NO-TOOLCHAIN" in proc.stdout:
         pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0 and "COMPILED 4" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0 and "COMPILED 6" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

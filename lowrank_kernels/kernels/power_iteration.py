@@ -62,12 +62,16 @@ def _power_iteration_kernel(
     stride_n = tl.load(row + 4)
     voff = tl.load(row + 5)
     if VEC > 1:
-        # Rows start 16-byte aligned and hold a multiple of VEC elements (checked on the host): tiles then
-        # load as 16-byte vectors. Addresses read from a table carry no alignment the compiler could see,
-        # and the hints must be set here (returned from a helper they are lost: measured in the PTX).
+        # Runs along the unit-stride axis start 16-byte aligned and hold a multiple of VEC elements (checked
+        # on the host): tiles then load as 16-byte vectors. Addresses read from a table carry no alignment
+        # the compiler could see, and the hints must be set here (through a helper they are lost: PTX).
         a_ptr = tl.multiple_of(a_ptr, 16)
-        N = tl.multiple_of(N, VEC)
-        stride_m = tl.multiple_of(stride_m, VEC)
+        if CONTIG_N:
+            N = tl.multiple_of(N, VEC)
+            stride_m = tl.multiple_of(stride_m, VEC)
+        else:
+            M = tl.multiple_of(M, VEC)
+            stride_n = tl.multiple_of(stride_n, VEC)
     vp = v_ptr + voff
     zp = z_ptr + voff
     rm = tl.arange(0, BLOCK_M)
@@ -153,10 +157,15 @@ def _power_iteration_partial_kernel(
         stride_m = tl.load(row + 3)
         stride_n = tl.load(row + 4)
         voff = tl.load(row + 5)
-        if VEC > 1:  # see _power_iteration_kernel
+        if VEC > 1:  # see _power_iteration_kernel; items start and end on multiples of VEC rows there
             a_ptr = tl.multiple_of(a_ptr, 16)
-            N = tl.multiple_of(N, VEC)
-            stride_m = tl.multiple_of(stride_m, VEC)
+            if CONTIG_N:
+                N = tl.multiple_of(N, VEC)
+                stride_m = tl.multiple_of(stride_m, VEC)
+            else:
+                r0 = tl.multiple_of(r0, VEC)
+                r1 = tl.multiple_of(r1, VEC)
+                stride_n = tl.multiple_of(stride_n, VEC)
         rm = tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
         fro_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -234,13 +243,17 @@ def _oriented_meta(W: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     return W, n, m, W.stride(1), W.stride(0)
 
 
-def _vector_width(entries: list[tuple[int, ...]], elem_size: int, contig_n: bool) -> int:
-    """Elements per 16-byte load when every row of every matrix in the group starts 16-byte aligned and
-    holds a multiple of that many elements (row-major groups only), else 1 (scalar loads)."""
+def _vector_width(entries: list[tuple[int, ...]], elem_size: int, contig_n: bool, block_m: int) -> int:
+    """Elements per 16-byte load when, in every matrix of the group, each run along the unit-stride axis
+    starts 16-byte aligned and holds a multiple of that many elements (and, for column-major ``A``, row
+    blocks hold whole vectors), else 1 (scalar loads)."""
     vec = 16 // elem_size
-    if contig_n and all(addr % 16 == 0 and N % vec == 0 and sm % vec == 0 for addr, _, N, sm, _, _ in entries):
-        return vec
-    return 1
+    if contig_n:
+        ok = all(addr % 16 == 0 and N % vec == 0 and sm % vec == 0 for addr, _, N, sm, _, _ in entries)
+    else:
+        ok = block_m % vec == 0 and all(addr % 16 == 0 and M % vec == 0 and sn % vec == 0
+                                        for addr, M, _, _, sn, _ in entries)
+    return vec if ok else 1
 
 
 def _blocks(n_max: int, block_n: int | None) -> tuple[bool, int, int]:
@@ -350,7 +363,7 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
         entries = [prepared[i][1] for i in idx]
         w0 = prepared[idx[0]][0]
         one, block_m, bn = _blocks(max(e[2] for e in entries), block_n)
-        vec = _vector_width(entries, w0.element_size(), contig_n)
+        vec = _vector_width(entries, w0.element_size(), contig_n, block_m)
         use_split = _use_split([e[1] * e[2] for e in entries], iters, dev) if split is None else split
         if use_split:
             g_sigma, g_fro = _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec, dev)
