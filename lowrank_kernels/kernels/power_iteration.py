@@ -256,13 +256,13 @@ def _vector_width(entries: list[tuple[int, ...]], elem_size: int, contig_n: bool
     return vec if ok else 1
 
 
-def _blocks(n_max: int, block_n: int | None) -> tuple[bool, int, int]:
+def _blocks(n_max: int, block_n: int | None, tile: int = _TILE) -> tuple[bool, int, int]:
     if block_n is None:
         one = n_max <= _MAX_REG_N
         block_n = max(16, triton.next_power_of_2(n_max)) if one else _STREAM_BLOCK_N
     else:
         one = n_max <= block_n
-    block_m = max(1, min(64, _TILE // block_n))
+    block_m = max(1, min(64, tile // block_n))
     return one, block_m, block_n
 
 
@@ -364,6 +364,10 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
         w0 = prepared[idx[0]][0]
         one, block_m, bn = _blocks(max(e[2] for e in entries), block_n)
         vec = _vector_width(entries, w0.element_size(), contig_n, block_m)
+        if not contig_n and vec == 1:
+            # Scalar loads of a column-major tile need more registers: at 8192 elements sm_90 spills
+            # (ptxas: 255 registers + 48 B stack), at 4096 it does not (167 registers).
+            one, block_m, bn = _blocks(max(e[2] for e in entries), block_n, _TILE // 2)
         use_split = _use_split([e[1] * e[2] for e in entries], iters, dev) if split is None else split
         if use_split:
             g_sigma, g_fro = _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec, dev)
