@@ -116,6 +116,11 @@ def test_dtypes(dtype):
     assert_verbose_allclose(S, S_ref, rtol=1e-3, atol=0, name="S")
 
 
+def test_no_graph_for_parameters():
+    W = torch.nn.Parameter(torch.randn(100, 80))
+    assert all(not t.requires_grad for t in ops.truncated_svd(W, 5))
+
+
 def test_deterministic_and_leaves_global_rng():
     W = torch.randn(100, 80)
     rng = torch.get_rng_state()

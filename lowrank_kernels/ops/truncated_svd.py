@@ -142,6 +142,7 @@ def _converged(U: torch.Tensor, S: torch.Tensor) -> bool:
     return bool(torch.isfinite(S).all() & (err <= _ORTHO_TOL[U.dtype]))
 
 
+@torch.no_grad()
 def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 4,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``W (m, n)`` or a batch ``W (b, m, n)`` of same-shape matrices.
@@ -163,6 +164,9 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
     When ``min(m, n) <= SMALL_DIM`` (192) or ``rank + oversample >= min(m, n) / 2`` the full
     ``torch.linalg.svd`` is used directly (exact and no slower there). If the randomized result is not
     finite or has lost orthonormality, and ``W`` is finite, it warns and falls back to ``torch.linalg.svd``.
+
+    Not differentiable (runs under ``torch.no_grad``): it serves rank resizing and initialisation, where a
+    graph through QR and SVD would only cost memory.
 
     Raises:
         ValueError: bad shape or rank, or ``W`` contains NaN/Inf.
