@@ -13,7 +13,11 @@ normalises (launch 2): two launches per iteration. :func:`power_iteration_triton
 :func:`_use_split`.
 
 Accumulation is fp32 with elementwise products and reductions (no ``tl.dot``), so there is no TF32
-rounding on the GPU and bf16 is exact under the interpreter too.
+rounding on the GPU and bf16 is exact under the interpreter too. Groups whose unit-stride runs are
+16-byte aligned multiples load 16-byte vectors (``VEC``); every configuration the launcher can pick
+compiles for sm_90 without register spills (checked offline with ptxas; the test suite compiles a few).
+The choice between the fused and split variants is an estimate until timed on a GPU
+(``bench/bench_power_iteration.py`` records both).
 """
 
 from __future__ import annotations
