@@ -33,6 +33,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: the shapes here are tiny, and on a shared 2-core machine OpenMP
+    threads spin against other processes (measured 6x to 100x slower with 2 threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _fixed_seed():
     torch.manual_seed(0)
     random.seed(0)

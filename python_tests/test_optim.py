@@ -11,15 +11,6 @@ from lowrank_kernels import Q3R, AdamQ3R
 from lowrank_kernels.testing import assert_verbose_allclose
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: OpenMP threads only add contention on a shared 2-core box (6x slower measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _effective_rank(w, rel=0.01):
     s = torch.linalg.svdvals(w.detach())
     return int((s > rel * s[0]).sum())

@@ -19,15 +19,6 @@ SLICINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: OpenMP threads only add contention on a shared 2-core box (6x slower measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(dtype=torch.float64):
     return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 12)).to(dtype)
 

@@ -17,15 +17,6 @@ from lowrank_kernels.rank import RankController, ResizeEvent, rewrap_ddp
 from lowrank_kernels.testing import assert_verbose_allclose
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 threads on a shared 2-core box are ~50x slower than 1 for these tiny models (contention)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mlp(dtype=torch.float32, r1=6, r2=5):
     return nn.Sequential(LowRankLinear(12, 16, r1, dtype=dtype), nn.GELU(), LowRankLinear(16, 10, r2, dtype=dtype))
 

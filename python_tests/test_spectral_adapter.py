@@ -10,15 +10,6 @@ from lowrank_kernels.adapters import spectral as S
 from lowrank_kernels.models import vit_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These shapes are tiny: on a loaded 2-core box intra-op threads spin and make each op ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _orthogonal(n, k, gen):
     q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
     return q

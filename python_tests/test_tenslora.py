@@ -12,14 +12,6 @@ from lowrank_kernels.models import count_parameters, vit_tiny
 
 DIM, DEPTH, HEADS = 32, 2, 4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These shapes are tiny: on a loaded 2-core box intra-op threads spin and make each op ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 SIZES = {"input": DIM, "head_dim": DIM // HEADS, "heads": HEADS, "output": DIM, "qkv": 3, "layers": DEPTH}
 GROUPS = {"att": 6, "qkv": 2, "depth": 3, "att_qkv": 2, "att_depth": 3, "qkv_depth": 1, "att_qkv_depth": 1}
 
