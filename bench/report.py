@@ -24,6 +24,11 @@ START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
 # "ours" / "lowrank_kernels": our op where it is not a kernel of its own (e.g. a PyTorch algorithm).
 OURS = ("triton", "cuda", "ours", "lowrank_kernels")
+
+
+def is_ours(provider: str) -> bool:
+    """``triton`` and its variants such as ``triton+warm_start`` are ours."""
+    return provider.split("+")[0] in OURS
 REFERENCE = "torch"
 COMPILED = "torch_compile"
 README = REPO_ROOT / "README.md"
@@ -77,7 +82,7 @@ def device_table(rows: Sequence[dict]) -> str:
              "| memory vs torch |", "|---|---|---|---|---:|---:|---:|---:|---|---:|"]
     for key in sorted(time):
         by_x = time[key]
-        usable = [x for x in by_x if any(p in by_x[x] for p in OURS) and set(by_x[x]) - set(OURS)]
+        usable = [x for x in by_x if any(map(is_ours, by_x[x])) and not all(map(is_ours, by_x[x]))]
         if not usable:
             continue
         x = max(usable, key=x_sort_key)
@@ -85,10 +90,10 @@ def device_table(rows: Sequence[dict]) -> str:
         shape = f"{x_names[key]}={x}" + (f" ({config.replace(';', ', ')})" if config else "")
         providers = by_x[x]
         mem = memory.get(key, {}).get(x, {})
-        for ours in (p for p in OURS if p in providers):
+        for ours in sorted(p for p in providers if is_ours(p)):
             t = providers[ours]
             alternatives = ", ".join(f"{p} {_ratio(providers[p], t)}" for p in sorted(providers)
-                                     if p not in (*OURS, REFERENCE, COMPILED)) or "–"
+                                     if not is_ours(p) and p not in (REFERENCE, COMPILED)) or "–"
             ref = providers.get(REFERENCE)
             lines.append(f"| {kernel} | {mode} | {shape} | {ours} | {_ms(t)} | {_ms(ref)} | {_ratio(ref, t)} | "
                          f"{_ratio(providers.get(COMPILED), t)} | {alternatives} | "

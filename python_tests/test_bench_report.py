@@ -84,7 +84,7 @@ def test_cpu_has_no_hbm_or_peak_memory():
 
 
 def test_report_table_from_synthetic_csv(tmp_path):
-    rows = (_rows({"torch": 4.0, "triton": 1.0, "torch_compile": 2.0, "peft": 5.0})
+    rows = (_rows({"torch": 4.0, "triton": 1.0, "torch_compile": 2.0, "peft": 5.0, "triton+variant": 8.0})
             + _rows({"torch": 0.4, "triton": 0.2}, x=512)
             + _rows({"torch": 300.0, "triton": 100.0}, metric="memory", unit="MB")
             + _rows({"torch": 1.0, "peft": 2.0}, mode="backward")  # none of ours: not in the table
@@ -93,8 +93,10 @@ def test_report_table_from_synthetic_csv(tmp_path):
     block = report.render(tmp_path)
     assert f"**{DEVICE}**" in block and "commit `abc1234`" in block
     table_rows = [line for line in block.splitlines() if line.startswith("| lora_matmul")]
-    assert table_rows == ["| lora_matmul | forward | M=4096 | triton | 1 | 4 | 4.00x | 2.00x | peft 5.00x | 3.00x |",
-                          "| lora_matmul | full | M=64 | ours | 2 | – | – | – | torch_svd 0.025x | – |"]
+    assert table_rows == [
+        "| lora_matmul | forward | M=4096 | triton | 1 | 4 | 4.00x | 2.00x | peft 5.00x | 3.00x |",
+        "| lora_matmul | forward | M=4096 | triton+variant | 8 | 4 | 0.50x | 0.25x | peft 0.62x | – |",
+        "| lora_matmul | full | M=64 | ours | 2 | – | – | – | torch_svd 0.025x | – |"]
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# t\n\n## Performance\n\n{report.START}\nold numbers\n{report.END}\n\ntail\n")
