@@ -19,32 +19,17 @@ forming ``t``: in the K loop, and before it), Triton interpreted, no torch.compi
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 from torch import nn
 
-from bench.common import bandwidth_rows, make_row, peak_memory_mb, resolve_device, time_fn
+from bench.common import backend_env, make_row, mode_rows, resolve_device
 from lowrank_kernels import backend
 from lowrank_kernels.ops import lora_matmul, lora_matmul_ref
 
 KERNEL = "lora_matmul"
 SCALING = 2.0
-
-
-@contextlib.contextmanager
-def _backend(name: str):
-    old = os.environ.get(backend.ENV_VAR)
-    os.environ[backend.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(backend.ENV_VAR, None)
-        else:
-            os.environ[backend.ENV_VAR] = old
 
 
 def _peft_available() -> bool:
@@ -140,15 +125,11 @@ def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
     fwd_bytes = x.element_size() * (m * k + n * k + n + m * n + lora * (r * (k + n) + m * r))
     rows = []
     for mode, f in (("forward", forward), ("backward", backward), ("full", full)):
-        p50, p20, p80 = time_fn(f, dev, warmup=rep / 4, rep=rep)
-        rows.append(make_row(KERNEL, provider, mode, "time", "ms", "r", r, p50, p20, p80, config))
+        timed = mode_rows(KERNEL, provider, mode, f, dev, rep, "r", r, config, fwd_bytes)
+        p50, p20, p80 = (float(timed[0][q]) for q in ("p50", "p20", "p80"))
         tflops = [flops[mode] / (t * 1e-3) / 1e12 for t in (p50, p80, p20)]  # slower time = fewer TFLOP/s
-        rows.append(make_row(KERNEL, provider, mode, "tflops", "TFLOP/s", "r", r, *tflops, config=config))
-        mem = peak_memory_mb(f, dev)
-        if mem is not None:
-            rows.append(make_row(KERNEL, provider, mode, "memory", "MB", "r", r, mem, config=config))
-        if mode == "forward":
-            rows += bandwidth_rows(KERNEL, provider, mode, "r", r, fwd_bytes, p50, p20, p80, dev, config)
+        rows += timed[:1] + [make_row(KERNEL, provider, mode, "tflops", "TFLOP/s", "r", r, *tflops, config=config)]
+        rows += timed[1:]
     return rows
 
 
@@ -163,7 +144,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     with torch._functorch.config.patch(donated_buffer=False):
         for m, k, n, r in shapes:
             for provider in providers:
-                with _backend("triton" if provider == "triton" else "auto"):
+                with backend_env("triton" if provider == "triton" else "auto"):
                     rows += _bench_shape(provider, m, k, n, r, dtype, dev, rep)
     return rows
 

@@ -19,12 +19,11 @@ no torch.compile so it stays within seconds).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch._functorch import config as functorch_config
 
-from bench.common import bandwidth_rows, make_row, peak_memory_mb, resolve_device, time_fn
+from bench.common import backend_env, mode_rows, resolve_device
 from lowrank_kernels import backend
 from lowrank_kernels.ops import lowrank_matmul, lowrank_matmul_ref
 
@@ -45,19 +44,6 @@ def _fuse_grads(provider: str):
         yield
     finally:
         kernels.FUSE_GRADS_MAX_RANK = old
-
-
-@contextlib.contextmanager
-def _backend(name: str):
-    old = os.environ.get(backend.ENV_VAR)
-    os.environ[backend.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(backend.ENV_VAR, None)
-        else:
-            os.environ[backend.ENV_VAR] = old
 
 
 def _shapes(quick: bool, dev: torch.device) -> tuple[list[tuple[int, int, int, int]], torch.dtype, list[str]]:
@@ -104,18 +90,12 @@ def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
 
     full()  # compile / autotune both directions before timing
     config = {"M": m, "in": k, "out": n, "dtype": str(dtype).replace("torch.", "")}
-    rows = []
     elem = x.element_size()
     fwd_bytes = elem * (m * k + m * n + m * r + r * (k + n) + n)
     modes = [("forward", forward), ("backward", backward), ("full", full)]
+    rows = []
     for mode, f in modes[1:] if provider.endswith("_grads") else modes:
-        p50, p20, p80 = time_fn(f, dev, warmup=rep / 4, rep=rep)
-        rows.append(make_row(KERNEL, provider, mode, "time", "ms", "r", r, p50, p20, p80, config))
-        mem = peak_memory_mb(f, dev)
-        if mem is not None:
-            rows.append(make_row(KERNEL, provider, mode, "memory", "MB", "r", r, mem, config=config))
-        if mode == "forward":
-            rows += bandwidth_rows(KERNEL, provider, mode, "r", r, fwd_bytes, p50, p20, p80, dev, config)
+        rows += mode_rows(KERNEL, provider, mode, f, dev, rep, "r", r, config, fwd_bytes)
     return rows
 
 
@@ -130,7 +110,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
             # backward mode re-runs the backward of one retained graph, which compiled graphs only allow
             # without donated buffers (they save memory, not time)
             no_donation = functorch_config.patch(donated_buffer=False)
-            with _backend("triton" if provider.startswith("triton") else "auto"), _fuse_grads(provider), no_donation:
+            with backend_env("triton" if provider.startswith("triton") else "auto"), _fuse_grads(provider), no_donation:
                 rows += _bench_shape(provider, m, k, n, r, dtype, dev, rep)
     return rows
 

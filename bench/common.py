@@ -19,6 +19,7 @@ import re
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -229,6 +230,25 @@ def bandwidth_rows(kernel: str, provider: str, mode: str, x_name: str, x_value, 
     if peak:
         pct = [None if v is None else 100.0 * v / peak for v in (gbs(p50), gbs(p80), gbs(p20))]
         rows.append(make_row(kernel, provider, mode, "hbm_pct", "%", x_name, x_value, *pct, config=config))
+    return rows
+
+
+def backend_env(name: str):
+    """Context manager: run the block with ``LOWRANK_KERNELS_BACKEND=name`` (restored afterwards)."""
+    return mock.patch.dict(os.environ, {"LOWRANK_KERNELS_BACKEND": name})
+
+
+def mode_rows(kernel: str, provider: str, mode: str, fn: Callable[[], object], device, rep: float, x_name: str,
+              x_value, config: dict | None = None, fwd_bytes: int | None = None) -> list[dict]:
+    """Time ``fn`` (``warmup = rep / 4``) and return its time row, its peak-memory row (CUDA only) and,
+    for ``mode == "forward"`` with ``fwd_bytes``, the bandwidth rows."""
+    p50, p20, p80 = time_fn(fn, device, warmup=rep / 4, rep=rep)
+    rows = [make_row(kernel, provider, mode, "time", "ms", x_name, x_value, p50, p20, p80, config)]
+    mem = peak_memory_mb(fn, device)
+    if mem is not None:
+        rows.append(make_row(kernel, provider, mode, "memory", "MB", x_name, x_value, mem, config=config))
+    if mode == "forward" and fwd_bytes is not None:
+        rows += bandwidth_rows(kernel, provider, mode, x_name, x_value, fwd_bytes, p50, p20, p80, device, config)
     return rows
 
 
