@@ -188,7 +188,7 @@ def _warm_svd(X: torch.Tensor, k: int, Vh_prev: torch.Tensor, seed: int, oversam
 
     Weights move little between rebuilds, so ``X [V_prev, Omega]`` (seeded Gaussian ``Omega`` fills the
     oversampling columns) is close to the top subspace: four thin products instead of the ``2 + 2 n_iter``
-    (or, when ``min(m, n) <= ops.truncated_svd.SMALL_DIM``, the exact SVD) of ``ops.truncated_svd``.
+    (or, when ``min(m, n) <= SMALL_DIM`` of ``ops/truncated_svd.py``, the exact SVD) of ``ops.truncated_svd``.
     """
     width = min(min(X.shape), k + oversample)
     Omega = Vh_prev[:width].T
