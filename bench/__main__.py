@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -97,13 +98,22 @@ def run_one(name: str, run: Callable[..., list[dict]], quick: bool, device: torc
     """Run one script's ``run`` and merge its rows into the results file; exceptions become ``error``."""
     saved_env = dict(os.environ)
     start = time.perf_counter()
+    streamed: list[dict] = []  # rows a script hands over early (``on_rows``) survive its failure or timeout
+    kwargs = {"quick": quick, "device": str(device)}
+    if _accepts_on_rows(run):
+        kwargs["on_rows"] = streamed.extend
     try:
         with _time_limit(timeout):
-            rows = stamp_rows(_check_rows(run(quick=quick, device=str(device))), env_info(device))
+            rows = stamp_rows(_check_rows(run(**kwargs)), env_info(device))
         append_rows(results_path(out, device, quick=quick), rows)
         return ScriptResult(name, time.perf_counter() - start, rows)
     except (Exception, ScriptTimeout):
-        return ScriptResult(name, time.perf_counter() - start, error=traceback.format_exc())
+        error = traceback.format_exc()
+        kept = stamp_rows(streamed, env_info(device)) if streamed else []
+        if kept:
+            append_rows(results_path(out, device, quick=quick), kept)
+            error += f"({len(kept)} rows measured before the failure were kept)\n"
+        return ScriptResult(name, time.perf_counter() - start, kept, error=error)
     finally:
         # A script may switch backends through the environment; the next one must not inherit that.
         os.environ.clear()
@@ -128,11 +138,24 @@ def run_scripts(scripts: Sequence[tuple[str, Callable[..., list[dict]]]], quick:
     return results
 
 
+def _accepts_on_rows(run: Callable[..., list[dict]]) -> bool:
+    """Whether ``run`` takes ``on_rows`` (a callback receiving rows as they are measured)."""
+    target = getattr(run, "bench_module_run", run)
+    try:
+        return "on_rows" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _load(module_name: str) -> Callable[..., list[dict]]:
     def run(**kwargs):
         # Imported lazily so an import error counts against this script alone.
         return importlib.import_module(f"bench.{module_name}").run(**kwargs)
 
+    try:
+        run.bench_module_run = importlib.import_module(f"bench.{module_name}").run
+    except Exception:  # noqa: BLE001 - reported when the script runs
+        pass
     return run
 
 

@@ -19,6 +19,7 @@ no torch.compile so it stays within seconds).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch._functorch import config as functorch_config
@@ -99,8 +100,10 @@ def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
     return rows
 
 
-def run(quick: bool = True, device: str | None = None) -> list[dict]:
-    """Rows for every (shape, provider, mode) of this run (see the module docstring)."""
+def run(quick: bool = True, device: str | None = None,
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Rows for every (shape, provider, mode) of this run (see the module docstring); ``on_rows`` receives
+    each provider's rows as soon as they are measured (the runner keeps them if a later one times out)."""
     dev = resolve_device(device)
     shapes, dtype, providers = _shapes(quick, dev)
     rep = 20 if quick else 100
@@ -111,7 +114,10 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
             # without donated buffers (they save memory, not time)
             no_donation = functorch_config.patch(donated_buffer=False)
             with backend_env("triton" if provider.startswith("triton") else "auto"), _fuse_grads(provider), no_donation:
-                rows += _bench_shape(provider, m, k, n, r, dtype, dev, rep)
+                new = _bench_shape(provider, m, k, n, r, dtype, dev, rep)
+            rows += new
+            if on_rows is not None:
+                on_rows(new)
     return rows
 
 

@@ -15,6 +15,8 @@ Quick: 300x520 at rank 16.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from bench.common import make_row, resolve_device, time_fn
@@ -67,8 +69,10 @@ def _fn(provider: str, W: torch.Tensor, rank: int):
     return lowrank
 
 
-def run(quick: bool = True, device: str | None = None) -> list[dict]:
-    """Rows for every (shape, spectrum, provider) of this run (see the module docstring)."""
+def run(quick: bool = True, device: str | None = None,
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Rows for every (shape, spectrum, provider) of this run (see the module docstring); ``on_rows`` receives
+    each provider's rows as soon as they are measured (the runner keeps them if a later one times out)."""
     dev = resolve_device(device)
     cases, spectra = _config(quick, dev)
     rep = 50 if quick else 2000 if dev.type == "cpu" else 200
@@ -81,10 +85,13 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
             for provider in PROVIDERS:
                 fn = _fn(provider, W, rank)
                 p50, p20, p80 = time_fn(fn, dev, warmup=rep / 10, rep=rep)
-                rows.append(make_row(KERNEL, provider, "forward", "time", "ms", "rank", rank, p50, p20, p80, config))
                 S = fn()[1].double()
                 err = float(((S - exact) / exact).abs().max())
-                rows.append(make_row(KERNEL, provider, "forward", "rel_err", "rel", "rank", rank, err, config=config))
+                new = [make_row(KERNEL, provider, "forward", "time", "ms", "rank", rank, p50, p20, p80, config),
+                       make_row(KERNEL, provider, "forward", "rel_err", "rel", "rank", rank, err, config=config)]
+                rows += new
+                if on_rows is not None:
+                    on_rows(new)
     return rows
 
 

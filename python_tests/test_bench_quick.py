@@ -111,3 +111,25 @@ def test_time_fn_cpu_quantiles_are_ordered():
     x = torch.randn(32, 32)
     p50, p20, p80 = common.time_fn(lambda: x @ x, "cpu", warmup=1, rep=5)
     assert 0 < p20 <= p50 <= p80
+
+
+def test_rows_streamed_before_a_failure_are_kept(tmp_path):
+    """A script that hands rows to ``on_rows`` and then fails (or times out) keeps what it measured."""
+
+    def streaming(quick=True, device=None, on_rows=None):
+        first = [common.make_row("fake", "torch", "forward", "time", "ms", "n", 8, 2.0)]
+        on_rows(first)
+        raise RuntimeError("second shape exploded")
+
+    def slow(quick=True, device=None, on_rows=None):
+        on_rows([common.make_row("slow", "torch", "forward", "time", "ms", "n", 8, 1.0)])
+        time.sleep(5)
+        return []
+
+    results = runner.run_scripts([("bench_streaming", streaming), ("bench_slow", slow)], True, "cpu", tmp_path,
+                                 timeout=0.5, verbose=False)
+    assert "second shape exploded" in results[0].error and "1 rows measured before the failure" in results[0].error
+    assert "exceeded --timeout" in results[1].error and len(results[1].rows) == 1
+    rows = common.read_rows(tmp_path / "quick" / f"{common.device_slug('cpu')}.csv")
+    assert sorted(r["kernel"] for r in rows) == ["fake", "slow"] and all(r["timestamp"] for r in rows)
+    assert "FAIL" in runner.summary(results)
