@@ -40,11 +40,6 @@ def check_same_device_dtype(named: dict[str, torch.Tensor | None]) -> tuple[torc
     return t0.device, t0.dtype
 
 
-def check_dim(actual: int, expected: int, what: str) -> None:
-    if actual != expected:
-        raise ValueError(f"{what}: expected {expected}, got {actual}")
-
-
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise ``ValueError`` if ``t`` holds NaN or Inf (costs a reduction: use on slow paths only)."""
     if not bool(torch.isfinite(t).all()):

@@ -130,13 +130,9 @@ if _ext.HAS_EXT:
         ctx.full_shape = full.shape
 
     def _gather_backward(ctx, grad_outs):
-        parts = []
-        for g, start, stop in zip(grad_outs, ctx.starts, ctx.stops, strict=True):
-            if g is None:
-                shape = list(ctx.full_shape)
-                shape[ctx.dim] = stop - start
-                g = next(x for x in grad_outs if x is not None).new_zeros(shape)
-            parts.append(g)
+        template = next(x for x in grad_outs if x is not None)  # unused outputs get no gradient: zeros
+        parts = [_zeros_like_along(template, ctx.dim, stop - start) if g is None else g
+                 for g, start, stop in zip(grad_outs, ctx.starts, ctx.stops, strict=True)]
         full = torch.ops.lowrank_kernels.pad_slices(parts, ctx.starts, ctx.stops, ctx.full_shape[ctx.dim], ctx.dim)
         return full, None, None, None
 
