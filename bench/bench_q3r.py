@@ -13,17 +13,17 @@ Kernel ``q3r``, mode ``step``, providers:
 * ``adamw``: ``torch.optim.AdamW`` (its default implementation for the device), the target's baseline;
 * ``torch``: AdamQ3R through the PyTorch reference of ``ops.q3r_apply`` (what runs on a CPU);
 * ``triton``: AdamQ3R through the fused Triton kernel (GPU only);
-* ``torch+randomized_svd``: ``torch`` with the full-SVD shortcut of ``ops.truncated_svd`` for
-  ``min(m, n) <= 256`` switched off (its randomized path on every ViT-Tiny matrix);
 * ``torch+warm_start`` / ``triton+warm_start``: AdamQ3R(warm_start=True), rebuilds started from the previous
   singular vectors (approximate, see :class:`Q3R`);
 * ``seed``: the seed's algorithm written plainly: a full SVD every 5 steps, dense ``L (m x m)`` and
   ``R (n x n)``, ``G = 2 lmbda L X R`` materialised and padded per slice, then AdamW and ``p -= lr G``.
 
 Kernel ``q3r``, mode ``update``: one rebuild of every operator (what ``steps`` amortises), providers
-``torch_svd`` (full ``torch.linalg.svd``), ``truncated_svd`` (``ops.truncated_svd`` as dispatched: it answers
-with a full SVD when ``min(m, n) <= 256``), ``truncated_svd_randomized`` (its randomized path forced) and
-``warm_start`` (one subspace step from the previous vectors, ``Q3R(warm_start=True)``).
+``torch_svd`` (full ``torch.linalg.svd``), ``truncated_svd`` (``ops.truncated_svd`` as dispatched: its
+randomized path on every ViT-Tiny matrix, since ``min(m, n) = 192`` is above its full-SVD cut-off
+``SMALL_DIM = 128``) and ``warm_start`` (one subspace step from the previous vectors, ``Q3R(warm_start=True)``).
+Until 2026-11-25 the cut-off was 192 and the dispatched path was the full SVD: rows of the providers
+``torch+randomized_svd`` and ``truncated_svd_randomized`` in older results measured the randomized path then.
 
 CPU runs use 2 torch threads (the issue's setting; ``LOWRANK_BENCH_THREADS`` overrides). Quick: 2 blocks of d=64,
 one thread.
@@ -69,13 +69,6 @@ def _attr(obj, name: str, value):
         yield
     finally:
         setattr(obj, name, old)
-
-
-@contextlib.contextmanager
-def _randomized_svd():
-    """``ops.truncated_svd`` with its small-matrix full-SVD shortcut switched off."""
-    with _attr(_tsvd_module, "SMALL_DIM", 0), _attr(_tsvd_module, "DENSE_FRACTION", 2.0):
-        yield
 
 
 def _param_set(blocks: int, d: int, dev, dtype):
@@ -139,14 +132,12 @@ def _step_fn(provider: str, model, tm):
     else:
         opt = AdamQ3R(model.parameters(), tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, lr=LR,
                       warm_start=provider.endswith("warm_start"))
-    forced = provider.endswith("randomized_svd")
     grads = [p.grad for p in model.parameters()]
 
     def period():
-        with _randomized_svd() if forced else contextlib.nullcontext():
-            for _ in range(PERIOD):
-                torch._foreach_neg_(grads)
-                opt.step()
+        for _ in range(PERIOD):
+            torch._foreach_neg_(grads)
+            opt.step()
 
     return period
 
@@ -156,10 +147,6 @@ def _update_fn(provider: str, tm):
     if provider == "torch_svd":
         def refresh():
             with _attr(_tsvd_module, "SMALL_DIM", 1 << 30):
-                q.refresh()
-    elif provider == "truncated_svd_randomized":
-        def refresh():
-            with _randomized_svd():
                 q.refresh()
     else:
         refresh = q.refresh
@@ -171,7 +158,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     dev = resolve_device(device)
     blocks, d = (2, 64) if quick else (12, 192)
     dtype = torch.float32
-    step_providers = ["adamw", "torch", "torch+randomized_svd", "torch+warm_start", "seed"]
+    step_providers = ["adamw", "torch", "torch+warm_start", "seed"]
     step_providers += ["triton", "triton+warm_start"] if dev.type == "cuda" else []
     threads = torch.get_num_threads()
     if dev.type == "cpu":
@@ -190,7 +177,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
                 fn()
                 p50, p20, p80 = (t / PERIOD for t in time_fn(fn, dev, warmup=rep / 5, rep=rep))
             rows.append(make_row(KERNEL, provider, "step", "time", "ms", "blocks", blocks, p50, p20, p80, config))
-        for provider in ("torch_svd", "truncated_svd", "truncated_svd_randomized", "warm_start"):
+        for provider in ("torch_svd", "truncated_svd", "warm_start"):
             model, tm = _param_set(blocks, d, dev, dtype)
             fn = _update_fn(provider, tm)
             fn()
@@ -205,7 +192,7 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     """Step time over AdamW's per provider, and full-SVD over truncated rebuild time."""
     t = {(r["mode"], r["provider"]): float(r["p50"]) for r in rows}
     out = {f"{p}/adamw": t[("step", p)] / t[("step", "adamw")] for m, p in t if m == "step" and p != "adamw"}
-    for p in ("truncated_svd", "truncated_svd_randomized", "warm_start"):
+    for p in ("truncated_svd", "warm_start"):
         out[f"svd speedup {p}"] = t[("update", "torch_svd")] / t[("update", p)]
     return out
 

@@ -30,9 +30,9 @@ def _small_threshold(monkeypatch):
     monkeypatch.setattr(tsvd_mod, "SMALL_DIM", 64)
 
 
-@pytest.fixture(params=["cholesky", "householder"])
+@pytest.fixture(params=["cholesky", "householder", "hybrid"])
 def ortho(request, monkeypatch):
-    """Run a test with either orthonormalisation (the CPU default is Householder, CUDA's is Cholesky-QR)."""
+    """Run a test with each orthonormalisation (the CPU default is hybrid, CUDA's is Cholesky-QR)."""
     monkeypatch.setattr(tsvd_mod, "ORTHO_METHOD", {"cpu": request.param, "cuda": request.param})
     return request.param
 
@@ -189,3 +189,29 @@ def test_gpu_batched():
     assert_verbose_allclose(S.cpu(), s[:64].expand(4, 64), rtol=1e-3, atol=0, name="S")
     _check_orthonormal(U.cpu())
     _check_orthonormal(Vh.transpose(-1, -2).cpu())
+
+
+def test_small_svd_gram_matches_svd_and_declines_tiny_sigmas():
+    """The CPU's final k x k step: eigh of the fp64 Gram agrees with the SVD, and hands back (None) when a
+    kept singular value is below 1e-6 sigma_1, where squaring would lose it."""
+    B = _with_spectrum((2, 12, 70), 3.0 * 0.7 ** torch.arange(12.0))
+    W, S, Vh = tsvd_mod._small_svd_gram(B, 9)
+    U_ref, S_ref, Vh_ref = torch.linalg.svd(B.double(), full_matrices=False)
+    assert_verbose_allclose(S.double(), S_ref[..., :9], rtol=1e-5, atol=0, name="S")
+    assert_verbose_allclose((W * S[..., None, :]) @ Vh, (U_ref[..., :9] * S_ref[..., None, :9]) @ Vh_ref[..., :9, :],
+                            rtol=0, atol=1e-5, name="rank-9 reconstruction")
+    _check_orthonormal(Vh.transpose(-1, -2))
+    low = _with_spectrum((12, 70), torch.tensor([5.0, 1.0, 1e-8]))
+    assert tsvd_mod._small_svd_gram(low, 3) is None
+    assert tsvd_mod._small_svd_gram(low, 2) is not None
+
+
+def test_cholesky_qr1_spans_y_and_hands_dependent_columns_to_householder():
+    Y = torch.randn(60, 7, generator=torch.Generator().manual_seed(3))
+    Q = tsvd_mod._cholesky_qr1(Y)
+    _check_orthonormal(Q, tol=1e-4)
+    assert_verbose_allclose(Q @ (Q.T @ Y), Y, rtol=0, atol=1e-4, name="projection of Y on span(Q)")
+    dep = torch.cat([Y[:, :3], Y[:, :1]], dim=1)  # a repeated column: the Gram is singular
+    Qd = tsvd_mod._cholesky_qr1(dep)
+    assert torch.isfinite(Qd).all()
+    assert torch.equal(Qd, tsvd_mod._householder(dep))
