@@ -35,11 +35,13 @@ from torch import nn
 from . import distributed as _dist
 from . import ops
 from .ops.pad_slices import normalize_slices
-from .ops.truncated_svd import _small_svd_gram
+from .ops.truncated_svd import _small_svd_gram, sketch_width, svd_path
 
 EPS_START = 1e8
 SCHEDULES = ("default", "linear", "constant", "exploration")
 _WIDEN_MARGIN = 4
+# Most weight elements stacked into one batched SVD call during a rebuild (the stack is a copy).
+_BATCH_ELEMENTS = 1 << 25
 Rank = int | float
 
 
@@ -174,14 +176,27 @@ class _Operator:
         return v
 
 
-def _svd(X: torch.Tensor, k: int, seed: int, oversample: int, n_iter: int):
-    """Top-``k`` triplets of ``X``; the randomized sketch is seeded so every rank/run draws the same."""
-    if k >= min(X.shape):
+def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int, n_iter: int):
+    """Top-``k`` triplets of each ``X[j] (m, n)`` of a same-shape stack ``X (b, m, n)``.
+
+    One batched :func:`ops.truncated_svd` call (one set of kernels for the whole stack on a GPU; 2 CPU
+    cores, ViT-Tiny's 72 operators: ~105 vs ~150 ms looped), each matrix from its own sketch drawn with
+    ``seeds[j]``, so a matrix's result does not depend on what it is stacked with (one process vs DDP).
+    """
+    b, m, n = X.shape
+    if k >= min(m, n):
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-        return U[:, :k], S[:k], Vh[:k]
-    gen = torch.Generator(device=X.device)
-    gen.manual_seed(seed)
-    return ops.truncated_svd(X, k, oversample=oversample, n_iter=n_iter, generator=gen)
+        return U[..., :k], S[..., :k], Vh[..., :k, :]
+    sketch = None
+    if svd_path((m, n), k, oversample) == "randomized":
+        width = sketch_width((m, n), k, oversample)
+        blocks = []
+        for seed in seeds:
+            gen = torch.Generator(device=X.device)
+            gen.manual_seed(seed)
+            blocks.append(torch.randn(n, width, generator=gen, dtype=X.dtype, device=X.device))
+        sketch = torch.stack(blocks)
+    return ops.truncated_svd(X, k, oversample=oversample, n_iter=n_iter, sketch=sketch)
 
 
 def _warm_svd(X: torch.Tensor, k: int, Vh_prev: torch.Tensor, seed: int, oversample: int):
@@ -321,42 +336,72 @@ class Q3R:
         if dist_on and self._owners is None:
             costs = [op.m * op.n * (op.rank + 1) for op in self.ops]
             self._owners = _dist.balanced_assignment(costs, _dist.world_size(self.group))
-        for i, op in enumerate(self.ops):
-            if not dist_on or self._owners[i] == me:
-                self._refresh_op(i, op)
+        self._refresh_ops([(i, op) for i, op in enumerate(self.ops) if not dist_on or self._owners[i] == me])
         if dist_on:
             self._share_states(me)
         self.n_refresh += 1
 
-    def _refresh_op(self, i: int, op: _Operator) -> None:
-        X = op.view(op.weight.detach()).to(op.cdtype)
-        kmax = min(op.m, op.n)
-        if op.rank >= kmax:
-            return
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError(f"Q3R: the weight of {op.name} contains NaN or Inf")
+    def _seed(self, i: int) -> int:
         # one sketch per operator for the whole run: with a new draw per rebuild, the default schedule's
         # eps = min(eps, sigma_{r+1}) ratcheted down on the estimation noise alone (ViT-Tiny, weights held
         # fixed, r = 38: 38 kept at the first rebuild, 38-42 at the fourth; 38 throughout with one sketch).
-        # warm_start's extra columns still change per rebuild: it starts from the previous vectors anyway.
-        seed = (self.seed * 1_000_003 + i * 7919) % (2**63)
-        # start from the last kept count (+ margin): eps lagging sigma_{r+1} keeps more than r triplets, and
-        # a second, wider SVD per rebuild doubled the rebuild time in the ViT-Tiny benchmark. The margin also
-        # keeps sigma_{r+1} off the last place of the sketch, the least accurate one.
-        k, first = min(kmax, max(op.rank, op.k) + 1 + _WIDEN_MARGIN), True
-        while True:
-            if first and self.warm_start and op.k and k < kmax:
-                U, S, Vh = _warm_svd(X, k, op.Vh, (seed + self.n_refresh) % (2**63), self.oversample)
+        return (self.seed * 1_000_003 + i * 7919) % (2**63)
+
+    def _refresh_ops(self, items: list[tuple[int, _Operator]]) -> None:
+        """Rebuild the operators ``items`` (index, operator); same-shape ones share batched SVD calls.
+
+        Every weight is checked for NaN/Inf (one host sync) before any operator changes.
+        """
+        work = []
+        for i, op in items:
+            kmax = min(op.m, op.n)
+            if op.rank < kmax:  # else: no triplet is ever kept (warned at construction)
+                # start from the last kept count (+ margin): eps lagging sigma_{r+1} keeps more than r
+                # triplets, and a second, wider SVD per rebuild doubled the rebuild time in the ViT-Tiny
+                # benchmark. The margin also keeps sigma_{r+1} off the last place of the sketch, the least
+                # accurate one.
+                k = min(kmax, max(op.rank, op.k) + 1 + _WIDEN_MARGIN)
+                work.append((i, op, op.view(op.weight.detach()).to(op.cdtype), k))
+        if not work:
+            return
+        finite = torch.stack([torch.isfinite(X).all() for _, _, X, _ in work]).tolist()
+        if not all(finite):
+            raise ValueError(f"Q3R: the weight of {work[finite.index(False)][1].name} contains NaN or Inf")
+        groups: dict[tuple, list] = {}
+        for item in work:
+            i, op, X, k = item
+            if self.warm_start and op.k and k < min(op.m, op.n):
+                groups[("warm", i)] = [item]
             else:
-                U, S, Vh = _svd(X, k, seed, self.oversample, self.n_iter)
-            if first:
-                op.eps, first = self._next_eps(op, float(S[op.rank])), False
-            # every triplet above eps matters: widen the sketch until one falls below it
-            if k < kmax and float(S[-1]) > op.eps:
-                k = min(2 * k, kmax)
-                continue
-            break
-        keep = int((S > op.eps).sum())
+                groups.setdefault((op.m, op.n, k, X.dtype, X.device), []).append(item)
+        for key, members in groups.items():
+            k = members[0][3]
+            # chunks of at most _BATCH_ELEMENTS weight elements: the stack is a copy
+            per = max(1, _BATCH_ELEMENTS // members[0][2].numel())
+            for c in range(0, len(members), per):
+                chunk = members[c:c + per]
+                if key[0] == "warm":
+                    i, op, X, _ = chunk[0]
+                    # warm_start's extra columns change per rebuild: it starts from the previous vectors anyway
+                    found = [_warm_svd(X, k, op.Vh, (self._seed(i) + self.n_refresh) % (2**63), self.oversample)]
+                else:
+                    U, S, Vh = _sketched_svd(torch.stack([X for _, _, X, _ in chunk]), k,
+                                             [self._seed(i) for i, *_ in chunk], self.oversample, self.n_iter)
+                    found = list(zip(U, S, Vh, strict=True))
+                sigmas = torch.stack([f[1] for f in found]).tolist()  # one host sync per chunk
+                for (i, op, X, _), (U, S, Vh), host_s in zip(chunk, found, sigmas, strict=True):
+                    self._settle(i, op, X, k, U, S, Vh, host_s)
+
+    def _settle(self, i: int, op: _Operator, X: torch.Tensor, k: int, U, S, Vh, host_s: list[float]) -> None:
+        """Move eps by the schedule, widen the sketch while its last sigma is still above eps, keep the rest."""
+        op.eps = self._next_eps(op, host_s[op.rank])
+        kmax = min(op.m, op.n)
+        # every triplet above eps matters: widen the sketch until one falls below it
+        while k < kmax and host_s[-1] > op.eps:
+            k = min(2 * k, kmax)
+            U, S, Vh = (t[0] for t in _sketched_svd(X[None], k, [self._seed(i)], self.oversample, self.n_iter))
+            host_s = S.tolist()
+        keep = sum(1 for v in host_s if v > op.eps)
         op.set_triplets(U[:, :keep], S[:keep], Vh[:keep])
 
     def _next_eps(self, op: _Operator, sigma: float) -> float:

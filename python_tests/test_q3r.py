@@ -264,3 +264,28 @@ def test_rebuilds_of_an_unchanged_weight_keep_the_target_rank():
     for _ in range(5):
         q.update()
         assert q.effective_ranks() == [38, 38]
+
+
+def test_batched_rebuild_matches_one_operator_at_a_time(monkeypatch):
+    """Same-shape operators share one batched SVD; each still gets its own sketch, so the result is that of
+    rebuilding it alone (chunks of one), as DDP ranks that own different subsets need."""
+    import lowrank_kernels.q3r as q3r_mod
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(160, 160) for _ in range(3)] + [nn.Linear(160, 480)]
+    tm = {m: None for m in layers[:3]} | {layers[3]: [(0, 160), (160, 320), (320, 480)]}
+    batched = Q3R(tm, target_rank=0.2, lmbda=0.1, steps=1)
+    calls = []
+    original = q3r_mod._sketched_svd
+    monkeypatch.setattr(q3r_mod, "_sketched_svd", lambda X, *a: calls.append(X.shape[0]) or original(X, *a))
+    batched.update()
+    assert sorted(calls) == [6], "the six 160x160 operators in one call"
+    monkeypatch.setattr(q3r_mod, "_BATCH_ELEMENTS", 1)
+    single = Q3R(tm, target_rank=0.2, lmbda=0.1, steps=1)
+    calls.clear()
+    single.update()
+    assert calls == [1] * 6
+    assert batched.effective_ranks() == single.effective_ranks()
+    for a, b in zip(batched.ops, single.ops, strict=True):
+        assert a.eps == pytest.approx(b.eps, rel=1e-5)
+        assert_verbose_allclose((a.U * a.S) @ a.Vh, (b.U * b.S) @ b.Vh, rtol=0, atol=1e-5, name="kept part")

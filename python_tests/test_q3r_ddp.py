@@ -37,13 +37,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     done = []
-    original = Q3R._refresh_op
+    original = Q3R._refresh_ops
 
-    def counting(self, i, op):
-        done.append(i)
-        return original(self, i, op)
+    def counting(self, items):
+        done.extend(i for i, _ in items)
+        return original(self, items)
 
-    Q3R._refresh_op = counting
+    Q3R._refresh_ops = counting
     try:
         model, opt = _train(STEPS)
         torch.save({"params": [p.detach() for p in model.parameters()], "refreshed": sorted(set(done)),
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         assert broadcast_object({"r": rank}, src=1) == {"r": 1}
         dist.barrier()  # gloo aborts a process whose peer tears down mid-collective
     finally:
-        Q3R._refresh_op = original
+        Q3R._refresh_ops = original
         dist.destroy_process_group()
     # Success: leave without the interpreter's normal teardown. With torch 2.13's gloo, C++ static destructors
     # at exit abort ~1 run in 7 ("terminate called without an active exception") after all the work and the

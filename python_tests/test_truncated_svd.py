@@ -215,3 +215,25 @@ def test_cholesky_qr1_spans_y_and_hands_dependent_columns_to_householder():
     Qd = tsvd_mod._cholesky_qr1(dep)
     assert torch.isfinite(Qd).all()
     assert torch.equal(Qd, tsvd_mod._householder(dep))
+
+
+def test_sketch_argument_batches_without_changing_each_result():
+    """A given sketch replaces the generator's draw; with one sketch per matrix, a batched call answers each
+    matrix as the same call on it alone (what Q3R's batched rebuild relies on for DDP)."""
+    W = _with_spectrum((3, 90, 110), 5.0 * 0.85 ** torch.arange(90.0))
+    rank, over = 6, 5
+    width = tsvd_mod.sketch_width(W.shape, rank, over)
+    assert width == rank + over
+    g = torch.Generator().manual_seed(11)
+    omega = torch.randn(3, 110, width, generator=g)
+    U, S, Vh = ops.truncated_svd(W, rank, oversample=over, n_iter=2, sketch=omega)
+    assert torch.equal(S, ops.truncated_svd(W, rank, oversample=over, n_iter=2,
+                                            generator=torch.Generator().manual_seed(11))[1])
+    for i in range(3):
+        Ui, Si, Vhi = ops.truncated_svd(W[i], rank, oversample=over, n_iter=2, sketch=omega[i])
+        assert_verbose_allclose(S[i], Si, rtol=1e-5, atol=0, name=f"S[{i}]")
+        assert_verbose_allclose((U[i] * S[i]) @ Vh[i], (Ui * Si) @ Vhi, rtol=0, atol=1e-4, name=f"rank-{rank} part")
+    with pytest.raises(ValueError, match="sketch has shape"):
+        ops.truncated_svd(W, rank, oversample=over, sketch=omega[..., :-1])
+    with pytest.raises(TypeError):
+        ops.truncated_svd(W, rank, oversample=over, sketch=omega.long())

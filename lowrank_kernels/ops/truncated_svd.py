@@ -144,14 +144,11 @@ def truncated_svd_ref(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
-def _randomized(A: torch.Tensor, rank: int, oversample: int, n_iter: int, generator: torch.Generator | None,
+def _randomized(A: torch.Tensor, rank: int, n_iter: int, omega: torch.Tensor,
                 method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    m, n = A.shape[-2:]
-    k = min(rank + oversample, min(m, n))
     orth = _cholesky_qr2 if method == "cholesky" else _householder
     inner = _cholesky_qr1 if method == "hybrid" else orth
     At = A.transpose(-1, -2)
-    omega = torch.randn(*A.shape[:-2], n, k, dtype=A.dtype, device=A.device, generator=generator)
     Q = (orth if n_iter == 0 else inner)(A @ omega)
     for i in range(n_iter):
         Q = (orth if i == n_iter - 1 else inner)(A @ inner(At @ Q))
@@ -196,7 +193,8 @@ def _converged(U: torch.Tensor, S: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 4,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None,
+                  sketch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``W (m, n)`` or a batch ``W (b, m, n)`` of same-shape matrices.
 
     Args:
@@ -208,6 +206,10 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
             relative (oversample 8: 4.5e-4); a flat bulk (a Gaussian matrix) converges slowly (~5e-2).
         generator: source of the random test matrix. ``None`` uses a fresh generator seeded with 0 on
             ``W``'s device, so results are deterministic and the global RNG stream is left untouched.
+        sketch: the random test matrix itself, ``(..., n, sketch_width(W.shape, rank, oversample))`` on
+            ``W``'s device, instead of drawing one from ``generator``: e.g. one seeded block per matrix of a
+            batch, so that each matrix's result does not depend on what it is batched with. Unused when
+            the full SVD answers.
 
     Returns:
         ``U (..., m, rank)``, ``S (..., rank)`` (descending), ``Vh (..., rank, n)``, computed in fp32 (fp64
@@ -229,14 +231,25 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
     if _use_full_svd(m, n, rank, oversample):
         check_finite(W, "W")
         return truncated_svd_ref(A, rank)
-    if generator is None:
-        generator = torch.Generator(device=A.device)
-        generator.manual_seed(0)
+    k = sketch_width(W.shape, rank, oversample)
+    if sketch is None:
+        if generator is None:
+            generator = torch.Generator(device=A.device)
+            generator.manual_seed(0)
+        sketch = torch.randn(*A.shape[:-2], n, k, dtype=A.dtype, device=A.device, generator=generator)
+    else:
+        check_tensor(sketch, "sketch")
+        if sketch.shape != (*A.shape[:-2], n, k):
+            raise ValueError(f"sketch has shape {tuple(sketch.shape)}, expected {(*A.shape[:-2], n, k)} for W of "
+                             f"shape {tuple(W.shape)}, rank {rank} and oversample {oversample}")
+        if sketch.device != A.device:
+            raise ValueError(f"sketch is on {sketch.device} but W is on {A.device}")
+        sketch = sketch.to(A.dtype)
     # Cholesky-QR failures (rank-deficient or very ill-conditioned bases) show up only in the final check;
     # the run is then repeated with Householder QR, and only if that fails too does the full SVD run.
     for method in dict.fromkeys((_method(None, A.device), "householder")):
         try:
-            U, S, Vh = _randomized(A, rank, oversample, n_iter, generator, method)
+            U, S, Vh = _randomized(A, rank, n_iter, sketch, method)
             if _converged(U, S):
                 return U, S, Vh
         except torch.linalg.LinAlgError:
@@ -247,6 +260,12 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
     warnings.warn(f"truncated_svd: randomized subspace iteration did not converge for W of shape "
                   f"{tuple(W.shape)} at rank {rank}; falling back to torch.linalg.svd", RuntimeWarning, stacklevel=2)
     return truncated_svd_ref(A, rank)
+
+
+def sketch_width(shape: tuple[int, ...], rank: int, oversample: int = 16) -> int:
+    """Columns of the random test matrix :func:`truncated_svd` starts from: ``min(rank + oversample, m, n)``."""
+    m, n = shape[-2:]
+    return min(rank + oversample, m, n)
 
 
 def svd_path(shape: tuple[int, ...], rank: int, oversample: int = 16) -> str:
