@@ -289,3 +289,22 @@ def test_batched_rebuild_matches_one_operator_at_a_time(monkeypatch):
     for a, b in zip(batched.ops, single.ops, strict=True):
         assert a.eps == pytest.approx(b.eps, rel=1e-5)
         assert_verbose_allclose((a.U * a.S) @ a.Vh, (b.U * b.S) @ b.Vh, rtol=0, atol=1e-5, name="kept part")
+
+
+def test_batched_factors_match_one_by_one(monkeypatch):
+    """The per-step factors of same-shape operators computed together (the GPU's way, forced here on the
+    CPU) give the gradient of computing them one by one (the CPU's way), kept counts differing per slice."""
+    import lowrank_kernels.q3r as q3r_mod
+
+    torch.manual_seed(1)
+    layers = [nn.Linear(40, 40), nn.Linear(40, 120), nn.Linear(40, 30)]
+    tm = {layers[0]: None, layers[1]: [(0, 40), (40, 80), (80, 120)], layers[2]: None}
+    q = Q3R(tm, target_rank=[6, 3, 5, 8, 4], lmbda=0.3, steps=1)
+    q.update()
+    assert len(set(q.effective_ranks())) > 1
+    one_by_one = q.grad
+    monkeypatch.setattr(q3r_mod, "_BATCHED_FACTORS", {"cpu"})
+    q._stacks = None
+    assert [len(members) for members, *_ in q._factor_stacks()] == [4, 1]
+    for w, g in q.grad.items():
+        assert_verbose_allclose(g, one_by_one[w], rtol=1e-5, atol=1e-6, name="batched gradient")
