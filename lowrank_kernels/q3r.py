@@ -248,9 +248,11 @@ class Q3R:
         seed: base seed of the randomized SVD sketches.
         warm_start: after the first rebuild, start each rebuild from the previous right singular vectors
             with one subspace-iteration step instead of calling ``ops.truncated_svd`` (widening still calls
-            it). Cheaper rebuilds (ViT-Tiny step 77 vs 126 ms on one CPU thread) but approximate: on the
-            flat spectra of randomly initialised weights the kept sigmas were up to 5% low (39-42 kept
-            for r = 38); accurate when the spectrum decays. Off by default.
+            it), one operator at a time. Fewer products per rebuild, but approximate (on the flat spectra
+            of randomly initialised weights the kept sigmas were up to 5% low: 39-42 kept for r = 38;
+            accurate when the spectrum decays), and since the default path batches same-shape operators it
+            no longer saves time on the CPU (ViT-Tiny's 72 operators, 2 cores: 102 vs 98 ms per rebuild).
+            Off by default.
         group: process group; when ``torch.distributed`` is initialised the operators are split over its
             ranks by cost ``m * n * r`` and their states shared after every rebuild (two all-reduces).
 
