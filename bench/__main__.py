@@ -124,14 +124,28 @@ def run_one(name: str, run: Callable[..., list[dict]], quick: bool, device: torc
 
 
 def run_scripts(scripts: Sequence[tuple[str, Callable[..., list[dict]]]], quick: bool, device, out,
-                timeout: float | None = None, verbose: bool = True) -> list[ScriptResult]:
-    """Run ``(name, run)`` pairs in order; one failing does not stop the rest."""
+                timeout: float | None = None, verbose: bool = True, budget: float | None = None) -> list[ScriptResult]:
+    """Run ``(name, run)`` pairs in order; one failing does not stop the rest.
+
+    ``budget``: seconds for the whole run. Each script gets at most what is left of it (and at most
+    ``timeout``); once it is spent the remaining scripts are not started and are reported as failed.
+    """
     device = resolve_device(device)
     results = []
+    deadline = None if budget is None else time.perf_counter() + budget
     for name, run in scripts:
+        limit = timeout
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                results.append(ScriptResult(name, 0.0, [], error=f"not run: the --budget of {budget:g} s was spent\n"))
+                if verbose:
+                    print(f"== {name}: not run, --budget spent", flush=True)
+                continue
+            limit = left if limit is None else min(limit, left)
         if verbose:
             print(f"== {name} ({'quick' if quick else 'full'}, {device})", flush=True)
-        result = run_one(name, run, quick, device, out, timeout)
+        result = run_one(name, run, quick, device, out, limit)
         results.append(result)
         if verbose:
             print(result.error if result.error else format_table(result.rows), flush=True)
@@ -173,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="scripts to run (default: every bench/bench_*.py)")
     add_run_args(parser)
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per script (best effort)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: scripts get what is left, later ones are skipped once spent")
     parser.add_argument("--plot", action="store_true", help="also write PNGs to OUT/plots (OUT/quick/plots)")
     parser.add_argument("--list", action="store_true", help="list the scripts and exit")
     args = parser.parse_args(argv)
@@ -187,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     out = Path(args.out) if args.out else DEFAULT_OUT
-    results = run_scripts([(n, _load(n)) for n in names], args.quick, device, out, args.timeout)
+    results = run_scripts([(n, _load(n)) for n in names], args.quick, device, out, args.timeout,
+                          budget=args.budget)
     path = results_path(out, device, quick=args.quick)
     print(summary(results))
     print(f"results: {path}")

@@ -133,3 +133,28 @@ def test_rows_streamed_before_a_failure_are_kept(tmp_path):
     rows = common.read_rows(tmp_path / "quick" / f"{common.device_slug('cpu')}.csv")
     assert sorted(r["kernel"] for r in rows) == ["fake", "slow"] and all(r["timestamp"] for r in rows)
     assert "FAIL" in runner.summary(results)
+
+
+def test_budget_limits_the_whole_run(tmp_path):
+    """--budget: a script gets only what is left of the run's seconds, and once they are spent the rest
+    are not started (reported as failed), so a GPU run fits its slot by construction."""
+    ran = []
+
+    def slow(quick=True, device=None, on_rows=None):
+        ran.append("slow")
+        on_rows([common.make_row("slow", "torch", "forward", "time", "ms", "n", 8, 1.0)])
+        time.sleep(5)
+        return []
+
+    def later(quick=True, device=None):
+        ran.append("later")
+        return [common.make_row("later", "torch", "forward", "time", "ms", "n", 8, 1.0)]
+
+    start = time.perf_counter()
+    results = runner.run_scripts([("bench_slow", slow), ("bench_later", later)], True, "cpu", tmp_path,
+                                 timeout=60, verbose=False, budget=0.5)
+    assert time.perf_counter() - start < 3
+    assert ran == ["slow"]
+    assert "exceeded --timeout" in results[0].error and len(results[0].rows) == 1
+    assert "--budget of 0.5 s was spent" in results[1].error and not results[1].rows
+    assert runner.summary(results).count("FAIL") == 2
