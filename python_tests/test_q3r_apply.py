@@ -1,6 +1,7 @@
 """ops.q3r_apply: the Triton kernel (interpreted on CPU, compiled on GPU) vs the PyTorch reference, the
 reference vs the formula written out in fp64, and bad inputs."""
 
+import importlib
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from lowrank_kernels import ops
 from lowrank_kernels.ops.q3r_apply import q3r_apply_ref
 from lowrank_kernels.testing import assert_close_to_reference, assert_verbose_allclose
 
+q3r_apply_mod = importlib.import_module("lowrank_kernels.ops.q3r_apply")  # ops.q3r_apply is the function
 HYPER = dict(step=3, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, lmbda=0.3)
 
 
@@ -47,16 +49,19 @@ def _formula_fp64(p, g, m, v, factors, step, lr, betas, eps, weight_decay, lmbda
     return p - lr * (adam + weight_decay * p + Gq), m, v
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("layout", ["none", "full", "slices"])
 @pytest.mark.parametrize("shape", [(70, 45), (33, 96)])
-def test_reference_matches_formula(layout, shape, device):
+def test_reference_matches_formula(layout, shape, fused, device):
+    """Both CPU paths of the reference: eager, and the Adam part through torch's fused CPU AdamW kernel."""
     p, g, m, v = _state(shape, torch.float64, device)
+    assert q3r_apply_mod._can_fuse_adam(p, g, m, v) == (torch.device(device).type == "cpu")
     factors = [(s, e, None if A is None else A.double(), None if B is None else B.double())
                for s, e, A, B in _factors(*shape, layout, device)]
     want = _formula_fp64(p, g, m, v, factors, **HYPER)
     kw = dict(HYPER)
     b1, b2 = kw.pop("betas")
-    q3r_apply_ref(p, g, m, v, factors, beta1=b1, beta2=b2, **kw)
+    q3r_apply_ref(p, g, m, v, factors, beta1=b1, beta2=b2, fused=fused, **kw)
     for got, exp, name in zip((p, m, v), want, ("p", "exp_avg", "exp_avg_sq"), strict=True):
         assert_verbose_allclose(got, exp, rtol=1e-12, atol=1e-12, name=name)
 

