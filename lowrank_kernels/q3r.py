@@ -40,6 +40,7 @@ from .ops.truncated_svd import _small_svd_gram, sketch_width, svd_path
 EPS_START = 1e8
 SCHEDULES = ("default", "linear", "constant", "exploration")
 _WIDEN_MARGIN = 4
+_K_ROUND = 8
 # Most weight elements stacked into one batched SVD call during a rebuild (the stack is a copy).
 _BATCH_ELEMENTS = 1 << 25
 # Device types whose per-step factors are computed for same-shape operators together (batched products: a
@@ -367,8 +368,9 @@ class Q3R:
                 # start from the last kept count (+ margin): eps lagging sigma_{r+1} keeps more than r
                 # triplets, and a second, wider SVD per rebuild doubled the rebuild time in the ViT-Tiny
                 # benchmark. The margin also keeps sigma_{r+1} off the last place of the sketch, the least
-                # accurate one.
-                k = min(kmax, max(op.rank, op.k) + 1 + _WIDEN_MARGIN)
+                # accurate one. Rounded up to a multiple of _K_ROUND so that operators whose kept counts differ
+                # a little still share a batched call (ViT-Tiny: 3 calls per rebuild instead of 7-10).
+                k = min(kmax, -(-(max(op.rank, op.k) + 1 + _WIDEN_MARGIN) // _K_ROUND) * _K_ROUND)
                 work.append((i, op, op.view(op.weight.detach()).to(op.cdtype), k))
         if not work:
             return
