@@ -158,27 +158,37 @@ class _Operator:
     def view(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.rows is None else w[self.rows[0]:self.rows[1]]
 
-    def thin(self, X: torch.Tensor):
-        """``P = U^T X (k, n)``, ``Q = X V (m, k)``, ``C = P V (k, k)`` in the compute dtype."""
-        P = self.U.T @ X
-        return P, X @ self.Vh.T, P @ self.Vh.T
-
     def factors(self, X: torch.Tensor):
         """``(A (m, 2k), B (2k, n))`` with ``L X R = X + A B``; ``(None, None)`` when no triplet is kept."""
-        if self.k == 0:
-            return None, None
-        d = self.d
-        P, Q, C = self.thin(X)
-        Pt = d[:, None] * torch.addmm(P, C * d[None, :], self.Vh)
-        return torch.cat([self.U, Q * d[None, :]], dim=1), torch.cat([Pt, self.Vh], dim=0)
+        return _factors(X, self.U, self.Vh, self.d) if self.k else (None, None)
 
     def value(self, X: torch.Tensor) -> torch.Tensor:
         v = X.square().sum()
         if self.k:
             d = self.d
-            P, Q, C = self.thin(X)
+            P, Q, C = _thin(X, self.U, self.Vh)
             v = v + (d * P.square().sum(1)).sum() + (d * Q.square().sum(0)).sum() + (d[:, None] * d * C.square()).sum()
         return v
+
+
+def _thin(X: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor):
+    """``P = U^T X (..., k, n)``, ``Q = X V (..., m, k)``, ``C = P V (..., k, k)``; one matrix or a stack."""
+    P = U.transpose(-1, -2) @ X
+    V = Vh.transpose(-1, -2)
+    return P, X @ V, P @ V
+
+
+def _factors(X: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor, d: torch.Tensor):
+    """``A (..., m, 2k) = [U, Q D]``, ``B (..., 2k, n) = [D (P + C D V^T); V^T]``: ``L X R = X + A B``."""
+    P, Q, C = _thin(X, U, Vh)
+    Pt = d[..., :, None] * (P + (C * d[..., None, :]) @ Vh)
+    return torch.cat([U, Q * d[..., None, :]], dim=-1), torch.cat([Pt, Vh], dim=-2)
+
+
+def _chunks(items: list, elements: int) -> list[list]:
+    """``items`` in runs whose stacked weights (``elements`` each) stay within ``_BATCH_ELEMENTS``."""
+    per = max(1, _BATCH_ELEMENTS // max(1, elements))
+    return [items[c:c + per] for c in range(0, len(items), per)]
 
 
 def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int, n_iter: int):
@@ -381,26 +391,17 @@ class Q3R:
         for item in work:
             i, op, X, k = item
             if self.warm_start and op.k and k < min(op.m, op.n):
-                groups[("warm", i)] = [item]
+                # one at a time; its extra columns change per rebuild: it starts from the previous vectors anyway
+                U, S, Vh = _warm_svd(X, k, op.Vh, (self._seed(i) + self.n_refresh) % (2**63), self.oversample)
+                self._settle(i, op, X, k, U, S, Vh, S.tolist())
             else:
                 groups.setdefault((op.m, op.n, k, X.dtype, X.device), []).append(item)
-        for key, members in groups.items():
-            k = members[0][3]
-            # chunks of at most _BATCH_ELEMENTS weight elements: the stack is a copy
-            per = max(1, _BATCH_ELEMENTS // members[0][2].numel())
-            for c in range(0, len(members), per):
-                chunk = members[c:c + per]
-                if key[0] == "warm":
-                    i, op, X, _ = chunk[0]
-                    # warm_start's extra columns change per rebuild: it starts from the previous vectors anyway
-                    found = [_warm_svd(X, k, op.Vh, (self._seed(i) + self.n_refresh) % (2**63), self.oversample)]
-                else:
-                    U, S, Vh = _sketched_svd(torch.stack([X for _, _, X, _ in chunk]), k,
-                                             [self._seed(i) for i, *_ in chunk], self.oversample, self.n_iter)
-                    found = list(zip(U, S, Vh, strict=True))
-                sigmas = torch.stack([f[1] for f in found]).tolist()  # one host sync per chunk
-                for (i, op, X, _), (U, S, Vh), host_s in zip(chunk, found, sigmas, strict=True):
-                    self._settle(i, op, X, k, U, S, Vh, host_s)
+        for (m, n, k, _, _), members in groups.items():
+            for chunk in _chunks(members, m * n):  # the stack is a copy of the weights
+                U, S, Vh = _sketched_svd(torch.stack([X for _, _, X, _ in chunk]), k,
+                                         [self._seed(i) for i, *_ in chunk], self.oversample, self.n_iter)
+                for j, ((i, op, X, _), host_s) in enumerate(zip(chunk, S.tolist(), strict=True)):  # one sync
+                    self._settle(i, op, X, k, U[j], S[j], Vh[j], host_s)
 
     def _settle(self, i: int, op: _Operator, X: torch.Tensor, k: int, U, S, Vh, host_s: list[float]) -> None:
         """Move eps by the schedule, widen the sketch while its last sigma is still above eps, keep the rest."""
@@ -474,12 +475,7 @@ class Q3R:
         for members, U, Vh, d in self._factor_stacks():
             # same-shape operators in batched products (one set of kernels per chunk on a GPU); the padded
             # columns of U, Vh and d are zero and add nothing
-            X = torch.stack([op.view(op.weight).to(op.cdtype) for op in members])
-            P = U.transpose(1, 2) @ X
-            Q = X @ Vh.transpose(1, 2)
-            C = P @ Vh.transpose(1, 2)
-            Pt = d[:, :, None] * torch.baddbmm(P, C * d[:, None, :], Vh)
-            A, B = torch.cat([U, Q * d[:, None, :]], dim=2), torch.cat([Pt, Vh], dim=1)
+            A, B = _factors(torch.stack([op.view(op.weight).to(op.cdtype) for op in members]), U, Vh, d)
             for j, op in enumerate(members):
                 found[id(op)] = (A[j], B[j])
         out: dict = {}
@@ -499,9 +495,7 @@ class Q3R:
                     groups.setdefault((op.m, op.n, op.cdtype, op.weight.device), []).append(op)
             self._stacks = []
             for (m, n, dtype, device), members in groups.items():
-                per = max(1, _BATCH_ELEMENTS // (m * n))
-                for c in range(0, len(members), per):
-                    chunk = members[c:c + per]
+                for chunk in _chunks(members, m * n):
                     K = max(op.k for op in chunk)
                     U = torch.zeros(len(chunk), m, K, dtype=dtype, device=device)
                     Vh = torch.zeros(len(chunk), K, n, dtype=dtype, device=device)
