@@ -40,7 +40,7 @@ import os
 import torch
 from torch import nn
 
-from bench.common import make_row, resolve_device, time_fn
+from bench.common import make_row, resolve_device, time_fn, time_interleaved
 from lowrank_kernels import AdamQ3R, backend, ops
 from lowrank_kernels.q3r import EPS_START, Q3R, resolve_rank
 
@@ -144,6 +144,17 @@ def _step_fn(provider: str, model, tm):
     return period
 
 
+def _with_backend(fn, provider: str):
+    """``fn`` run with the dispatch the provider names (``triton...`` forces Triton, the rest the reference)."""
+    value = provider.split("+")[0] if provider.startswith("triton") else "torch"
+
+    def run():
+        with _env(backend.ENV_VAR, value):
+            fn()
+
+    return run
+
+
 def _update_fn(provider: str, tm):
     q = Q3R(tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, warm_start=provider == "warm_start")
     if provider == "torch_svd":
@@ -172,12 +183,14 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     config = {k: v for k, v in config.items() if v is not None}
     rows = []
     try:
+        # all step providers are timed together (interleaved on the CPU), each on its own copy of the weights
+        fns = {}
         for provider in step_providers:
             model, tm = _param_set(blocks, d, dev, dtype)
-            with _env(backend.ENV_VAR, provider.split("+")[0] if provider.startswith("triton") else "torch"):
-                fn = _step_fn(provider, model, tm)
-                fn()
-                p50, p20, p80 = (t / PERIOD for t in time_fn(fn, dev, warmup=rep / 5, rep=rep))
+            fns[provider] = _with_backend(_step_fn(provider, model, tm), provider)
+            fns[provider]()
+        for provider, times in time_interleaved(fns, dev, warmup=rep / 5, rep=rep).items():
+            p50, p20, p80 = (t / PERIOD for t in times)
             rows.append(make_row(KERNEL, provider, "step", "time", "ms", "blocks", blocks, p50, p20, p80, config))
         for provider in ("torch_svd", "truncated_svd", "warm_start"):
             model, tm = _param_set(blocks, d, dev, dtype)

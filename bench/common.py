@@ -109,6 +109,44 @@ def time_fn(fn: Callable[[], object], device: str | torch.device | None = None, 
     return p50, p20, p80
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device | None = None,
+                     warmup: float = 25, rep: float = 100) -> dict[str, tuple[float, float, float]]:
+    """``{name: (p50_ms, p20_ms, p80_ms)}`` for several functions whose times will be compared.
+
+    On the CPU the calls alternate (one call of each per round, the order rotating) for at least 7 rounds and
+    until the rounds have taken ``rep`` ms per function in all, so a machine that slows down or speeds up
+    during the measurement shifts every function alike instead of whichever ran then (the shared 2-core
+    development VM drifted by up to 40% between runs). CUDA timings are stable: each function goes through
+    :func:`time_fn`.
+    """
+    if _is_cuda(device):
+        return {name: time_fn(fn, device, warmup, rep) for name, fn in fns.items()}
+    import time
+
+    names = list(fns)
+    for name in names:
+        deadline = time.perf_counter() + warmup / 1000.0
+        fns[name]()
+        while time.perf_counter() < deadline:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    spent, rnd = 0.0, 0
+    while rnd < _MIN_CPU_BLOCKS or spent < rep / 1000.0 * len(names):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed * 1e3)
+            spent += elapsed
+        rnd += 1
+    out = {}
+    for name in names:
+        t = torch.tensor(times[name], dtype=torch.float64)
+        p50, p20, p80 = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+        out[name] = (p50, p20, p80)
+    return out
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str | torch.device | None = None) -> float | None:
     """Peak memory ``fn()`` allocates on top of what was allocated when it was called, in MiB.
 

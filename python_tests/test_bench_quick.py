@@ -158,3 +158,23 @@ def test_budget_limits_the_whole_run(tmp_path):
     assert "exceeded --timeout" in results[0].error and len(results[0].rows) == 1
     assert "--budget of 0.5 s was spent" in results[1].error and not results[1].rows
     assert runner.summary(results).count("FAIL") == 2
+
+
+def test_time_interleaved_cpu_alternates_and_orders_quantiles():
+    calls = []
+
+    def fast():
+        calls.append("fast")
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+
+    out = common.time_interleaved({"fast": fast, "slow": slow}, "cpu", warmup=0, rep=20)
+    assert set(out) == {"fast", "slow"}
+    for p50, p20, p80 in out.values():
+        assert 0 < p20 <= p50 <= p80
+    assert out["slow"][0] > 3.5 > out["fast"][0]
+    measured = calls[2:]  # after one warm-up call each
+    assert measured.count("fast") == measured.count("slow") >= 7
+    assert "fast" in measured[:2] and "slow" in measured[:2]  # alternating, not one after the other
