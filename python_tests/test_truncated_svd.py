@@ -237,3 +237,16 @@ def test_sketch_argument_batches_without_changing_each_result():
         ops.truncated_svd(W, rank, oversample=over, sketch=omega[..., :-1])
     with pytest.raises(TypeError):
         ops.truncated_svd(W, rank, oversample=over, sketch=omega.long())
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e5])
+def test_cholesky_qr1x2_orthonormal_or_householder(cond):
+    """Two one-pass Cholesky-QRs give an orthonormal basis of span(Y) while the fp32 Gram resolves Y; past
+    that (cond 1e5) the first pass hands over to Householder, so the result is orthonormal either way."""
+    g = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(200, 30, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64)).Q
+    Y = ((U * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 30, dtype=torch.float64)) @ V.T).float()
+    Q = tsvd_mod._cholesky_qr1x2(Y)
+    _check_orthonormal(Q, tol=1e-5)
+    assert_verbose_allclose(Q @ (Q.T @ Y), Y, rtol=0, atol=1e-5, name="projection of Y on span(Q)")

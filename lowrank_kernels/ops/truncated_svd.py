@@ -12,9 +12,11 @@ matrix was not positive definite or too ill-conditioned (rank-deficient ``W``, e
 (finite, orthonormal ``U``) fails and the run is repeated with Householder ``torch.linalg.qr``.
 On the CPU LAPACK's Householder QR is faster than CholeskyQR2 with its fp64 Gram (3072x72 fp32, 2 cores:
 1.3 vs 2.5 ms), but the inner steps of the iteration only need a well-conditioned basis of the right span,
-not an orthonormal one: the CPU's ``"hybrid"`` method takes one Cholesky-QR pass with an fp32 Gram there
-(about half the cost; Householder when that Gram is not positive definite) and Householder QR for the last
-basis, the one ``W`` is projected on (see :data:`ORTHO_METHOD`). The final ``k x k`` SVD on the CPU comes
+not an orthonormal one: the CPU's ``"hybrid"`` method takes one Cholesky-QR pass with a Gram in the input's
+precision there (about half the cost; Householder when that Gram is not positive definite), and two such
+passes for the last basis, the one ``W`` is projected on (the final orthonormality check sends a poor one to
+the Householder run; ViT-Tiny's 72 Q3R operators: 104 vs 135 ms per rebuild with Householder last)
+(see :data:`ORTHO_METHOD`). The final ``k x k`` SVD on the CPU comes
 from ``eigh`` of the fp64 Gram of the projection (:func:`_small_svd_gram`).
 """
 
@@ -89,6 +91,12 @@ def _cholesky_qr1(Y: torch.Tensor) -> torch.Tensor:
     return Y @ torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
 
 
+def _cholesky_qr1x2(Y: torch.Tensor) -> torch.Tensor:
+    """CholeskyQR2 with Grams in ``Y``'s precision: orthonormal to ~eps while ``cond(Y) < ~1/sqrt(eps)``;
+    beyond that :func:`_cholesky_qr1` hands over to Householder. The CPU's last basis in ``"hybrid"``."""
+    return _cholesky_qr1(_cholesky_qr1(Y))
+
+
 def _is_orthonormal(Q: torch.Tensor) -> bool:
     """All finite and ``max |Q^T Q - I| <= tol`` (NaN fails the comparison); one host sync."""
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
@@ -146,7 +154,7 @@ def truncated_svd_ref(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
 
 def _randomized(A: torch.Tensor, rank: int, n_iter: int, omega: torch.Tensor,
                 method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    orth = _cholesky_qr2 if method == "cholesky" else _householder
+    orth = {"cholesky": _cholesky_qr2, "hybrid": _cholesky_qr1x2}.get(method, _householder)
     inner = _cholesky_qr1 if method == "hybrid" else orth
     At = A.transpose(-1, -2)
     Q = (orth if n_iter == 0 else inner)(A @ omega)
