@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
-from .ops.truncated_svd import _small_svd_gram, sketch_width, svd_path
+from .ops.truncated_svd import project_svd, sketch_width, svd_path
 
 EPS_START = 1e8
 Rank = int | float
@@ -91,11 +91,8 @@ def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int
     cores, ViT-Tiny's 72 operators: ~105 vs ~150 ms looped), each matrix from its own sketch drawn with
     ``seeds[j]``, so a matrix's result does not depend on what it is stacked with (one process vs DDP).
     """
-    b, m, n = X.shape
-    if k >= min(m, n):
-        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-        return U[..., :k], S[..., :k], Vh[..., :k, :]
-    sketch = None
+    _, m, n = X.shape
+    sketch = None  # none needed when truncated_svd answers with the full SVD (small or k close to min(m, n))
     if svd_path((m, n), k, oversample) == "randomized":
         width = sketch_width((m, n), k, oversample)
         blocks = []
@@ -123,10 +120,4 @@ def _warm_svd(X: torch.Tensor, k: int, Vh_prev: torch.Tensor, seed: int, oversam
         Omega = torch.cat([Omega, extra], dim=1)
     Q, _ = torch.linalg.qr(X @ Omega)
     Q, _ = torch.linalg.qr(X @ (X.T @ Q))  # one power step: trailing sigmas of flat spectra were 13% low without
-    B = Q.T @ X
-    small = _small_svd_gram(B, k) if X.device.type == "cpu" else None
-    if small is not None:
-        Wb, S, Vh = small
-        return Q @ Wb, S, Vh
-    Vbt, S, Ubt = torch.linalg.svd(B.T, full_matrices=False)  # the tall view: LAPACK's fast path, no copy
-    return Q @ Ubt.T[:, :k], S[:k], Vbt.T[:k]
+    return project_svd(Q, X, k)

@@ -160,7 +160,16 @@ def _randomized(A: torch.Tensor, rank: int, n_iter: int, omega: torch.Tensor,
     Q = (orth if n_iter == 0 else inner)(A @ omega)
     for i in range(n_iter):
         Q = (orth if i == n_iter - 1 else inner)(A @ inner(At @ Q))
-    B = Q.transpose(-1, -2) @ A  # (..., k, n): small, exact SVD is cheap
+    return project_svd(Q, A, rank)
+
+
+def project_svd(Q: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` triplets of ``A (..., m, n)`` within the span of the orthonormal ``Q (..., m, k)``.
+
+    The exact SVD of the small projection ``B = Q^T A (..., k, n)`` (Rayleigh-Ritz): on the CPU from the
+    fp64 Gram (:func:`_small_svd_gram`) when it is accurate enough, else LAPACK's SVD of ``B^T``.
+    """
+    B = Q.transpose(-1, -2) @ A
     if A.device.type == "cpu":
         small = _small_svd_gram(B, rank)
         if small is not None:
