@@ -104,8 +104,13 @@ def time_fn(fn: Callable[[], object], device: str | torch.device | None = None, 
         block = timer.timeit(measured.number_per_run).times
         times += block
         spent += measured.number_per_run * sum(block)
-    times = torch.tensor(times, dtype=torch.float64) * 1e3
-    p50, p20, p80 = torch.quantile(times, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return _quantiles([t * 1e3 for t in times])
+
+
+def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` of a list of times."""
+    p50, p20, p80 = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
+                                   torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
     return p50, p20, p80
 
 
@@ -139,12 +144,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str | torch.d
             times[name].append(elapsed * 1e3)
             spent += elapsed
         rnd += 1
-    out = {}
-    for name in names:
-        t = torch.tensor(times[name], dtype=torch.float64)
-        p50, p20, p80 = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
-        out[name] = (p50, p20, p80)
-    return out
+    return {name: _quantiles(times[name]) for name in names}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str | torch.device | None = None) -> float | None:
