@@ -121,3 +121,60 @@ def _warm_svd(X: torch.Tensor, k: int, Vh_prev: torch.Tensor, seed: int, oversam
     Q, _ = torch.linalg.qr(X @ Omega)
     Q, _ = torch.linalg.qr(X @ (X.T @ Q))  # one power step: trailing sigmas of flat spectra were 13% low without
     return project_svd(Q, X, k)
+
+
+class _SliceBatch:
+    """Operators on same-size, adjacent row slices of one weight (or one whole weight), stacked for ``bmm``.
+
+    Their rows ``[start, stop)`` of a contiguous weight are viewed as ``X (b, m, n)`` without a copy (QKV's three
+    slices: one batch), and :meth:`step_` applies ``X <- base X - c L X R`` per slice in six batched products:
+    ``L X R - X = Ud P + (Q + Ud C) Vd`` with ``Ud = U D``, ``Vd = D V^T``, ``P = U^T X``, ``Q = X V``,
+    ``C = P V``. The triplets are zero-padded to the largest kept count ``K`` (a padded ``d`` is 0: it adds
+    nothing). Built once per rebuild.
+    """
+
+    def __init__(self, ops: Sequence[_Operator], start: int, stop: int):
+        first = ops[0]
+        self.start, self.stop, self.shape = start, stop, (len(ops), first.m, first.n)
+        self.K = max(op.k for op in ops)
+        if not self.K:
+            return
+        b, m, n = self.shape
+        kw = dict(dtype=first.cdtype, device=first.weight.device)
+        Ut, self.Vh, d = torch.zeros(b, self.K, m, **kw), torch.zeros(b, self.K, n, **kw), torch.zeros(b, self.K, **kw)
+        for j, op in enumerate(ops):
+            Ut[j, :op.k], self.Vh[j, :op.k], d[j, :op.k] = op.U.T, op.Vh, op.d
+        self.Ut = Ut
+        self.UdT = Ut * d[..., None]  # (b, K, m): Ud^T, contiguous
+        self.Vd = self.Vh * d[..., None]  # (b, K, n)
+
+    def step_(self, w: torch.Tensor, c: float, base: float) -> None:
+        """``w[start:stop] <- base X - c L X R`` per slice, in place (``w`` contiguous, of the compute dtype)."""
+        X = w[self.start:self.stop].view(self.shape)
+        if not self.K:
+            X.mul_(base - c)
+            return
+        P = torch.bmm(self.Ut, X)  # (b, K, n)
+        QT = torch.bmm(self.Vh, X.transpose(1, 2))  # (b, K, m) = (X V)^T
+        C = torch.bmm(P, self.Vh.transpose(1, 2))  # (b, K, K)
+        QT.baddbmm_(C.transpose(1, 2), self.UdT)  # (Q + Ud C)^T
+        X.baddbmm_(self.UdT.transpose(1, 2), P, beta=base - c, alpha=-c)
+        X.baddbmm_(QT.transpose(1, 2), self.Vd, alpha=-c)
+
+
+def _slice_batches(ops: Sequence[_Operator], rows: int) -> tuple[list[_SliceBatch], list[tuple[int, int]]]:
+    """The operators of one weight (``rows`` output rows) in :class:`_SliceBatch` runs, and the uncovered rows."""
+    spans = sorted((((op.rows or (0, rows)), op) for op in ops), key=lambda t: t[0])
+    batches, run, uncovered, covered = [], [], [], 0
+    for (s, e), op in spans:
+        if run and (s != run[-1][0][1] or e - s != run[0][0][1] - run[0][0][0]):
+            batches.append(_SliceBatch([o for _, o in run], run[0][0][0], run[-1][0][1]))
+            run = []
+        run.append(((s, e), op))
+        if s > covered:
+            uncovered.append((covered, s))
+        covered = e
+    batches.append(_SliceBatch([o for _, o in run], run[0][0][0], run[-1][0][1]))
+    if covered < rows:
+        uncovered.append((covered, rows))
+    return batches, uncovered

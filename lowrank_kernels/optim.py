@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import backend, ops
+from .ops.q3r_apply import _can_fuse_adam
 from .q3r import Q3R, Rank
 
 
@@ -107,8 +108,10 @@ class AdamQ3R(torch.optim.Optimizer):
                               stacklevel=2)
                 return loss
         self.q3r.update()
-        factors = self.q3r.factors()
-        for group in self.param_groups:
+        regularised = {id(w) for w in self.q3r.params}
+        factors = None
+        fused: dict[tuple, tuple[list, ...]] = {}
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -118,9 +121,28 @@ class AdamQ3R(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if _can_fuse_adam(*tensors) and backend.choose(*tensors, op="q3r_apply") == "torch":
+                    # CPU: the decay and the Q3R term in place (batched slices, no factors formed), then the Adam
+                    # part of every such parameter of the group in one call of torch's fused AdamW kernel
+                    wd = group["weight_decay"]
+                    if id(p) in regularised:
+                        self.q3r.decoupled_step_(p, group["lr"], wd)
+                        wd = 0.0
+                    lists = fused.setdefault((gi, p.dtype, wd), ([], [], [], [], []))
+                    for lst, t in zip(lists, (*tensors, state["step"]), strict=True):
+                        lst.append(t)
+                    continue
+                if factors is None:
+                    factors = self.q3r.factors()
                 ops.q3r_apply(p, p.grad, state["exp_avg"], state["exp_avg_sq"], factors.get(p, ()),
                               step=int(state["step"]), lr=group["lr"], betas=group["betas"], eps=group["eps"],
                               weight_decay=group["weight_decay"], lmbda=self.q3r.lmbda)
+        for (gi, _, wd), (params, grads, exp_avgs, exp_avg_sqs, steps) in fused.items():
+            group = self.param_groups[gi]
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"],
+                                beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=wd, eps=group["eps"],
+                                amsgrad=False, maximize=False)
         return loss
 
     def state_dict(self) -> dict:

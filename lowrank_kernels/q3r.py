@@ -34,7 +34,7 @@ from torch import nn
 
 from . import distributed as _dist
 from . import ops
-from ._q3r_operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _warm_svd, resolve_rank
+from ._q3r_operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, _warm_svd, resolve_rank
 from .ops.pad_slices import normalize_slices
 
 __all__ = ["EPS_START", "Q3R", "extract_linear", "resolve_rank"]
@@ -185,6 +185,7 @@ class Q3R:
         self.t, self.t0, self.n_refresh = 0, None, 0
         self._owners: list[int] | None = None
         self._stacks: list | None = None
+        self._batches: dict | None = None
 
     def _build(self, modules, target_rank) -> None:
         entries = []
@@ -242,7 +243,7 @@ class Q3R:
         if dist_on:
             self._share_states(me)
         self.n_refresh += 1
-        self._stacks = None
+        self._stacks = self._batches = None
 
     def _seed(self, i: int) -> int:
         # one sketch per operator for the whole run: with a new draw per rebuild, the default schedule's
@@ -389,6 +390,34 @@ class Q3R:
                     self._stacks.append((chunk, U, Vh, d))
         return self._stacks
 
+    @torch.no_grad()
+    def decoupled_step_(self, weight: torch.Tensor, lr: float, weight_decay: float = 0.0) -> None:
+        """``weight <- (1 - lr weight_decay) weight - lr G(weight)`` in place, ``G`` evaluated at the old weight.
+
+        ``G = 2 lmbda L X R`` on each operator's rows and 0 on rows outside every slice, as in
+        :func:`ops.q3r_apply`, but without forming the factors: the operators of same-size adjacent slices
+        (QKV) run as one batch of six products on a view of the weight. What ``AdamQ3R`` runs on the CPU
+        before torch's fused AdamW kernel. ``weight`` (one of :attr:`params`) must be contiguous fp32/fp64.
+        """
+        if self._batches is None:
+            self._batches = {}
+        plan = self._batches.get(id(weight))
+        if plan is None:
+            ops_w = [op for op in self.ops if op.weight is weight]
+            if not ops_w:
+                raise ValueError(f"weight of shape {tuple(weight.shape)} is not regularised by this Q3R")
+            plan = self._batches[id(weight)] = (*_slice_batches(ops_w, weight.shape[0]), ops_w[0].cdtype)
+        batches, uncovered, cdtype = plan
+        if not weight.is_contiguous() or weight.dtype != cdtype:
+            raise ValueError(f"decoupled_step_ needs a contiguous fp32/fp64 weight, got {weight.dtype} with strides "
+                             f"{weight.stride()}")
+        c, base = 2.0 * self.lmbda * lr, 1.0 - lr * weight_decay
+        for batch in batches:
+            batch.step_(weight, c, base)
+        if base != 1.0:
+            for s, e in uncovered:
+                weight[s:e].mul_(base)
+
     @property
     @torch.no_grad()
     def grad(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -428,7 +457,7 @@ class Q3R:
             op.eps, op.eps0 = float(s["eps"]), s["eps0"]
             op.set_triplets(s["U"].to(**kw), s["S"].to(**kw), s["Vh"].to(**kw))
         self.t, self.t0, self.n_refresh = state["t"], state["t0"], state["n_refresh"]
-        self._stacks = None
+        self._stacks = self._batches = None
 
     def check_state_dict(self, state: dict, param_index: Callable[[torch.Tensor], int] | None = None) -> None:
         """Raise ``ValueError`` unless ``state`` (from :meth:`state_dict`) fits these operators."""

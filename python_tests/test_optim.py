@@ -113,18 +113,32 @@ def test_load_state_dict_rejects_mismatch():
         _opt(model2).load_state_dict(sd)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_step_is_adamw_plus_decoupled_q3r_gradient(dtype):
-    """One step == AdamW's step minus lr * Q3R.grad at the pre-step weights; lmbda = 0 is exactly AdamW."""
+@pytest.mark.parametrize(("dtype", "path"), [(torch.float32, "fused_cpu"), (torch.float64, "fused_cpu"),
+                                             (torch.float32, "mixed"), (torch.float64, "mixed"),
+                                             (torch.float32, "triton")])
+def test_step_is_adamw_plus_decoupled_q3r_gradient(dtype, path, request):
+    """One step == AdamW's step minus lr * Q3R.grad at the pre-step weights, whichever way it runs:
+    ``fused_cpu`` (Q3R.decoupled_step_ + one fused AdamW call per group), ``mixed`` (two column-major
+    weights take the per-parameter ``ops.q3r_apply`` reference, the rest the fused path, in one step),
+    ``triton`` (every parameter through the Triton kernel; the interpreter on a CPU)."""
     model, (X, Y) = _setup(dtype=dtype)
     ref_model, _ = _setup(dtype=dtype)
+    if path == "mixed":
+        for m in (model, ref_model):
+            for i in (0, 4):
+                m[i].weight.data = m[i].weight.data.t().contiguous().t()
+    if path == "triton":
+        request.getfixturevalue("triton_backend")
+        device = request.getfixturevalue("device")
+        model.to(device), ref_model.to(device)
+        X, Y = X.to(device), Y.to(device)
     opt = _opt(model, weight_decay=0.05)
     adamw = torch.optim.AdamW([{"params": [ref_model[0].weight, ref_model[0].bias, ref_model[2].weight]},
                                {"params": [ref_model[2].bias, ref_model[4].weight, ref_model[4].bias], "lr": 3e-3,
                                 "weight_decay": 0.0}], lr=1e-2, weight_decay=0.05, foreach=False)
     q = Q3R({ref_model[0]: [(0, 8), (8, 16), (16, 24)], ref_model[2]: None}, target_rank=[2, 2, 2, 0.5], lmbda=0.2,
             steps=3)
-    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    tol = 1e-12 if dtype == torch.float64 else 1e-6 if path != "triton" else 1e-5
     for _ in range(4):
         for m, o in ((model, opt), (ref_model, adamw)):
             o.zero_grad()

@@ -308,3 +308,49 @@ def test_batched_factors_match_one_by_one(monkeypatch):
     assert [len(members) for members, *_ in q._factor_stacks()] == [4, 1]
     for w, g in q.grad.items():
         assert_verbose_allclose(g, one_by_one[w], rtol=1e-5, atol=1e-6, name="batched gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("slices", [None, [(0, 10), (10, 20), (20, 30)], [(2, 9), (14, 30)],
+                                    [(0, 8), (8, 16), (16, 20), (24, 30)]])
+def test_decoupled_step_is_decay_plus_q3r_gradient(dtype, slices):
+    """``decoupled_step_`` (the CPU step: same-size adjacent slices batched, no factors formed) equals
+    ``(1 - lr wd) w - lr * grad``; uncovered rows only decay; slices of one size but not adjacent, and of
+    other sizes, split into separate batches."""
+    torch.manual_seed(3)
+    model = _model(dtype)
+    q = Q3R({model[0]: slices, model[2]: None}, target_rank=0.3, lmbda=0.7, steps=1)
+    q.update()
+    assert all(k > 0 for k in q.effective_ranks())
+    lr, wd = 0.05, 0.3
+    want = {w: (1 - lr * wd) * w.detach() - lr * g for w, g in q.grad.items()}
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for w in q.params:
+        q.decoupled_step_(w, lr, wd)
+        assert_verbose_allclose(w.detach(), want[w], rtol=tol, atol=tol, name="decoupled_step_")
+    if slices == [(0, 8), (8, 16), (16, 20), (24, 30)]:
+        batches, uncovered, _ = q._batches[id(model[0].weight)]
+        assert [(b.start, b.stop, b.shape[0]) for b in batches] == [(0, 16, 2), (16, 20, 1), (24, 30, 1)]
+        assert uncovered == [(20, 24)]
+
+
+def test_decoupled_step_errors_and_rank_without_triplets():
+    torch.manual_seed(0)
+    model = _model(torch.float32)
+    q = Q3R({model[0]: None}, target_rank=0.3, lmbda=0.5, steps=1)
+    with pytest.raises(ValueError, match="not regularised"):
+        q.decoupled_step_(model[2].weight, 0.1)
+    q.update()
+    w = model[0].weight
+    w.data = w.data.t().contiguous().t()  # the same parameter, now column-major
+    with pytest.raises(ValueError, match="contiguous fp32/fp64"):
+        q.decoupled_step_(w, 0.1)
+    w.data = w.data.contiguous().half()
+    with pytest.raises(ValueError, match="contiguous fp32/fp64"):
+        q.decoupled_step_(w, 0.1)
+    # before a rebuild (no triplet) the step is plain decay by 2 lmbda + wd
+    q2 = Q3R({model[2]: None}, target_rank=0.5, lmbda=0.5, steps=1)
+    before = model[2].weight.detach().clone()
+    q2.decoupled_step_(model[2].weight, 0.1, 0.2)
+    assert_verbose_allclose(model[2].weight.detach(), (1 - 0.1 * 0.2 - 0.1) * before, rtol=1e-6, atol=1e-7,
+                            name="decay only")
