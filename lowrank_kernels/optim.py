@@ -74,18 +74,13 @@ class AdamQ3R(torch.optim.Optimizer):
         for w in self.q3r.params if self.q3r.t % self.q3r.steps == 0 else ():
             names.append(f"regularised weight (param {index[id(w)]}) {tuple(w.shape)}")
             tensors.append(w)
-        # half tensors get fp32 norms: an fp16 norm of finite values can overflow to inf
-        low = (torch.float16, torch.bfloat16)
-        order = sorted(range(len(tensors)), key=lambda i: tensors[i].dtype in low)
-        full = [tensors[i] for i in order if tensors[i].dtype not in low]
-        half = [tensors[i] for i in order if tensors[i].dtype in low]
-        norms = list(torch._foreach_norm(full)) if full else []
-        norms += list(torch._foreach_norm(half, dtype=torch.float32)) if half else []
+        # the max-abs norm: finite for finite values of any dtype (a 2-norm overflows: fp32 grads of 1e20 gave inf)
+        # and NaN/Inf as soon as one element is
+        norms = torch._foreach_norm(tensors, ord=math.inf)
         finite = torch.isfinite(torch.stack([n.to(torch.float64) for n in norms]))
         if bool(finite.all()):
             return None
-        bad = (~finite).nonzero()
-        return names[order[int(bad[0])]]
+        return names[int((~finite).nonzero()[0])]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):

@@ -2,6 +2,7 @@
 with AdamW + the Q3R gradient, state_dict round trip mid-run, NaN handling, closures and param groups."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -197,6 +198,20 @@ def test_nan_skips_step_with_warning(where):
     assert opt.q3r.t == state_before["q3r"]["t"]
     for i, st in opt.state_dict()["state"].items():
         assert torch.equal(st["exp_avg"], state_before["state"][i]["exp_avg"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_finite_gradient_is_not_skipped(dtype):
+    """A finite gradient whose 2-norm overflows (fp32 1e30, fp16 6e4 in many elements) is still a step."""
+    model = nn.Linear(16, 8).to(dtype)
+    opt = AdamQ3R(model.parameters(), {model: None}, target_rank=2, lmbda=0.1, lr=1e-2)
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.full_like(model.weight, 1e30 if dtype == torch.float32 else 6e4)
+    model.bias.grad = torch.zeros_like(model.bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert not torch.equal(before, model.weight.detach()) and bool(torch.isfinite(model.weight).all())
 
 
 def test_nan_raise_policy():

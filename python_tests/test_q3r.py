@@ -291,6 +291,31 @@ def test_batched_rebuild_matches_one_operator_at_a_time(monkeypatch):
         assert_verbose_allclose((a.U * a.S) @ a.Vh, (b.U * b.S) @ b.Vh, rtol=0, atol=1e-5, name="kept part")
 
 
+def test_cached_sketches_give_the_same_rebuilds(monkeypatch):
+    """The seeded sketches kept between rebuilds (bounded by _SKETCH_CACHE_ELEMENTS) are the ones a rebuild
+    would draw: training with the cache and without it gives identical operators."""
+    import lowrank_kernels.q3r as q3r_mod
+
+    def run():
+        torch.manual_seed(0)
+        layers = [nn.Linear(160, 160) for _ in range(2)]
+        q = Q3R({m: None for m in layers}, target_rank=0.2, lmbda=0.1, steps=1)
+        for _ in range(3):
+            q.update()
+            with torch.no_grad():
+                for m in layers:
+                    m.weight.mul_(0.9).add_(0.01 * torch.randn_like(m.weight))
+        return q
+
+    cached = run()
+    assert len(cached._sketches) == 1 and next(iter(cached._sketches.values())).shape[0] == 2
+    monkeypatch.setattr(q3r_mod, "_SKETCH_CACHE_ELEMENTS", 0)
+    fresh = run()
+    assert not fresh._sketches
+    for a, b in zip(cached.ops, fresh.ops, strict=True):
+        assert a.eps == b.eps and torch.equal(a.U, b.U) and torch.equal(a.S, b.S)
+
+
 def test_batched_factors_match_one_by_one(monkeypatch):
     """The per-step factors of same-shape operators computed together (the GPU's way, forced here on the
     CPU) give the gradient of computing them one by one (the CPU's way), kept counts differing per slice."""
