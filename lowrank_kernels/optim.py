@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import backend, ops
+from ._checks import finite_flags
 from .ops.q3r_apply import _can_fuse_adam
 from .q3r import Q3R, Rank
 
@@ -74,13 +75,8 @@ class AdamQ3R(torch.optim.Optimizer):
         for w in self.q3r.params if self.q3r.t % self.q3r.steps == 0 else ():
             names.append(f"regularised weight (param {index[id(w)]}) {tuple(w.shape)}")
             tensors.append(w)
-        # the max-abs norm: finite for finite values of any dtype (a 2-norm overflows: fp32 grads of 1e20 gave inf)
-        # and NaN/Inf as soon as one element is
-        norms = torch._foreach_norm(tensors, ord=math.inf)
-        finite = torch.isfinite(torch.stack([n.to(torch.float64) for n in norms]))
-        if bool(finite.all()):
-            return None
-        return names[int((~finite).nonzero()[0])]
+        flags = finite_flags(tensors)
+        return None if all(flags) else names[flags.index(False)]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):

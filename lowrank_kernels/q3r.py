@@ -34,6 +34,7 @@ from torch import nn
 
 from . import distributed as _dist
 from . import ops
+from ._checks import finite_flags
 from ._q3r_operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, _warm_svd, resolve_rank
 from .ops.pad_slices import normalize_slices
 
@@ -272,8 +273,7 @@ class Q3R:
                 work.append((i, op, op.view(op.weight.detach()).to(op.cdtype), k))
         if not work:
             return
-        # max-abs norms: one pass per weight, NaN/Inf as soon as one element is (a 2-norm could overflow)
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([X for _, _, X, _ in work], ord=math.inf))).tolist()
+        finite = finite_flags([X for _, _, X, _ in work])
         if not all(finite):
             raise ValueError(f"Q3R: the weight of {work[finite.index(False)][1].name} contains NaN or Inf")
         groups: dict[tuple, list] = {}

@@ -239,3 +239,20 @@ def test_regularised_weight_must_be_optimised():
     model, _ = _setup()
     with pytest.raises(ValueError, match="not among"):
         AdamQ3R(model[4].parameters(), {model[0]: None}, target_rank=2, lmbda=0.1)
+
+
+def test_finite_flags():
+    """NaN/Inf anywhere in a tensor of any dtype, huge finite values (an overflowing 2-norm), empty tensors."""
+    from lowrank_kernels._checks import finite_flags
+
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for bad in (None, float("nan"), float("inf"), float("-inf")):
+            t = torch.randn(7, 5).to(dtype)
+            if bad is not None:
+                t[4, 3] = bad
+            cases.append((t, bad is None))
+    cases += [(torch.full((100,), 1e30), True), (torch.full((100,), 6e4, dtype=torch.float16), True),
+              (torch.zeros(0, 3), True)]
+    assert finite_flags([t for t, _ in cases]) == [want for _, want in cases]
+    assert finite_flags([]) == []
