@@ -150,9 +150,14 @@ class _SliceBatch:
             return
         b, m, n = self.shape
         kw = dict(dtype=first.cdtype, device=first.weight.device)
-        Ut, self.Vh, d = torch.zeros(b, self.K, m, **kw), torch.zeros(b, self.K, n, **kw), torch.zeros(b, self.K, **kw)
-        for j, op in enumerate(ops):
-            Ut[j, :op.k], self.Vh[j, :op.k], d[j, :op.k] = op.U.T, op.Vh, op.d
+        if all(op.k == self.K for op in ops):
+            Ut, self.Vh = torch.stack([op.U.T for op in ops]), torch.stack([op.Vh for op in ops])
+            d = torch.stack([op.d for op in ops])
+        else:
+            Ut, self.Vh, d = (torch.zeros(b, self.K, m, **kw), torch.zeros(b, self.K, n, **kw),
+                              torch.zeros(b, self.K, **kw))
+            for j, op in enumerate(ops):
+                Ut[j, :op.k], self.Vh[j, :op.k], d[j, :op.k] = op.U.T, op.Vh, op.d
         self.Ut = Ut
         self.UdT = Ut * d[..., None]  # (b, K, m): Ud^T, contiguous
         self.Vd = self.Vh * d[..., None]  # (b, K, n)

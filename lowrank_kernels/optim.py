@@ -102,6 +102,7 @@ class AdamQ3R(torch.optim.Optimizer):
         regularised = {id(w) for w in self.q3r.params}
         factors = None
         fused: dict[tuple, tuple[list, ...]] = {}
+        cpu_fused = backend.requested_backend() != "triton"  # CPU tensors take the reference unless Triton is forced
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
@@ -113,7 +114,7 @@ class AdamQ3R(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if _can_fuse_adam(*tensors) and backend.choose(*tensors, op="q3r_apply") == "torch":
+                if cpu_fused and _can_fuse_adam(*tensors):
                     # CPU: the decay and the Q3R term in place (batched slices, no factors formed), then the Adam
                     # part of every such parameter of the group in one call of torch's fused AdamW kernel
                     wd = group["weight_decay"]
