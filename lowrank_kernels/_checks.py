@@ -57,19 +57,21 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     if not tensors:
         return []
     low = (torch.float16, torch.bfloat16)
-    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    ok: dict[int, bool] = {}
     for half in (False, True):
         idx = [i for i, t in enumerate(tensors) if (t.dtype in low) == half and t.numel()]
         if idx:
             kw = {"dtype": torch.float32} if half else {}
-            for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], **kw), strict=True):
-                norms[i] = n.to(torch.float64)
-    present = [n for n in norms if n is not None]
-    ok = torch.isfinite(torch.stack(present)).tolist() if present else []
-    flags, it = [], iter(ok)
-    for t, n in zip(tensors, norms, strict=True):
-        flag = True if n is None else next(it)
-        flags.append(flag or bool(torch.isfinite(t).all()))
+            norms = torch._foreach_norm([tensors[i] for i in idx], **kw)
+            groups: dict[tuple, list[int]] = {}  # one stack (and sync) per dtype and device
+            for j, n in enumerate(norms):
+                groups.setdefault((n.dtype, n.device), []).append(j)
+            for js in groups.values():
+                for j, flag in zip(js, torch.isfinite(torch.stack([norms[j] for j in js])).tolist(), strict=True):
+                    ok[idx[j]] = flag
+    flags = []
+    for i, t in enumerate(tensors):
+        flags.append(ok.get(i, True) or bool(torch.isfinite(t).all()))
     return flags
 
 

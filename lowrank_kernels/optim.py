@@ -112,7 +112,6 @@ class AdamQ3R(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if cpu_fused and _can_fuse_adam(*tensors):
                     # CPU: the decay and the Q3R term in place (batched slices, no factors formed), then the Adam
@@ -125,6 +124,7 @@ class AdamQ3R(torch.optim.Optimizer):
                     for lst, t in zip(lists, (*tensors, state["step"]), strict=True):
                         lst.append(t)
                     continue
+                state["step"] += 1
                 if factors is None:
                     factors = self.q3r.factors()
                 ops.q3r_apply(p, p.grad, state["exp_avg"], state["exp_avg_sq"], factors.get(p, ()),
@@ -132,6 +132,7 @@ class AdamQ3R(torch.optim.Optimizer):
                               weight_decay=group["weight_decay"], lmbda=self.q3r.lmbda)
         for (gi, _, wd), (params, grads, exp_avgs, exp_avg_sqs, steps) in fused.items():
             group = self.param_groups[gi]
+            torch._foreach_add_(steps, 1)
             torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"],
                                 beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=wd, eps=group["eps"],
                                 amsgrad=False, maximize=False)
