@@ -19,9 +19,12 @@ class AdamQ3R(torch.optim.Optimizer):
     """Adam with decoupled weight decay and the Q3R rank regulariser applied like that decay.
 
     Per step: the Q3R operators are rebuilt every ``steps`` steps (:meth:`Q3R.update`), then every parameter
-    with a gradient gets one fused :func:`ops.q3r_apply` (the Triton kernel on CUDA): the AdamW update of
-    ``torch.optim.AdamW`` plus ``-lr * 2 lmbda L X R`` on the regularised weights (per slice for fused ones),
-    evaluated at the weights before the step.
+    with a gradient gets the AdamW update of ``torch.optim.AdamW`` plus ``-lr * 2 lmbda L X R`` on the
+    regularised weights (per slice for fused ones), evaluated at the weights before the step. On CUDA each
+    parameter goes through one fused :func:`ops.q3r_apply` (the Triton kernel). On the CPU (contiguous fp32/fp64)
+    the decay and the Q3R term are applied in place by :meth:`Q3R.decoupled_step_`, then the Adam part of all
+    such parameters of a group runs in one call of torch's fused CPU AdamW kernel; other parameters (fp16/bf16,
+    non-contiguous) take :func:`ops.q3r_apply`'s reference.
 
     Args:
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay`` per group).
