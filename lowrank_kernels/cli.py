@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tiny ViT on sklearn digits: dense AdamW vs AdamQ3R vs LowRank+controller")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per technique (default: 30, --quick: 8)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per technique (default: 20, --quick: 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: this tiny model gains little from more, and loses a lot "
