@@ -206,6 +206,25 @@ def test_small_svd_gram_matches_svd_and_declines_tiny_sigmas():
     assert tsvd_mod._small_svd_gram(low, 2) is not None
 
 
+@pytest.mark.parametrize(("decay", "want"), [(0.8, "fp32"), (0.55, "fp64")])
+def test_small_svd_gram_fp32_only_for_a_short_kept_spectrum(decay, want, monkeypatch):
+    """fp32 input: the Gram is formed in fp32 while every kept sigma is above _GRAM32_MIN_RATIO sigma_1 (here
+    0.8^11 = 0.086), else in fp64 (0.55^11 = 1.4e-3); both agree with the SVD to the same tolerance."""
+    B = _with_spectrum((3, 14, 90), 2.0 * decay ** torch.arange(14.0))
+    used = []
+    original = tsvd_mod._gram_eigh
+    monkeypatch.setattr(tsvd_mod, "_gram_eigh", lambda X, *a: used.append(X.dtype) or original(X, *a))
+    W, S, Vh = tsvd_mod._small_svd_gram(B, 12)
+    assert used[-1] == {"fp32": torch.float32, "fp64": torch.float64}[want]
+    assert W.dtype == S.dtype == Vh.dtype == torch.float32
+    U_ref, S_ref, Vh_ref = torch.linalg.svd(B.double(), full_matrices=False)
+    assert_verbose_allclose(S.double(), S_ref[..., :12], rtol=1e-4, atol=0, name="S")
+    assert_verbose_allclose((W * S[..., None, :]) @ Vh, (U_ref[..., :12] * S_ref[..., None, :12]) @ Vh_ref[..., :12, :],
+                            rtol=0, atol=2e-5, name="rank-12 reconstruction")
+    _check_orthonormal(W)
+    _check_orthonormal(Vh.transpose(-1, -2))
+
+
 def test_cholesky_qr1_spans_y_and_hands_dependent_columns_to_householder():
     Y = torch.randn(60, 7, generator=torch.Generator().manual_seed(3))
     Q = tsvd_mod._cholesky_qr1(Y)

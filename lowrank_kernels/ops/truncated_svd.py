@@ -17,7 +17,8 @@ precision there (about half the cost; Householder when that Gram is not positive
 passes for the last basis, the one ``W`` is projected on (the final orthonormality check sends a poor one to
 the Householder run; ViT-Tiny's 72 Q3R operators: 104 vs 135 ms per rebuild with Householder last)
 (see :data:`ORTHO_METHOD`). The final ``k x k`` SVD on the CPU comes
-from ``eigh`` of the fp64 Gram of the projection (:func:`_small_svd_gram`).
+from ``eigh`` of the Gram of the projection, fp32 when the kept spectrum allows it, else fp64
+(:func:`_small_svd_gram`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ DENSE_FRACTION = 0.5
 _CHOL_MIN_PIVOT = {torch.float32: 1e-3, torch.float64: 1e-7}
 # The orthonormality error ||Q^T Q - I||_max above which the result is treated as not converged.
 _ORTHO_TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
+# Smallest kept sigma, relative to sigma_1, for which the final step's Gram is formed in fp32 (fp32 input):
+# eigenvalue errors ~eps32 sigma_1^2 leave sigma_i relatively accurate to ~eps32 / (2 (sigma_i / sigma_1)^2) <= 4e-5.
+_GRAM32_MIN_RATIO = 3e-2
 
 # Orthonormalisation per device type; devices not listed use "householder".
 ORTHO_METHOD = {"cuda": "cholesky", "cpu": "hybrid"}
@@ -183,22 +187,31 @@ def project_svd(Q: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tens
 
 
 def _small_svd_gram(B: torch.Tensor, rank: int):
-    """Top-``rank`` SVD of the short-wide ``B (..., k, n)`` from the eigenvectors of its fp64 Gram ``B B^T``.
+    """Top-``rank`` SVD of the short-wide ``B (..., k, n)`` from the eigenvectors of its Gram ``B B^T``.
 
-    Returns ``(W (..., k, rank), S, Vh (..., rank, n))`` with ``B ~= W diag(S) Vh``, or ``None`` when a
-    kept singular value is below ``1e-4 sigma_1`` (squaring would cost it its accuracy: the caller then
-    runs the SVD). On the CPU a k x k ``eigh`` is ~4x cheaper than LAPACK's SVD of ``B`` (k=47, n=192: 0.12
-    vs 0.45 ms); in fp64 the squared condition number (<= 1e8 above that cut-off) leaves the triplets
-    accurate to ~1e-8, beyond what the fp32 result holds.
+    Returns ``(W (..., k, rank), S, Vh (..., rank, n))`` with ``B ~= W diag(S) Vh`` in ``B``'s dtype, or
+    ``None`` when a kept singular value is below ``1e-4 sigma_1`` (squaring would cost it its accuracy: the
+    caller then runs the SVD). On the CPU a k x k ``eigh`` is ~4x cheaper than LAPACK's SVD of ``B`` (k=47,
+    n=192: 0.12 vs 0.45 ms). Squaring doubles the condition number, so the Gram is formed in fp32 only while
+    every kept sigma is above :data:`_GRAM32_MIN_RATIO` ``sigma_1`` (errors below ~1e-4 relative there; half the
+    time of the fp64 step: ViT-Tiny's 48 192x192 Q3R operators, 2 cores, 11 vs 21 ms), otherwise in fp64,
+    where the squared condition number (<= 1e8 above the cut-off) leaves the triplets accurate to ~1e-8.
     """
-    B64 = B.to(torch.float64)
-    ev, W = torch.linalg.eigh(B64 @ B64.transpose(-1, -2))
+    if B.dtype == torch.float32:
+        out = _gram_eigh(B, rank, _GRAM32_MIN_RATIO)
+        if out is not None:
+            return out
+    out = _gram_eigh(B.to(torch.float64), rank, 1e-4)
+    return None if out is None else tuple(t.to(B.dtype) for t in out)
+
+
+def _gram_eigh(B: torch.Tensor, rank: int, min_ratio: float):
+    ev, W = torch.linalg.eigh(B @ B.transpose(-1, -2))
     ev, W = ev.flip(-1)[..., :rank], W.flip(-1)[..., :rank]  # eigh sorts ascending
     S = ev.clamp_min(0).sqrt()
-    if not bool((S[..., -1] > 1e-4 * S[..., 0]).all()):
+    if not bool((S[..., -1] > min_ratio * S[..., 0]).all()):
         return None
-    Vh = (W.transpose(-1, -2) @ B64) / S[..., None]
-    return W.to(B.dtype), S.to(B.dtype), Vh.to(B.dtype)
+    return W, S, (W.transpose(-1, -2) @ B) / S[..., None]
 
 
 def _converged(U: torch.Tensor, S: torch.Tensor) -> bool:
