@@ -150,7 +150,9 @@ class _SliceBatch:
             return
         b, m, n = self.shape
         kw = dict(dtype=first.cdtype, device=first.weight.device)
-        if all(op.k == self.K for op in ops):
+        if len(ops) == 1:  # views of the operator's own triplets: no copy
+            Ut, self.Vh, d = first.U.T[None], first.Vh[None], first.d[None]
+        elif all(op.k == self.K for op in ops):
             Ut, self.Vh = torch.stack([op.U.T for op in ops]), torch.stack([op.Vh for op in ops])
             d = torch.stack([op.d for op in ops])
         else:
@@ -159,7 +161,7 @@ class _SliceBatch:
             for j, op in enumerate(ops):
                 Ut[j, :op.k], self.Vh[j, :op.k], d[j, :op.k] = op.U.T, op.Vh, op.d
         self.Ut = Ut
-        self.UdT = Ut * d[..., None]  # (b, K, m): Ud^T, contiguous
+        self.UdT = Ut * d[..., None]  # (b, K, m): Ud^T, contiguous (a new tensor)
         self.Vd = self.Vh * d[..., None]  # (b, K, n)
 
     def step_(self, w: torch.Tensor, c: float, base: float) -> None:
