@@ -13,7 +13,8 @@ Kernel ``q3r``, mode ``step``, providers:
 * ``adamw``: ``torch.optim.AdamW`` (its default implementation for the device), the target's baseline;
 * ``adamw_fused``: ``torch.optim.AdamW(fused=True)``, the fastest AdamW torch has (on the CPU the same fused
   kernel now runs the Adam part of AdamQ3R's CPU path, so this is the stricter comparison);
-* ``torch``: AdamQ3R through the PyTorch reference of ``ops.q3r_apply`` (what runs on a CPU);
+* ``torch``: AdamQ3R with the Triton backend off: on a CPU its default path (``Q3R.decoupled_step_`` per weight,
+  then one fused AdamW call per group), on a GPU the PyTorch reference of ``ops.q3r_apply`` per parameter;
 * ``triton``: AdamQ3R through the fused Triton kernel (GPU only);
 * ``torch+warm_start`` / ``triton+warm_start``: AdamQ3R(warm_start=True), rebuilds started from the previous
   singular vectors (approximate, see :class:`Q3R`);
