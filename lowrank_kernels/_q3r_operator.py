@@ -136,8 +136,8 @@ class _SliceBatch:
     """Operators on same-size, adjacent row slices of one weight (or one whole weight), stacked for ``bmm``.
 
     Their rows ``[start, stop)`` of a contiguous weight are viewed as ``X (b, m, n)`` without a copy (QKV's three
-    slices: one batch), and :meth:`step_` applies ``X <- base X - c L X R`` per slice in six batched products:
-    ``L X R - X = Ud P + (Q + Ud C) Vd`` with ``Ud = U D``, ``Vd = D V^T``, ``P = U^T X``, ``Q = X V``,
+    slices: one batch), and :meth:`step_` applies ``X <- beta X + alpha (L X R - X)`` per slice in six batched
+    products: ``L X R - X = Ud P + (Q + Ud C) Vd`` with ``Ud = U D``, ``Vd = D V^T``, ``P = U^T X``, ``Q = X V``,
     ``C = P V``. The triplets are zero-padded to the largest kept count ``K`` (a padded ``d`` is 0: it adds
     nothing). Built once per rebuild.
     """
@@ -164,18 +164,20 @@ class _SliceBatch:
         self.UdT = Ut * d[..., None]  # (b, K, m): Ud^T, contiguous (a new tensor)
         self.Vd = self.Vh * d[..., None]  # (b, K, n)
 
-    def step_(self, w: torch.Tensor, c: float, base: float) -> None:
-        """``w[start:stop] <- base X - c L X R`` per slice, in place (``w`` contiguous, of the compute dtype)."""
+    def step_(self, w: torch.Tensor, alpha: float, beta: float) -> None:
+        """``X <- beta X + alpha (L X R - X)`` per slice of ``w[start:stop]``, in place (``w`` contiguous, of the
+        compute dtype)."""
         X = w[self.start:self.stop].view(self.shape)
         if not self.K:
-            X.mul_(base - c)
+            if beta != 1.0:
+                X.mul_(beta)
             return
         P = torch.bmm(self.Ut, X)  # (b, K, n)
         QT = torch.bmm(self.Vh, X.transpose(1, 2))  # (b, K, m) = (X V)^T
         C = torch.bmm(P, self.Vh.transpose(1, 2))  # (b, K, K)
         QT.baddbmm_(C.transpose(1, 2), self.UdT)  # (Q + Ud C)^T
-        X.baddbmm_(self.UdT.transpose(1, 2), P, beta=base - c, alpha=-c)
-        X.baddbmm_(QT.transpose(1, 2), self.Vd, alpha=-c)
+        X.baddbmm_(self.UdT.transpose(1, 2), P, beta=beta, alpha=alpha)
+        X.baddbmm_(QT.transpose(1, 2), self.Vd, alpha=alpha)
 
 
 def _slice_batches(ops: Sequence[_Operator], rows: int) -> tuple[list[_SliceBatch], list[tuple[int, int]]]:

@@ -121,8 +121,9 @@ class AdamQ3R(torch.optim.Optimizer):
                     # part of every such parameter of the group in one call of torch's fused AdamW kernel
                     wd = group["weight_decay"]
                     if id(p) in regularised:
-                        self.q3r.decoupled_step_(p, group["lr"], wd)
-                        wd = 0.0
+                        # the common factor s of the decayed rows is left to the fused kernel's weight decay pass
+                        s = self.q3r.decoupled_step_(p, group["lr"], wd, defer_scale=True)
+                        wd = (1.0 - s) / group["lr"] if s != 1.0 else 0.0
                     lists = fused.setdefault((gi, p.dtype, wd), ([], [], [], [], []))
                     for lst, t in zip(lists, (*tensors, state["step"]), strict=True):
                         lst.append(t)

@@ -359,6 +359,24 @@ def test_decoupled_step_is_decay_plus_q3r_gradient(dtype, slices):
         assert uncovered == [(20, 24)]
 
 
+@pytest.mark.parametrize(("lr", "deferred"), [(0.05, True), (0.4, False), (0.0, True)])
+def test_decoupled_step_defer_scale(lr, deferred):
+    """``defer_scale`` leaves out s = 1 - lr (wd + 2 lmbda) (returned) from every row, covered or not; times s it is
+    the full step. Not deferred (1.0 returned, full step done) when s < 0.5 (lr 0.4: s = 1 - 0.4 (0.3 + 1) = 0.48)."""
+    torch.manual_seed(4)
+    model = _model(torch.float64)
+    q = Q3R({model[0]: [(2, 9), (14, 30)]}, target_rank=0.3, lmbda=0.5, steps=1)
+    q.update()
+    w, wd = model[0].weight, 0.3
+    want = ((1 - lr * wd) * w.detach() - lr * q.grad[w]).clone()
+    s = q.decoupled_step_(w, lr, wd, defer_scale=True)
+    if deferred:
+        assert s == pytest.approx(1 - lr * (wd + 2 * 0.5))
+    else:
+        assert s == 1.0
+    assert_verbose_allclose(s * w.detach(), want, rtol=1e-12, atol=1e-12, name="deferred step times s")
+
+
 def test_decoupled_step_errors_and_rank_without_triplets():
     torch.manual_seed(0)
     model = _model(torch.float32)
