@@ -71,15 +71,18 @@ class AdamQ3R(torch.optim.Optimizer):
         return self._index()[id(p)]
 
     def _first_nonfinite(self, active: list[torch.Tensor]) -> str | None:
-        names = [f"grad of param {i} {tuple(p.shape)}" for i, p in active]
         tensors = [p.grad for _, p in active]
-        index = self._index()
         # a non-finite weight only breaks the operator rebuild (the SVD); between rebuilds it stays in its own rows
-        for w in self.q3r.params if self.q3r.t % self.q3r.steps == 0 else ():
-            names.append(f"regularised weight (param {index[id(w)]}) {tuple(w.shape)}")
-            tensors.append(w)
-        flags = finite_flags(tensors)
-        return None if all(flags) else names[flags.index(False)]
+        weights = self.q3r.params if self.q3r.t % self.q3r.steps == 0 else []
+        flags = finite_flags(tensors + weights)
+        if all(flags):
+            return None
+        bad = flags.index(False)  # names are formed only here, not on every step
+        if bad < len(active):
+            i, p = active[bad]
+            return f"grad of param {i} {tuple(p.shape)}"
+        w = weights[bad - len(active)]
+        return f"regularised weight (param {self._index()[id(w)]}) {tuple(w.shape)}"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
