@@ -15,16 +15,19 @@ Kernel ``q3r``, mode ``step``, providers:
   kernel now runs the Adam part of AdamQ3R's CPU path, so this is the stricter comparison);
 * ``torch``: AdamQ3R with the Triton backend off: on a CPU its default path (``Q3R.decoupled_step_`` per weight,
   then one fused AdamW call per group), on a GPU the PyTorch reference of ``ops.q3r_apply`` per parameter;
+  rebuilds warm-started from the previous singular vectors (the default, see :class:`Q3R`);
 * ``triton``: AdamQ3R through the fused Triton kernel (GPU only);
-* ``torch+warm_start`` / ``triton+warm_start``: AdamQ3R(warm_start=True), rebuilds started from the previous
-  singular vectors (approximate, see :class:`Q3R`);
+* ``torch+cold`` / ``triton+cold``: AdamQ3R(warm_start=False), every rebuild a cold randomized SVD. (Rows named
+  ``+warm_start`` in results before 2026-11-25 15:00 UTC measured the earlier opt-in warm start, one operator at a
+  time, when the cold rebuild was the default.)
 * ``seed``: the seed's algorithm written plainly: a full SVD every 5 steps, dense ``L (m x m)`` and
   ``R (n x n)``, ``G = 2 lmbda L X R`` materialised and padded per slice, then AdamW and ``p -= lr G``.
 
 Kernel ``q3r``, mode ``update``: one rebuild of every operator (what ``steps`` amortises), providers
 ``torch_svd`` (full ``torch.linalg.svd``), ``truncated_svd`` (``ops.truncated_svd`` as dispatched: its
 randomized path on every ViT-Tiny matrix, since ``min(m, n) = 192`` is above its full-SVD cut-off
-``SMALL_DIM = 128``) and ``warm_start`` (one subspace step from the previous vectors, ``Q3R(warm_start=True)``).
+``SMALL_DIM = 128``; ``Q3R(warm_start=False)``) and ``warm_start`` (the default rebuild: one product with the
+previous vectors, ``Q3R(warm_start=True)`` after its first, exact rebuild).
 Until 2026-11-25 the cut-off was 192 and the dispatched path was the full SVD: rows of the providers
 ``torch+randomized_svd`` and ``truncated_svd_randomized`` in older results measured the randomized path then.
 
@@ -134,7 +137,7 @@ def _step_fn(provider: str, model, tm):
         opt = _SeedAdamQ3R(model, tm, TARGET, LMBDA, PERIOD, LR)
     else:
         opt = AdamQ3R(model.parameters(), tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, lr=LR,
-                      warm_start=provider.endswith("warm_start"))
+                      warm_start=not provider.endswith("+cold"))
     grads = [p.grad for p in model.parameters()]
 
     def period():
@@ -172,8 +175,8 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     dev = resolve_device(device)
     blocks, d = (2, 64) if quick else (12, 192)
     dtype = torch.float32
-    step_providers = ["adamw", "adamw_fused", "torch", "torch+warm_start", "seed"]
-    step_providers += ["triton", "triton+warm_start"] if dev.type == "cuda" else []
+    step_providers = ["adamw", "adamw_fused", "torch", "torch+cold", "seed"]
+    step_providers += ["triton", "triton+cold"] if dev.type == "cuda" else []
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         # quick runs are smoke tests: one thread, because two on a busy 2-core box ran 10-100x slower

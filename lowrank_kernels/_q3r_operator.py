@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
-from .ops.truncated_svd import project_svd, sketch_width, svd_path
+from .ops.truncated_svd import sketch_width, svd_path
 
 EPS_START = 1e8
 Rank = int | float
@@ -40,6 +40,9 @@ class _Operator:
         self.n = weight.shape[1]
         self.cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.eps, self.eps0 = EPS_START, None
+        # right singular vectors (k_b, n) of the last rebuild, all it computed (kept or not): the next rebuild's
+        # warm start; None before the first rebuild and when Q3R's warm_start is off
+        self.basis: torch.Tensor | None = None
         self.set_triplets(*self.empty())
 
     def empty(self):
@@ -84,52 +87,52 @@ def _factors(X: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor, d: torch.Tensor
     return torch.cat([U, Q * d[..., None, :]], dim=-1), torch.cat([Pt, Vh], dim=-2)
 
 
+def _seeded_sketch(seeds: Sequence[int], n: int, width: int, dtype: torch.dtype, device: torch.device,
+                   cache: dict | None = None, cache_elements: int = 0) -> torch.Tensor:
+    """``(b, n, width)`` Gaussian blocks, block ``j`` drawn with ``seeds[j]`` (its own generator): a matrix's
+    sketch does not depend on what it is stacked with (one process vs DDP). With a ``cache`` dict the stack is
+    kept there while the cache holds at most ``cache_elements`` elements (72 seeded draws cost ~4 ms per
+    ViT-Tiny rebuild on 2 CPU cores)."""
+    key = (tuple(seeds), n, width, dtype, device)
+    sketch = cache.get(key) if cache is not None else None
+    if sketch is None:
+        blocks = []
+        for seed in seeds:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+            blocks.append(torch.randn(n, width, generator=gen, dtype=dtype, device=device))
+        sketch = torch.stack(blocks)
+        if cache is not None and sum(t.numel() for t in cache.values()) + sketch.numel() <= cache_elements:
+            cache[key] = sketch
+    return sketch
+
+
 def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int, n_iter: int,
-                  cache: dict | None = None, cache_elements: int = 0):
+                  cache: dict | None = None, cache_elements: int = 0,
+                  bases: Sequence[torch.Tensor] | None = None):
     """Top-``k`` triplets of each ``X[j] (m, n)`` of a same-shape stack ``X (b, m, n)``.
 
     One batched :func:`ops.truncated_svd` call (one set of kernels for the whole stack on a GPU; 2 CPU
-    cores, ViT-Tiny's 72 operators: ~105 vs ~150 ms looped), each matrix from its own sketch drawn with
-    ``seeds[j]``, so a matrix's result does not depend on what it is stacked with (one process vs DDP).
-    The stacked sketch is the same at every rebuild with the same ``k``: with a ``cache`` dict it is kept there
-    while the cache holds at most ``cache_elements`` elements (72 seeded draws cost ~4 ms per ViT-Tiny
-    rebuild on 2 CPU cores).
+    cores, ViT-Tiny's 72 operators: ~105 vs ~150 ms looped), each matrix from its own seeded sketch
+    (:func:`_seeded_sketch`; ``cache``, ``cache_elements`` as there).
+
+    Warm start: ``bases[j] (k_j, n)``, the right singular vectors of ``X[j]``'s previous rebuild, replace the
+    first ``k_j`` columns of its sketch; the seeded columns after them are the oversampling. Weights move
+    little between rebuilds, so that block is already close to the top right subspace and ``n_iter = 0``
+    (one product, the Rayleigh-Ritz projection) is enough: each rebuild is then one more step of a subspace
+    iteration that runs across rebuilds.
     """
     _, m, n = X.shape
     sketch = None  # none needed when truncated_svd answers with the full SVD (small or k close to min(m, n))
     if svd_path((m, n), k, oversample) == "randomized":
-        width = sketch_width((m, n), k, oversample)
-        key = (tuple(seeds), n, width, X.dtype, X.device)
-        sketch = cache.get(key) if cache is not None else None
-        if sketch is None:
-            blocks = []
-            for seed in seeds:
-                gen = torch.Generator(device=X.device)
-                gen.manual_seed(seed)
-                blocks.append(torch.randn(n, width, generator=gen, dtype=X.dtype, device=X.device))
-            sketch = torch.stack(blocks)
-            if cache is not None and sum(t.numel() for t in cache.values()) + sketch.numel() <= cache_elements:
-                cache[key] = sketch
+        sketch = _seeded_sketch(seeds, n, sketch_width((m, n), k, oversample), X.dtype, X.device, cache,
+                                cache_elements)
+        if bases is not None:
+            sketch = sketch.clone()
+            for j, basis in enumerate(bases):
+                c = min(basis.shape[0], sketch.shape[-1])
+                sketch[j, :, :c] = basis[:c].T
     return ops.truncated_svd(X, k, oversample=oversample, n_iter=n_iter, sketch=sketch)
-
-
-def _warm_svd(X: torch.Tensor, k: int, Vh_prev: torch.Tensor, seed: int, oversample: int):
-    """Top-``k`` triplets by one subspace-iteration step started at the previous right singular vectors.
-
-    Weights move little between rebuilds, so ``X [V_prev, Omega]`` (seeded Gaussian ``Omega`` fills the
-    oversampling columns) is close to the top subspace: four thin products instead of the ``2 + 2 n_iter``
-    (or, when ``min(m, n) <= SMALL_DIM`` of ``ops/truncated_svd.py``, the exact SVD) of ``ops.truncated_svd``.
-    """
-    width = min(min(X.shape), k + oversample)
-    Omega = Vh_prev[:width].T
-    if Omega.shape[1] < width:
-        gen = torch.Generator(device=X.device)
-        gen.manual_seed(seed)
-        extra = torch.randn(X.shape[1], width - Omega.shape[1], generator=gen, dtype=X.dtype, device=X.device)
-        Omega = torch.cat([Omega, extra], dim=1)
-    Q, _ = torch.linalg.qr(X @ Omega)
-    Q, _ = torch.linalg.qr(X @ (X.T @ Q))  # one power step: trailing sigmas of flat spectra were 13% low without
-    return project_svd(Q, X, k)
 
 
 class _SliceBatch:

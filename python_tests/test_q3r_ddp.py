@@ -20,13 +20,16 @@ STEPS = 7  # Q3R rebuilds at calls 1, 4, 7 (steps=3)
 
 def _train(k: int):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 36), nn.Tanh(), nn.Linear(36, 20), nn.Tanh(), nn.Linear(20, 16))
-    X, Y = torch.randn(24, 12), torch.randn(24, 16)
-    tm = {model[0]: [(0, 12), (12, 24), (24, 36)], model[2]: None, model[4]: None}
+    net = nn.Sequential(nn.Linear(12, 36), nn.Tanh(), nn.Linear(36, 20), nn.Tanh(), nn.Linear(20, 16))
+    # min(m, n) > 128: its SVDs take the randomized path, so the warm start (the previous vectors) matters
+    wide = nn.Linear(144, 144)
+    model = nn.ModuleList([net, wide])
+    X, Y, Z = torch.randn(24, 12), torch.randn(24, 16), torch.randn(24, 144)
+    tm = {net[0]: [(0, 12), (12, 24), (24, 36)], net[2]: None, net[4]: None, wide: None}
     opt = AdamQ3R(model.parameters(), tm, target_rank=0.3, lmbda=0.3, steps=3, lr=1e-2, weight_decay=0.01)
     for _ in range(k):
         opt.zero_grad()
-        (model(X) - Y).square().mean().backward()
+        ((net(X) - Y).square().mean() + (wide(Z) - Z).square().mean()).backward()
         opt.step()
     return model, opt
 
@@ -48,6 +51,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         model, opt = _train(STEPS)
         torch.save({"params": [p.detach() for p in model.parameters()], "refreshed": sorted(set(done)),
                     "owners": opt.q3r._owners, "eps": [op.eps for op in opt.q3r.ops],
+                    "bases": [op.basis for op in opt.q3r.ops],
                     "ranks": opt.q3r.effective_ranks()}, os.path.join(out_dir, f"rank{rank}.pt"))
         t = torch.tensor([float(rank + 1)])
         flat_all_reduce([t, torch.tensor([1, 2]) * (rank + 1)])
@@ -87,6 +91,8 @@ def test_ddp_matches_single_process(tmp_path):
     for out in outs:
         assert out["eps"] == [op.eps for op in opt.q3r.ops]
         assert out["ranks"] == opt.q3r.effective_ranks()
+        for a, op in zip(out["bases"], opt.q3r.ops, strict=True):  # shared: either rank can save the state
+            torch.testing.assert_close(a, op.basis, rtol=1e-5, atol=1e-6)
         for a, b in zip(out["params"], model.parameters(), strict=True):
             torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
 
