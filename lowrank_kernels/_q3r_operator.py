@@ -129,9 +129,13 @@ def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int
                                 cache_elements)
         if bases is not None:
             sketch = sketch.clone()
-            for j, basis in enumerate(bases):
-                c = min(basis.shape[0], sketch.shape[-1])
-                sketch[j, :, :c] = basis[:c].T
+            widths = [min(basis.shape[0], sketch.shape[-1]) for basis in bases]
+            if len(set(widths)) == 1:  # the usual case: one copy for the stack
+                c = widths[0]
+                sketch[:, :, :c] = torch.stack([basis[:c] for basis in bases]).transpose(1, 2)
+            else:
+                for j, (basis, c) in enumerate(zip(bases, widths, strict=True)):
+                    sketch[j, :, :c] = basis[:c].T
     return ops.truncated_svd(X, k, oversample=oversample, n_iter=n_iter, sketch=sketch)
 
 
