@@ -165,9 +165,10 @@ class Q3R:
             Rayleigh-Ritz projection, i.e. one step of a subspace iteration that runs across rebuilds. On
             flat spectra (randomly initialised weights), where a cold randomized SVD is poor (sigma_{r+1} 4-6%
             low with ``n_iter=2`` on ViT-Tiny's 192-wide weights), it stayed within 0.1-0.5% of the exact
-            value while Adam moved the weights, at a third of the products (2 instead of 6 passes over each
-            weight: ViT-Tiny's 72 operators, 2 CPU cores, 30 vs 80 ms per rebuild). ``False``: every rebuild
-            is a cold :func:`ops.truncated_svd` from the operator's seeded sketch.
+            value while Adam moved the weights by 1e-3 per element and step (1-3% at 5e-3), with a third of the
+            passes over each weight (2 instead of 6). ViT-Tiny's 72 operators, 2 CPU cores: 37-42 ms per warm
+            rebuild vs 69-75 ms cold, the first (exact) one 350-475 ms once. ``False``: every rebuild is a cold
+            :func:`ops.truncated_svd` from the operator's seeded sketch.
         group: process group; when ``torch.distributed`` is initialised the operators are split over its
             ranks by cost ``m * n * r`` and their states shared after every rebuild (two all-reduces).
 
