@@ -170,6 +170,7 @@ class _SliceBatch:
         self.Ut = Ut
         self.UdT = Ut * d[..., None]  # (b, K, m): Ud^T, contiguous (a new tensor)
         self.Vd = self.Vh * d[..., None]  # (b, K, n)
+        self.V, self.Ud = self.Vh.transpose(1, 2), self.UdT.transpose(1, 2)  # views, made once per rebuild
 
     def step_(self, w: torch.Tensor, alpha: float, beta: float) -> None:
         """``X <- beta X + alpha (L X R - X)`` per slice of ``w[start:stop]``, in place (``w`` contiguous, of the
@@ -181,9 +182,9 @@ class _SliceBatch:
             return
         P = torch.bmm(self.Ut, X)  # (b, K, n)
         QT = torch.bmm(self.Vh, X.transpose(1, 2))  # (b, K, m) = (X V)^T
-        C = torch.bmm(P, self.Vh.transpose(1, 2))  # (b, K, K)
+        C = torch.bmm(P, self.V)  # (b, K, K)
         QT.baddbmm_(C.transpose(1, 2), self.UdT)  # (Q + Ud C)^T
-        X.baddbmm_(self.UdT.transpose(1, 2), P, beta=beta, alpha=alpha)
+        X.baddbmm_(self.Ud, P, beta=beta, alpha=alpha)
         X.baddbmm_(QT.transpose(1, 2), self.Vd, alpha=alpha)
 
 
