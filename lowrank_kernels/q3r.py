@@ -305,12 +305,11 @@ class Q3R:
                 for j, ((i, op, X, _), host_s) in enumerate(zip(chunk, S.tolist(), strict=True)):  # one sync
                     self._settle(i, op, X, k, U[j], S[j], Vh[j], host_s)
 
-    def _svd_mode(self, op: _Operator) -> str:
-        if not self.warm_start:
-            return "sketch"
-        if op.basis is not None:
+    def _svd_mode(self, op: _Operator, warm: bool = True) -> str:
+        """How ``op``'s next SVD is taken (see :meth:`_svd`); ``warm=False``: a cold one (widening)."""
+        if self.warm_start and warm and op.basis is not None:
             return "warm"
-        return "exact" if min(op.m, op.n) <= _EXACT_COLD_DIM else "sketch"
+        return "exact" if self.warm_start and min(op.m, op.n) <= _EXACT_COLD_DIM else "sketch"
 
     def _svd(self, X: torch.Tensor, k: int, idx: list[int], mode: str, bases: list) -> tuple:
         """Top-``k`` triplets of the stack ``X (b, m, n)`` of operators ``idx``: ``mode`` is ``"exact"`` (full
@@ -332,8 +331,7 @@ class Q3R:
         # every triplet above eps matters: widen until one falls below it (cold: the old basis is too narrow)
         while k < kmax and host_s[-1] > cut:
             k = min(2 * k, kmax)
-            mode = "sketch" if not self.warm_start or min(op.m, op.n) > _EXACT_COLD_DIM else "exact"
-            U, S, Vh = (t[0] for t in self._svd(X[None], k, [i], mode, [None]))
+            U, S, Vh = (t[0] for t in self._svd(X[None], k, [i], self._svd_mode(op, warm=False), [None]))
             host_s = S.tolist()
         keep = sum(1 for v in host_s if v > cut)
         op.basis = Vh if self.warm_start else None
@@ -495,7 +493,8 @@ class Q3R:
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self, param_index: Callable[[torch.Tensor], int] | None = None) -> dict:
-        """Counters, eps and triplets of every operator (tensors cloned); ``param_index`` names weights."""
+        """Counters, eps, triplets and warm-start basis of every operator (tensors cloned); ``param_index`` names
+        weights."""
         return {
             "t": self.t, "t0": self.t0, "n_refresh": self.n_refresh,
             "ops": [{"shape": tuple(op.weight.shape), "rows": op.rows, "rank": op.rank, "eps": op.eps,
