@@ -163,11 +163,11 @@ class Q3R:
             ``min(m, n) <= 1024``, else :func:`ops.truncated_svd` with ``n_iter``; every later rebuild is one
             product with the previous right singular vectors (plus ``oversample`` seeded columns) and the
             Rayleigh-Ritz projection, i.e. one step of a subspace iteration that runs across rebuilds. On
-            flat spectra (randomly initialised weights), where a cold randomized SVD is poor (sigma_{r+1} 4-6%
-            low with ``n_iter=2`` on ViT-Tiny's 192-wide weights), it stayed within 0.1-0.5% of the exact
-            value while Adam moved the weights by 1e-3 per element and step (1-3% at 5e-3), with a third of the
-            passes over each weight (2 instead of 6). ViT-Tiny's 72 operators, 2 CPU cores: 37-42 ms per warm
-            rebuild vs 69-75 ms cold, the first (exact) one 350-475 ms once. ``False``: every rebuild is a cold
+            flat spectra (randomly initialised weights) a cold randomized SVD is poor: ViT-Tiny's 72 operators
+            (192-wide) under AdamW-sized random steps (lr 1e-3), rebuilt every 5 steps, had their worst kept
+            sigma 6.6-7.3% low with cold rebuilds (``n_iter=2``) and 0.5-1.3% off with warm ones, which make a
+            third of the passes over each weight (2 instead of 6): 37-42 ms per warm rebuild vs 69-75 ms cold on
+            2 CPU cores, the first (exact) one 350-475 ms once. ``False``: every rebuild is a cold
             :func:`ops.truncated_svd` from the operator's seeded sketch.
         group: process group; when ``torch.distributed`` is initialised the operators are split over its
             ranks by cost ``m * n * r`` and their states shared after every rebuild (two all-reduces).
