@@ -166,7 +166,7 @@ class Q3R:
             flat spectra (randomly initialised weights) a cold randomized SVD is poor: ViT-Tiny's 72 operators
             (192-wide) under AdamW-sized random steps (lr 1e-3), rebuilt every 5 steps, had their worst kept
             sigma 6.6-7.3% low with cold rebuilds (``n_iter=2``) and 0.5-1.3% off with warm ones, which make a
-            third of the passes over each weight (2 instead of 6): 37-43 ms per warm rebuild vs 69-94 ms cold on
+            third of the passes over each weight (2 instead of 6): 40-45 ms per warm rebuild vs 79-94 ms cold on
             2 CPU cores, the first (exact) one 350-475 ms once. ``False``: every rebuild is a cold
             :func:`ops.truncated_svd` from the operator's seeded sketch.
         group: process group; when ``torch.distributed`` is initialised the operators are split over its
