@@ -72,8 +72,10 @@ def test_before_first_update_is_weight_decay():
     assert_verbose_allclose(q.grad[w], 2 * 0.5 * w.detach(), name="grad")
 
 
-def test_operator_is_top_triplets_of_full_svd():
-    """Kept triplets = those with sigma > eps, from the truncated SVD, matching torch.linalg.svd."""
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_operator_is_top_triplets_of_full_svd(warm_start):
+    """Kept triplets = those with sigma > eps, matching torch.linalg.svd: cold (the randomized truncated SVD every
+    rebuild) and warm (exact first rebuild, then warm ones; widening takes a cold SVD)."""
     torch.manual_seed(1)
     lin = nn.Linear(300, 280).double()  # large enough for the randomized path of ops.truncated_svd
     with torch.no_grad():
@@ -81,7 +83,7 @@ def test_operator_is_top_triplets_of_full_svd():
         V, _ = torch.linalg.qr(torch.randn(300, 280, dtype=torch.float64))
         S = 10 * 0.7 ** torch.arange(280, dtype=torch.float64)  # a spectral gap the sketch resolves
         lin.weight.copy_(U * S @ V.T)
-    q = Q3R({lin: None}, target_rank=6, lmbda=1.0, n_iter=4)
+    q = Q3R({lin: None}, target_rank=6, lmbda=1.0, n_iter=4, warm_start=warm_start)
     q.update()
     op = q.ops[0]
     assert op.eps == pytest.approx(float(S[6]), rel=1e-6)
