@@ -171,7 +171,8 @@ def project_svd(Q: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tens
     """Top-``rank`` triplets of ``A (..., m, n)`` within the span of the orthonormal ``Q (..., m, k)``.
 
     The exact SVD of the small projection ``B = Q^T A (..., k, n)`` (Rayleigh-Ritz): on the CPU from the
-    fp64 Gram (:func:`_small_svd_gram`) when it is accurate enough, else LAPACK's SVD of ``B^T``.
+    Gram's ``eigh`` (:func:`_small_svd_gram`, fp32 or fp64) when it is accurate enough, else LAPACK's SVD of
+    ``B^T``.
     """
     B = Q.transpose(-1, -2) @ A
     if A.device.type == "cpu":
@@ -237,10 +238,11 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
             relative (oversample 8: 4.5e-4); a flat bulk (a Gaussian matrix) converges slowly (~5e-2).
         generator: source of the random test matrix. ``None`` uses a fresh generator seeded with 0 on
             ``W``'s device, so results are deterministic and the global RNG stream is left untouched.
-        sketch: the random test matrix itself, ``(..., n, sketch_width(W.shape, rank, oversample))`` on
+        sketch: the starting block itself, ``(..., n, sketch_width(W.shape, rank, oversample))`` on
             ``W``'s device, instead of drawing one from ``generator``: e.g. one seeded block per matrix of a
-            batch, so that each matrix's result does not depend on what it is batched with. Unused when
-            the full SVD answers.
+            batch, so that each matrix's result does not depend on what it is batched with, or a warm start
+            whose first columns are previous right singular vectors (then ``n_iter=0`` may suffice, as in
+            ``Q3R``'s rebuilds). Unused when the full SVD answers.
 
     Returns:
         ``U (..., m, rank)``, ``S (..., rank)`` (descending), ``Vh (..., rank, n)``, computed in fp32 (fp64
