@@ -1,8 +1,16 @@
-"""Test helpers shared by ``python_tests`` and ``bench`` (importable by users' own tests too)."""
+"""Test helpers shared by ``python_tests`` and ``bench`` (importable by users' own tests too):
+tolerance-aware comparisons and :func:`count_gpu_cost`, the launch / host-sync / allocation counter."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import sys
+from collections import Counter
+
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def assert_verbose_allclose(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-8,
@@ -46,3 +54,153 @@ def assert_close_to_reference(out: torch.Tensor, ref_fp64: torch.Tensor, same_pr
     bound = factor * base + atol
     if not err <= bound:
         raise AssertionError(f"{name}: max error {err:.3g} > {factor} x torch error {base:.3g} + {atol:g}")
+
+
+# ------------------------------------------------------------------------------- GPU cost, counted anywhere
+_aten = torch.ops.aten
+# Ops that only allocate or read metadata: no kernel runs on a GPU.
+_NO_LAUNCH = {
+    _aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default, _aten.new_empty.default,
+    _aten.new_empty_strided.default, _aten.resize_.default, _aten.set_.source_Storage_storage_offset,
+    _aten.sym_size.int, _aten.sym_stride.int, _aten.sym_numel.default, _aten.sym_storage_offset.default,
+    _aten.is_same_size.default, _aten._has_compatible_shallow_copy_type.default, _aten.lift_fresh.default,
+}
+# Ops whose result size or value the host must wait for (a device-to-host sync on CUDA).
+_SYNC_OPS = {
+    _aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
+    _aten.is_nonzero.default, _aten.equal.default, _aten._unique2.default, _aten.unique_dim.default,
+    _aten.unique_consecutive.default, _aten._linalg_check_errors.default,
+    # eigh and svd check their ``info`` on the host inside the kernel call (not a separate op):
+    _aten._linalg_eigh.default, _aten._linalg_svd.default,
+}
+_SYNC_ONLY = {_aten._linalg_check_errors.default, _aten._local_scalar_dense.default}
+# Tensor methods that read tensor data on the host (counted once, at the Python call).
+_HOST_READS = {
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+    torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
+}
+
+
+@dataclasses.dataclass
+class GPUCost:
+    """What :func:`count_gpu_cost` counted.
+
+    Attributes:
+        launches: aten ops that launch a kernel on a GPU (views, metadata and bare allocations excluded;
+            composite ops are counted as the ops they decompose into) plus Triton kernel launches.
+        triton_launches: the Triton launches among ``launches``.
+        syncs: host reads of tensor data (``item``, ``tolist``, ``bool(t)``, ``float(t)``, ``int(t)``,
+            ``.cpu()``, ``.numpy()``, ``_local_scalar_dense``) and ops whose output size or error check needs
+            the host (``nonzero``, ``masked_select``, ``unique``, linalg error checks).
+        large: ``(op name, shape)`` of every tensor created (not a view, not written in place) with at least
+            ``min_numel`` elements.
+        ops: launches per aten op name (for reading a regression).
+    """
+
+    launches: int = 0
+    triton_launches: int = 0
+    syncs: int = 0
+    large: list = dataclasses.field(default_factory=list)
+    ops: Counter = dataclasses.field(default_factory=Counter)
+
+    def per(self, n: int) -> dict:
+        """``launches`` and ``syncs`` divided by ``n`` (e.g. steps), for amortised figures."""
+        return {"launches": self.launches / n, "syncs": self.syncs / n}
+
+
+class _CostDispatch(TorchDispatchMode):
+    def __init__(self, cost: GPUCost, min_numel: int | None, state: dict):
+        super().__init__()
+        self.cost, self.min_numel, self.state = cost, min_numel, state
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _SYNC_OPS:
+            if self.state["host_read_depth"] == 0:
+                self.cost.syncs += 1
+            if func not in _SYNC_ONLY:
+                self._launch(func)
+        elif func not in _NO_LAUNCH and not func.is_view:
+            self._launch(func)
+            if self.min_numel is not None:
+                returns = func._schema.returns
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for ret, t in zip(returns, outs):
+                    if (ret.alias_info is None and isinstance(t, torch.Tensor)
+                            and t.numel() >= self.min_numel):
+                        self.cost.large.append((str(func.overloadpacket.__name__), tuple(t.shape)))
+        return out
+
+    def _launch(self, func):
+        self.cost.launches += 1
+        self.cost.ops[func.overloadpacket.__name__] += 1
+
+
+class _CostFunction(TorchFunctionMode):
+    def __init__(self, cost: GPUCost, state: dict):
+        super().__init__()
+        self.cost, self.state = cost, state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in _HOST_READS:
+            return func(*args, **(kwargs or {}))
+        self.cost.syncs += 1
+        self.state["host_read_depth"] += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.state["host_read_depth"] -= 1
+
+
+def _triton_run_methods() -> list:
+    """The ``run`` methods of Triton's launchable classes, where triton is already imported (never imports it)."""
+    if "triton" not in sys.modules:
+        return []
+    found = []
+    for mod_name, cls_name in (("triton.runtime.jit", "JITFunction"),
+                               ("triton.runtime.interpreter", "InterpretedFunction")):
+        cls = getattr(sys.modules.get(mod_name), cls_name, None)
+        if cls is not None and "run" in vars(cls):
+            found.append(cls)
+    return found
+
+
+@contextlib.contextmanager
+def count_gpu_cost(min_numel: int | None = None):
+    """Count what a block of code would cost on a GPU, on any device (the CPU included).
+
+    A GPU's time at small and medium shapes is set by kernel launches (several µs each) and host syncs
+    (each drains the queue), not by FLOPs, so a CPU run that counts both predicts GPU cost. Usage::
+
+        with count_gpu_cost(min_numel=M * out) as cost:
+            opt.step()
+        assert cost.launches <= 60 and cost.syncs == 0
+
+    Args:
+        min_numel: record every tensor created with at least this many elements in ``cost.large``.
+
+    Yields:
+        a :class:`GPUCost`, filled when the block exits (and live while it runs).
+
+    Counts ops after autograd and composite decomposition (what a device kernel sees), backward included;
+    Triton launches are counted where triton is imported (compiled or under ``TRITON_INTERPRET=1``).
+    """
+    cost = GPUCost()
+    state = {"host_read_depth": 0}
+    patched = []
+    for cls in _triton_run_methods():
+        original = vars(cls)["run"]
+
+        def run(self, *args, __original=original, **kwargs):
+            cost.launches += 1
+            cost.triton_launches += 1
+            return __original(self, *args, **kwargs)
+
+        cls.run = run
+        patched.append((cls, original))
+    try:
+        with _CostFunction(cost, state), _CostDispatch(cost, min_numel, state):
+            yield cost
+    finally:
+        for cls, original in patched:
+            cls.run = original
