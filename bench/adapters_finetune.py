@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_kernels.adapters import spectral, tenslora
-from lowrank_kernels.models import count_parameters, load_digits, vit_tiny
+from lowrank_kernels.app.models import count_parameters, load_digits, vit_tiny
 from lowrank_kernels.nn import LoRALinear
 
 LR = 3e-3

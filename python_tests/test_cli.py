@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from lowrank_kernels._train_techniques import TECHNIQUES, availability
-from lowrank_kernels.cli import main
+from lowrank_kernels.app.techniques import TECHNIQUES, availability
+from lowrank_kernels.app.cli import main
 
 # a tiny model on synthetic data: every run below takes well under a second of training
 TINY = ["--data", "synthetic", "--dim", "16", "--heads", "2", "--depth", "1", "--batch-size", "16", "--rank", "4",
@@ -49,7 +49,7 @@ def test_bad_input_one_line_nonzero_exit(capsys, argv, needle):
 
 
 def test_unavailable_technique_is_one_line(capsys, tmp_path, monkeypatch):
-    from lowrank_kernels import _train_techniques as T
+    from lowrank_kernels.app import techniques as T
 
     monkeypatch.setitem(T._NEEDS, "tenslora", [("lowrank_kernels.adapters.not_there", "apply")])
     rc, _, err = _run(capsys, ["train", "--technique", "tenslora", "--out", str(tmp_path), *TINY])
@@ -78,7 +78,7 @@ def test_bad_config_value_in_file(capsys, tmp_path):
 
 def test_bad_input_real_process():
     # as a user sees it: a real process, its exit status and its stderr
-    p = subprocess.run([sys.executable, "-m", "lowrank_kernels", "train", "--lr", "abc"], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "lowrank_kernels.app", "train", "--lr", "abc"], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("lowrank-kernels"), p.stderr
@@ -206,7 +206,7 @@ def test_lorita_q3r_gradient_is_the_chain_rule_through_the_product(depth):
     import torch
     from torch import nn
 
-    from lowrank_kernels._lorita import ComposedQ3R, LoRITaLinear
+    from lowrank_kernels.q3r import ComposedQ3R, LoRITaLinear
     from lowrank_kernels.q3r import Q3R
 
     torch.manual_seed(0)

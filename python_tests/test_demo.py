@@ -6,7 +6,7 @@ ranks must show what AdamQ3R does (it lowers them, dense AdamW does not).
 
 from __future__ import annotations
 
-from lowrank_kernels._demo import TARGET_RANK, run_demo
+from lowrank_kernels.app.demo import TARGET_RANK, run_demo
 
 
 def test_reduced_demo_reaches_real_accuracy(tmp_path, capsys):

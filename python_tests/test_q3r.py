@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lowrank_kernels import Q3R, extract_linear
-from lowrank_kernels.models import vit_tiny
+from lowrank_kernels.app.models import vit_tiny
 from lowrank_kernels.q3r import EPS_START, resolve_rank
 from lowrank_kernels.testing import assert_verbose_allclose
 
@@ -334,7 +334,7 @@ def test_batched_rebuild_matches_one_operator_at_a_time(monkeypatch, warm_start)
     """Same-shape operators share one batched SVD; each still gets its own sketch (and, warm, its own previous
     vectors), so the result is that of rebuilding it alone (chunks of one), as DDP ranks that own different
     subsets need. Warm, the first rebuild is the exact SVD and the second the batched warm one."""
-    import lowrank_kernels.q3r as q3r_mod
+    import lowrank_kernels.q3r.regularizer as q3r_mod
 
     torch.manual_seed(0)
     layers = [nn.Linear(160, 160) for _ in range(3)] + [nn.Linear(160, 480)]
@@ -372,7 +372,7 @@ def test_batched_rebuild_matches_one_operator_at_a_time(monkeypatch, warm_start)
 def test_warm_sketch_with_bases_of_different_widths_matches_one_at_a_time():
     """_sketched_svd's warm start: previous vectors of different counts per matrix (kept counts differ) fill
     the first columns of each matrix's own sketch; the stacked call equals the one-matrix calls."""
-    from lowrank_kernels._q3r_operator import _sketched_svd
+    from lowrank_kernels.q3r.operator import _sketched_svd
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(3, 160, 150, generator=g)
@@ -390,7 +390,7 @@ def test_warm_sketch_with_bases_of_different_widths_matches_one_at_a_time():
 def test_cached_sketches_give_the_same_rebuilds(monkeypatch):
     """The seeded sketches kept between rebuilds (bounded by _SKETCH_CACHE_ELEMENTS) are the ones a rebuild
     would draw: training with the cache and without it gives identical operators."""
-    import lowrank_kernels.q3r as q3r_mod
+    import lowrank_kernels.q3r.regularizer as q3r_mod
 
     def run():
         torch.manual_seed(0)
@@ -415,7 +415,7 @@ def test_cached_sketches_give_the_same_rebuilds(monkeypatch):
 def test_batched_factors_match_one_by_one(monkeypatch):
     """The per-step factors of same-shape operators computed together (the GPU's way, forced here on the
     CPU) give the gradient of computing them one by one (the CPU's way), kept counts differing per slice."""
-    import lowrank_kernels.q3r as q3r_mod
+    import lowrank_kernels.q3r.regularizer as q3r_mod
 
     torch.manual_seed(1)
     layers = [nn.Linear(40, 40), nn.Linear(40, 120), nn.Linear(40, 30)]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_kernels.models import TinyGPT, load_digits, vit_tiny
+from lowrank_kernels.app.models import TinyGPT, load_digits, vit_tiny
 from lowrank_kernels.nn import LowRankLinear, replace_linear
 from lowrank_kernels.rank import RankController, ResizeEvent, rewrap_ddp
 from lowrank_kernels.testing import assert_verbose_allclose
@@ -63,7 +63,7 @@ def test_shrink_is_best_rank_k(dtype, atol):
 
 
 def _adamq3r(params, model):
-    from lowrank_kernels.optim import AdamQ3R
+    from lowrank_kernels.q3r import AdamQ3R
 
     head = nn.Linear(10, 10)  # Q3R regularises nn.Linear weights; the factors get its plain AdamW path
     return AdamQ3R(list(params) + list(head.parameters()), {head: None}, target_rank=0.5, lmbda=0.0, lr=1e-2)

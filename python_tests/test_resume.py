@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from lowrank_kernels._train_techniques import TECHNIQUES
-from lowrank_kernels.train import from_dict, run
+from lowrank_kernels.app.techniques import TECHNIQUES
+from lowrank_kernels.app.train import from_dict, run
 
 TINY = dict(data="synthetic", dim=16, heads=2, depth=1, batch_size=16, rank=6, min_rank=2, target_rank=2,
             interval=3, q3r_steps=4, rank_every=3, tensor_ranks="2_2_2_2_2", threads=1, progress=False, plots=False)
@@ -77,7 +77,7 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     common = dict(TINY, technique="adamq3r", steps=5000, ckpt_every=4)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if not isinstance(v, bool)]
-    proc = subprocess.Popen([sys.executable, "-m", "lowrank_kernels", "train", *args, "--no-progress",
+    proc = subprocess.Popen([sys.executable, "-m", "lowrank_kernels.app", "train", *args, "--no-progress",
                              "--no-plots", f"--out={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowrank_kernels.adapters import spectral as S
-from lowrank_kernels.models import vit_tiny
+from lowrank_kernels.app.models import vit_tiny
 
 
 def _orthogonal(n, k, gen):

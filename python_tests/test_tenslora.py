@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call
 
 from lowrank_kernels.adapters import tenslora as T
-from lowrank_kernels.models import count_parameters, vit_tiny
+from lowrank_kernels.app.models import count_parameters, vit_tiny
 
 DIM, DEPTH, HEADS = 32, 2, 4
 

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from ._train_config import from_dict
+from .config import from_dict
 
 TARGET_RANK = 4  # of 64: small enough that a dense model loses most of its accuracy when truncated
 COMMON = dict(model="vit-tiny", data="digits", batch_size=64, lr=3e-3, weight_decay=0.05, target_rank=TARGET_RANK,

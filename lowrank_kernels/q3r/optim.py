@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import backend, ops
-from ._checks import finite_flags
-from .ops.q3r_apply import _can_fuse_adam
-from .q3r import Q3R, Rank
+from .. import backend, ops
+from .._checks import finite_flags
+from ..ops.q3r_apply import _can_fuse_adam
+from .operator import Rank
+from .regularizer import Q3R
 
 
 class AdamQ3R(torch.optim.Optimizer):

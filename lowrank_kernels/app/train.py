@@ -26,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _train_report as report
-from ._train_config import RUN_CONTROL, TrainConfig, from_dict, load_file, to_dict, validate
-from ._train_data import ConfigError, Data, epoch_order, make_data
-from ._train_techniques import Technique, TechniqueUnavailable, availability
+from .._modules import matches_target
+
+from . import report
+from .config import RUN_CONTROL, TrainConfig, from_dict, load_file, to_dict, validate
+from .data import Data, epoch_order, make_data
+from .errors import ConfigError
+from .techniques import Technique, TechniqueUnavailable, availability
 
 __all__ = ["ConfigError", "TechniqueUnavailable", "TrainConfig", "availability", "from_dict", "load_file", "run"]
 
@@ -61,7 +64,7 @@ def build_model(cfg: TrainConfig, data: Data) -> nn.Module:
 def find_targets(model: nn.Module, target_modules: str) -> list[str]:
     pats = [t.strip() for t in target_modules.split(",") if t.strip()]
     names = [n for n, m in model.named_modules()
-             if n and isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in pats)]
+             if n and isinstance(m, nn.Linear) and matches_target(n, pats)]
     if not names:
         raise ConfigError(f"target_modules={target_modules!r} matches no Linear layer of {type(model).__name__}")
     return names

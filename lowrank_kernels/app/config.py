@@ -9,8 +9,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from ._train_data import ConfigError
-from ._train_techniques import TECHNIQUES
+from .errors import ConfigError
+from .techniques import TECHNIQUES
 
 MODELS = ("vit-tiny", "gpt-tiny")
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import ops
-from .ops.truncated_svd import sketch_width, svd_path
+from .. import ops
+from ..ops.truncated_svd import sketch_width, svd_path
 
 EPS_START = 1e8
 Rank = int | float

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A bad user input (config value, flag, file): reported as one line by the CLI, no traceback."""
+from .errors import ConfigError
 
 
 @dataclass

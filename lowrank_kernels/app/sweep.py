@@ -27,8 +27,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ._train_config import RUN_CONTROL, from_dict, load_file, to_dict
-from ._train_data import ConfigError
+from .config import RUN_CONTROL, from_dict, load_file, to_dict
+from .errors import ConfigError
 
 SUMMARY_KEYS = ("test_acc", "test_loss", "test_ppl", "truncated_acc", "params", "truncated_params", "train_time_s")
 
@@ -99,7 +99,7 @@ def _run_job(cfg, resume: bool, env: dict | None) -> tuple[bool, str]:
     job = out / "job.json"
     job.write_text(json.dumps(d, indent=1))
     with open(out / "stdout.txt", "w") as f:
-        rc = subprocess.call([sys.executable, "-m", "lowrank_kernels", "train", "--config", str(job)],
+        rc = subprocess.call([sys.executable, "-m", "lowrank_kernels.app", "train", "--config", str(job)],
                              stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc == 0:
         return True, ""

@@ -1,4 +1,4 @@
-"""``lowrank-kernels`` / ``python -m lowrank_kernels``: demo, train, sweep, bench, techniques.
+"""``lowrank-kernels`` / ``python -m lowrank_kernels.app``: demo, train, sweep, bench, techniques.
 
 Bad input (a missing file, a rank larger than a layer, an unknown technique, a non-numeric flag) gives one
 line on stderr and exit status 2, never a traceback (set ``LOWRANK_KERNELS_DEBUG=1`` to see one).
@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _rank_arg(s: str):
-    from ._train_config import parse_rank
+    from .config import parse_rank
 
     try:
         return parse_rank(s)
@@ -35,7 +35,7 @@ def _rank_arg(s: str):
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from ._train_config import TrainConfig, field_type
+    from .config import TrainConfig, field_type
 
     p.add_argument("--config", help="YAML or JSON file of config keys (flags override it)")
     for f in dataclasses.fields(TrainConfig):
@@ -55,7 +55,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from ._train_config import TrainConfig, from_dict, load_file
+    from .config import TrainConfig, from_dict, load_file
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     base = {}
@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+    from .demo import run_demo
 
     run_demo(out=args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=args.progress,
              quick=args.quick, lmbda=args.lmbda, plots=args.plots)
@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ._sweep import run_sweep
+    from .sweep import run_sweep
 
     return run_sweep(args.grid, workers=args.workers, out=args.out)
 
@@ -114,7 +114,7 @@ def _bench(bench_args: list[str]) -> int:
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
-    from ._train_techniques import availability
+    from .techniques import availability
 
     for name, why in availability().items():
         print(f"{name:14s} {'available' if why is None else 'UNAVAILABLE: ' + why}")
@@ -164,7 +164,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 failure during a run, 2 bad input)."""
-    from ._train_data import ConfigError
+    from .errors import ConfigError
 
     debug = os.environ.get("LOWRANK_KERNELS_DEBUG", "") not in ("", "0")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -11,14 +11,16 @@ import importlib
 import torch
 from torch import nn
 
-from ._train_data import ConfigError
+from .._modules import matches_target, set_submodule
+
+from .errors import ConfigError
 
 TECHNIQUES = ("adamw", "adamq3r", "q3r", "lorita-q3r", "controller", "lora", "tenslora", "spectral-lora")
 
 # what each technique imports: (module, attribute)
 _NEEDS = {
     "adamw": [],
-    "adamq3r": [("lowrank_kernels.optim", "AdamQ3R"), ("lowrank_kernels.q3r", "extract_linear")],
+    "adamq3r": [("lowrank_kernels.q3r", "AdamQ3R"), ("lowrank_kernels.q3r", "extract_linear")],
     "q3r": [("lowrank_kernels.q3r", "Q3R"), ("lowrank_kernels.q3r", "extract_linear")],
     "lorita-q3r": [("lowrank_kernels.q3r", "Q3R")],
     "controller": [("lowrank_kernels.nn", "replace_linear"), ("lowrank_kernels.rank", "RankController")],
@@ -88,7 +90,7 @@ class Technique:
         return kw
 
     def _fused_map(self) -> dict[str, int]:
-        return {k: v for k, v in self.fused.items() if any(t == k or t.endswith("." + k) for t in self.targets)}
+        return {k: v for k, v in self.fused.items() if any(matches_target(t, [k]) for t in self.targets)}
 
     def _adamw(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr,
@@ -98,8 +100,8 @@ class Technique:
         self.optimizer = self._adamw()
 
     def _setup_adamq3r(self, total_steps: int) -> None:
-        from .optim import AdamQ3R
-        from .q3r import extract_linear
+        from ..q3r import AdamQ3R
+        from ..q3r import extract_linear
 
         mods = extract_linear(self.model, self.targets, fused=self._fused_map())
         self.optimizer = AdamQ3R(param_groups(self.model, self.cfg.weight_decay), trainable_modules=mods,
@@ -107,22 +109,22 @@ class Technique:
                                  **self._q3r_kwargs(total_steps))
 
     def _setup_q3r(self, total_steps: int) -> None:
-        from .q3r import Q3R, extract_linear
+        from ..q3r import Q3R, extract_linear
 
         self.optimizer = self._adamw()
         q3r = Q3R(extract_linear(self.model, self.targets, fused=self._fused_map()), **self._q3r_kwargs(total_steps))
         self.regularizer = _PlainQ3R(q3r)
 
     def _setup_lorita_q3r(self, total_steps: int) -> None:
-        from ._lorita import ComposedQ3R, apply_lorita
+        from ..q3r.lorita import ComposedQ3R, apply_lorita
 
         layers = apply_lorita(self.model, self.targets, self.cfg.lorita_depth)
         self.regularizer = ComposedQ3R(layers, self._fused_map(), **self._q3r_kwargs(total_steps))
         self.optimizer = self._adamw()
 
     def _setup_controller(self, total_steps: int) -> None:
-        from .nn import replace_linear
-        from .rank import RankController
+        from ..nn import replace_linear
+        from ..rank import RankController
 
         c = self.cfg
         replace_linear(self.model, rank=c.rank, target_modules=self.targets)
@@ -138,15 +140,13 @@ class Technique:
                                          state_policy=c.state_policy, layers=list(self.targets))
 
     def _wrap_lora(self, ranks: dict[str, int], alphas: dict[str, float]) -> None:
-        from .nn import LoRALinear
+        from ..nn import LoRALinear
 
         for p in self.model.parameters():
             p.requires_grad_(False)
         for name, r in ranks.items():
-            parent, _, child = name.rpartition(".")
-            holder = self.model.get_submodule(parent) if parent else self.model
-            setattr(holder, child, LoRALinear(getattr(holder, child), r=r, alpha=alphas[name],
-                                              dropout=self.cfg.lora_dropout))
+            set_submodule(self.model, name, LoRALinear(self.model.get_submodule(name), r=r, alpha=alphas[name],
+                                                       dropout=self.cfg.lora_dropout))
         self._train_head()
 
     def _train_head(self) -> None:
@@ -161,7 +161,7 @@ class Technique:
         self.optimizer = self._adamw()
 
     def _setup_spectral_lora(self, total_steps: int) -> None:
-        from .adapters.spectral import spectral_table
+        from ..adapters.spectral import spectral_table
 
         c = self.cfg
         rows = spectral_table(self.model, target_modules=list(self.targets), minimum_rank=c.min_rank,
@@ -171,7 +171,7 @@ class Technique:
         self.optimizer = self._adamw()
 
     def _setup_tenslora(self, total_steps: int) -> None:
-        from .adapters import tenslora
+        from ..adapters import tenslora
 
         c = self.cfg
         for p in self.model.parameters():
@@ -202,7 +202,7 @@ class Technique:
         if self.name == "lorita-q3r":
             import copy
 
-            from ._lorita import compose_lorita
+            from ..q3r.lorita import compose_lorita
 
             return compose_lorita(copy.deepcopy(self.model))
         return self.model

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from .._modules import fused_slices, matches_target, set_submodule
+
 RANK_REL_TOL = 0.01  # rank@1%: count sigma_i > 0.01 sigma_max
 
 
@@ -40,12 +42,11 @@ def dense_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def slice_labels(name: str, rows: int, fused: dict[str, int]) -> list[tuple[str, int, int]]:
     """``[(label, start, stop), ...]``: one entry, or one per slice of a fused layer (``qkv`` -> q, k, v)."""
-    n = next((v for k, v in fused.items() if name == k or name.endswith("." + k)), None)
+    n = next((v for k, v in fused.items() if matches_target(name, [k])), None)
     if not n or n == 1:
         return [(name, 0, rows)]
     tags = "qkv" if n == 3 else [str(i) for i in range(n)]
-    step = rows // n
-    return [(f"{name}:{tags[i]}", i * step, (i + 1) * step) for i in range(n)]
+    return [(f"{name}:{tags[i]}", a, b) for i, (a, b) in enumerate(fused_slices(name, n, rows))]
 
 
 def _fresh(model: nn.Module) -> None:
@@ -86,7 +87,7 @@ def effective_ranks(model: nn.Module, targets: list[str], fused: dict[str, int])
 
 def target_ranks(model: nn.Module, targets: list[str], fused: dict[str, int], target_rank) -> dict[str, int]:
     """The truncation rank of each layer or slice (Q3R's rule: a float is a fraction of ``min(m, n)``)."""
-    from .q3r import resolve_rank
+    from ..q3r import resolve_rank
 
     out = {}
     for label, w in operator_weights(model, targets, fused).items():
@@ -120,8 +121,7 @@ def truncated_copy(model: nn.Module, targets: list[str], fused: dict[str, int],
         lin.weight.copy_(new_w)
         lin.bias.copy_(b)
         factored += w.shape[0]
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, lin)
+        set_submodule(model, name, lin)
     if hasattr(model, "tenslora_adapters"):  # every adapted layer is now a plain Linear (the model's
         model.tenslora_adapters = nn.ModuleList()  # cache-invalidating hook then has nothing to do)
     others = sum(p.numel() for n, p in model.named_parameters()

@@ -1,4 +1,4 @@
-"""LoRITa over-parameterisation with Q3R on the composed weight (the Q3R seed's ``LoRITaQuaRS`` technique).
+"""LoRITa over-parameterisation with Q3R on the composed weight (the upstream Q3R code's ``LoRITaQuaRS`` technique).
 
 During training a target ``nn.Linear`` ``W (out, in)`` is a product of ``depth`` factors
 ``W = W_1 W_2 ... W_depth`` with ``W_1 (out, in)`` and ``W_k (in, in)`` for ``k >= 2``. Weight decay on the
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._modules import fused_slices, matches_target, set_submodule
 
 
 class LoRITaLinear(nn.Module):
@@ -52,11 +54,6 @@ class LoRITaLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}"
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def apply_lorita(model: nn.Module, names: list[str], depth: int) -> dict[str, LoRITaLinear]:
     """Replace each named ``nn.Linear`` by a :class:`LoRITaLinear` in place; returns ``{name: layer}``."""
     out = {}
@@ -65,7 +62,7 @@ def apply_lorita(model: nn.Module, names: list[str], depth: int) -> dict[str, Lo
         if not isinstance(base, nn.Linear):
             raise ValueError(f"LoRITa target {name!r} is a {type(base).__name__}, not an nn.Linear")
         out[name] = LoRITaLinear(base, depth)
-        _set(model, name, out[name])
+        set_submodule(model, name, out[name])
     return out
 
 
@@ -73,7 +70,7 @@ def compose_lorita(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRITaLinear` by its composed ``nn.Linear`` in place (for inference)."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoRITaLinear):
-            _set(model, name, mod.to_linear())
+            set_submodule(model, name, mod.to_linear())
     return model
 
 
@@ -88,7 +85,7 @@ class ComposedQ3R:
     """
 
     def __init__(self, layers: dict[str, LoRITaLinear], fused: dict[str, int], **q3r_kwargs):
-        from .q3r import Q3R
+        from .regularizer import Q3R
 
         self.layers = layers
         self.shadows = {name: layer.composed_weight().detach().clone() for name, layer in layers.items()}
@@ -96,8 +93,8 @@ class ComposedQ3R:
         for name, w in self.shadows.items():
             holder = nn.Module()
             holder.weight = w  # a plain attribute: Q3R only reads ``.weight``
-            n = next((v for k, v in fused.items() if name == k or name.endswith("." + k)), None)
-            mods[holder] = None if n is None else [(i * w.shape[0] // n, (i + 1) * w.shape[0] // n) for i in range(n)]
+            spec = next((v for k, v in fused.items() if matches_target(name, [k])), None)
+            mods[holder] = None if spec is None else fused_slices(name, spec, w.shape[0])
         self.q3r = Q3R(mods, **q3r_kwargs)
         self.value = 0.0
 

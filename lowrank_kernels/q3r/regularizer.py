@@ -33,18 +33,18 @@ Differences from the seed (the authors' research code), on purpose:
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from . import distributed as _dist
-from . import ops
-from ._checks import finite_flags
-from ._q3r_operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, resolve_rank
-from .ops.pad_slices import normalize_slices
+from .. import distributed as _dist
+from .. import ops
+from .._checks import finite_flags
+from .._modules import fused_slices, matches_target
+from ..ops.pad_slices import normalize_slices
+from .operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, resolve_rank
 
 __all__ = ["EPS_START", "Q3R", "extract_linear", "resolve_rank"]
 
@@ -69,13 +69,6 @@ _BATCHED_FACTORS = {"cuda"}
 
 
 # ------------------------------------------------------------------------------------------ extract_linear
-def _matches(name: str, pattern: str | Sequence[str]) -> bool:
-    """PEFT's rule: a string is a regex that must match the full name; a list matches by name suffix."""
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == t or name.endswith("." + t) for t in pattern)
-
-
 def extract_linear(model: nn.Module, target_modules: str | Sequence[str] | None = None,
                    fused: Mapping[str, int | Sequence[Sequence[int]]] | None = None) -> dict:
     """The ``{module: slices or None}`` mapping that :class:`Q3R` and ``AdamQ3R`` take.
@@ -104,16 +97,16 @@ def extract_linear(model: nn.Module, target_modules: str | Sequence[str] | None 
         if target_modules is None:
             if not isinstance(module, nn.Linear):
                 continue
-        elif not name or not _matches(name, target_modules):
+        elif not name or not matches_target(name, target_modules):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"target module {name!r} ({type(module).__name__}) has no 2-D weight to regularise")
         slices = None
         for key, spec in fused.items():
-            if _matches(name, [key]):
+            if matches_target(name, [key]):
                 used_keys.add(key)
-                slices = _fused_slices(name, spec, weight.shape[0])
+                slices = fused_slices(name, spec, weight.shape[0])
         out[module] = slices
     if not out:
         raise ValueError(f"no module of {type(model).__name__} matches target_modules={target_modules!r}")
@@ -121,18 +114,6 @@ def extract_linear(model: nn.Module, target_modules: str | Sequence[str] | None 
     if unused:
         raise ValueError(f"fused keys {unused} match no selected module (target_modules={target_modules!r})")
     return out
-
-
-def _fused_slices(name: str, spec, rows: int) -> list[tuple[int, int]]:
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 1 or rows % spec:
-            raise ValueError(f"fused[{name!r}] = {spec}: cannot split {rows} output rows into {spec} equal slices")
-        step = rows // spec
-        return [(i * step, (i + 1) * step) for i in range(spec)]
-    try:
-        return normalize_slices(spec, rows)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"fused[{name!r}]: {exc}") from exc
 
 
 def _chunks(items: list, elements: int) -> list[list]:
