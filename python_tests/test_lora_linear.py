@@ -106,19 +106,73 @@ def test_merge_unmerge_roundtrip(monkeypatch):
 
 def test_dropout_only_on_adapter_input(fused_calls):
     layer = _layer(dropout=0.5)
-    x = torch.randn(8, 40)
+    x = torch.randn(8, 40, requires_grad=True)
     layer.train()
     torch.manual_seed(3)
     y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    grads = [x.grad, layer.lora_A.grad, layer.lora_B.grad]
+    # the same draws as F.dropout (PEFT's), and the backward reuses the forward's mask
+    ref = copy.deepcopy(layer)
+    ref.lora_A.grad = ref.lora_B.grad = None
+    x2 = x.detach().clone().requires_grad_()
     torch.manual_seed(3)
-    mask_x = nn.functional.dropout(x, 0.5, training=True)
-    expected = nn.functional.linear(x, layer.weight, layer.bias) + layer.scaling * (mask_x @ layer.lora_A.T) @ \
-        layer.lora_B.T
+    mask_x = nn.functional.dropout(x2, 0.5, training=True)
+    expected = nn.functional.linear(x2, ref.weight, ref.bias) + ref.scaling * (mask_x @ ref.lora_A.T) @ ref.lora_B.T
     torch.testing.assert_close(y, expected)
-    assert not fused_calls  # dropout in training: the unfused path
+    expected.backward(dy)
+    for g, g2, name in zip(grads, [x2.grad, ref.lora_A.grad, ref.lora_B.grad], "xAB", strict=True):
+        torch.testing.assert_close(g, g2, msg=name)
+    assert len(fused_calls) == 1  # dropout in training: still the one op call (it draws the mask)
     layer.eval()
     torch.testing.assert_close(layer(x), _manual(layer, x))
-    assert len(fused_calls) == 1  # eval: dropout is the identity, fused again
+    assert len(fused_calls) == 2  # eval: dropout is the identity
+
+
+def _peft_linear(in_f, out_f, r, alpha, dropout=0.0):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(in_f, out_f)),
+                                peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["0"]))
+    return model.base_model.model[0]
+
+
+def _cost_of_step(layer, x):
+    """GPU cost of one forward and one backward; ``large`` lists tensors with >= M * min(in, out) elements."""
+    from lowrank_kernels.testing import count_gpu_cost
+
+    x = x.clone().requires_grad_()
+    m, in_f, out_f = x.shape[0], x.shape[1], layer.weight.shape[0]
+    with count_gpu_cost(min_numel=m * min(in_f, out_f)) as fwd:
+        y = layer(x)
+    dy = torch.randn_like(y)
+    with count_gpu_cost(min_numel=m * min(in_f, out_f)) as bwd:
+        y.backward(dy)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_default_path_allocates_one_activation_each_way(monkeypatch, bias):
+    """The composed default: forward creates exactly one (M, out) tensor, backward exactly one (M, in) tensor,
+    no dW-shaped product for the frozen base, fewer launches than PEFT's layer; one dropout mask per step."""
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    m, in_f, out_f, r = 64, 48, 40, 4
+    layer = _layer(in_f=in_f, out_f=out_f, r=r, bias=bias)
+    x = torch.randn(m, in_f)
+    fwd, bwd = _cost_of_step(layer, x)
+    assert fwd.large == [fwd.large[0]] and fwd.large[0][1] == (m, out_f), fwd.large
+    assert [shape for _, shape in bwd.large] == [(m, in_f)], bwd.large
+    assert layer.weight.grad is None and (out_f, in_f) not in [s for _, s in bwd.large]
+    assert fwd.launches <= 3 and bwd.launches <= 5 and fwd.syncs == bwd.syncs == 0, (fwd.ops, bwd.ops)
+    peft_layer = _peft_linear(in_f, out_f, r, 8)
+    peft_fwd, peft_bwd = _cost_of_step(peft_layer, x)
+    assert len(peft_fwd.large) > len(fwd.large) and len(peft_bwd.large) > len(bwd.large)
+    assert peft_fwd.launches > fwd.launches and peft_bwd.launches > bwd.launches
+
+    layer = _layer(in_f=in_f, out_f=out_f, r=r, bias=bias, dropout=0.3).train()
+    fwd, bwd = _cost_of_step(layer, x)
+    assert fwd.ops["native_dropout"] == 1 and not any("dropout" in op or "bernoulli" in op for op in bwd.ops)
+    assert [s for _, s in fwd.large].count((m, out_f)) == 1
 
 
 # ------------------------------------------------------------------------------------------------ PEFT
@@ -169,7 +223,7 @@ def test_fuse_peft_lora_matches_peft(triton_backend, fused_calls, dropout, train
     torch.testing.assert_close(dx2, dx, rtol=1e-5, atol=1e-5)
     names = {n.replace(".weight", "").replace(".base_layer", ".base") for n in grads}
     assert set(grads2) == names and len(grads2) == 6
-    assert len(fused_calls) == (0 if train and dropout else 3)
+    assert len(fused_calls) == 3  # dropout in training too: the op draws the adapter's mask
     for n, g in grads.items():
         torch.testing.assert_close(grads2[n.replace(".weight", "")], g, rtol=1e-5, atol=1e-5, msg=n)
 
@@ -234,6 +288,33 @@ def test_replace_linear_errors_and_lora_bases():
 
 
 # --------------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gpu_composed_default_forward_backward(monkeypatch, dropout):
+    """The default (composed, cuBLAS) path of a bf16 LoRALinear on CUDA: close to the fp32 model, one (M, out)
+    tensor forward and one (M, in) tensor backward (without dropout), no dW."""
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    m, in_f, out_f, r = 512, 384, 256, 16
+    layer = _layer(in_f=in_f, out_f=out_f, r=r, dtype=torch.bfloat16, device="cuda", dropout=dropout).train()
+    ref = copy.deepcopy(layer).float()
+    x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    fwd, bwd = _cost_of_step(layer, x)
+    if dropout == 0:
+        assert [s for _, s in fwd.large] == [(m, out_f)] and [s for _, s in bwd.large] == [(m, in_f)]
+    assert layer.weight.grad is None and layer.lora_A.grad is not None
+    xr = x.float().requires_grad_()
+    torch.manual_seed(5)  # the same draws: a bf16 tensor of x's shape through the same dropout kernel
+    keep = nn.functional.dropout(torch.ones_like(x), dropout, training=True).float() if dropout else 1.0
+    xr_drop = xr * keep
+    y_ref = nn.functional.linear(xr, ref.weight, ref.bias) + ref.scaling * (xr_drop @ ref.lora_A.T) @ ref.lora_B.T
+    torch.manual_seed(5)
+    y = layer(x)
+    scale = y_ref.abs().max().item()
+    assert (y.float() - y_ref).abs().max().item() <= 2e-2 * scale
+
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_layer_and_peft(triton_backend, fused_calls):
     layer = _layer(in_f=512, out_f=384, r=16, dtype=torch.bfloat16, device="cuda")

@@ -1,12 +1,17 @@
-"""ops.lora_matmul: Triton (interpreted on CPU, compiled on GPU) against the PyTorch reference."""
+"""ops.lora_matmul: the composed default and Triton (interpreted on CPU, compiled on GPU) against the PyTorch
+reference; the dispatch between them."""
+
+import importlib
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowrank_kernels import ops
+from lowrank_kernels import backend, ops
 from lowrank_kernels.ops.lora_matmul import lora_matmul_ref
-from lowrank_kernels.testing import assert_close_to_reference
+from lowrank_kernels.testing import assert_close_to_reference, count_gpu_cost
+
+lora_mod = importlib.import_module("lowrank_kernels.ops.lora_matmul")  # the module (ops.lora_matmul is the function)
 
 NAMES = ("x", "W", "A", "B", "bias")
 
@@ -115,7 +120,13 @@ class _RecordMatmuls(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend_fixture", ["triton_backend", "torch_backend"])
+@pytest.fixture
+def auto_backend(monkeypatch):
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    return "auto"
+
+
+@pytest.mark.parametrize("backend_fixture", ["auto_backend", "triton_backend", "torch_backend"])
 def test_frozen_W_gets_no_dW_work(backend_fixture, request, device):
     request.getfixturevalue(backend_fixture)
     x, W, A, B, b = _inputs((33,), 40, 24, 8, torch.float32, device, w_grad=False)
@@ -194,6 +205,105 @@ def test_reference_dtypes_on_cpu(triton_backend, dtype):
     """fp64, and bf16 on the CPU (the interpreter's bf16 tl.dot is wrong), answer with the reference."""
     x, W, A, B, b = _inputs((6,), 20, 12, 3, dtype, "cpu", w_grad=True)
     torch.testing.assert_close(ops.lora_matmul(x, W, A, B, 0.3, b), lora_matmul_ref(x, W, A, B, 0.3, b))
+
+
+# ------------------------------------------------------------------------------- composed (default) path
+@pytest.fixture
+def composed_calls(monkeypatch):
+    """Records the calls that reached the composed implementation (the default dispatch unless a backend
+    fixture forces another)."""
+    calls = []
+    real = lora_mod.lora_matmul_composed
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_mod, "lora_matmul_composed", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bias, w_grad", [(True, True), (False, False)])
+@pytest.mark.parametrize("dtype, atol", DTYPES + [(torch.bfloat16, 3e-2), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("lead, in_f, out_f, r, noncontig", SHAPES)
+def test_composed_matches_reference(composed_calls, device, lead, in_f, out_f, r, noncontig, dtype, atol, bias,
+                                    w_grad):
+    tensors = _inputs(lead, in_f, out_f, r, dtype, device, bias=bias, w_grad=w_grad, noncontig=noncontig)
+    grads = _check_against_reference(tensors, 0.75, atol)
+    assert ("W" in grads) == w_grad
+    assert composed_calls == [tuple(tensors[0].shape)]
+
+
+def test_composed_is_the_default_on_every_device(monkeypatch, device):
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    x, W, A, B, b = _inputs((8,), 20, 12, 3, torch.float32, device)
+    cls = backend.shape_class(8, 20, 12, 3)
+    assert backend.pick("lora_matmul", x, W, A, B, b, shape=cls) == "composed"
+    monkeypatch.setitem(backend.TABLE, backend.table_key("lora_matmul", "cuda", torch.float32, cls), "triton")
+    expected = "triton" if device == "cuda" else "composed"  # the table is for CUDA tensors only
+    assert backend.pick("lora_matmul", x, W, A, B, b, shape=cls) == expected
+
+
+@pytest.mark.parametrize("need", ["x", "A", "B", "xAB"])
+def test_composed_computes_only_requested_grads(composed_calls, device, need):
+    x, W, A, B, b = _inputs((17,), 24, 20, 4, torch.float32, device, bias=True)
+    for name, t in zip("xAB", (x, A, B), strict=True):
+        t.requires_grad_(name in need)
+    b.requires_grad_(False)
+    y = ops.lora_matmul(x, W, A, B, 0.5, b)
+    dy = torch.randn_like(y)
+    with count_gpu_cost() as cost:
+        y.backward(dy)
+    ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, W, A, B)]
+    lora_matmul_ref(*ref, 0.5, b).backward(dy)
+    for name, t, r in zip("xWAB", (x, W, A, B), ref, strict=True):
+        if name in need:
+            torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert t.grad is None, name
+    # u = dy B (if x or A), dx = dy W + addmm_ (if x), dA (if A), dB (if B): nothing else
+    expected = ("x" in need or "A" in need) + 2 * ("x" in need) + ("A" in need) + ("B" in need)
+    assert cost.launches == expected, cost.ops
+
+
+def test_composed_dropout_draws_one_mask(composed_calls, device):
+    x, W, A, B, b = _inputs((3, 11), 30, 20, 5, torch.float32, device, w_grad=True)
+    dy = torch.randn(3, 11, 20, device=device)
+    torch.manual_seed(11)
+    y, grads = _run(lambda *a: ops.lora_matmul(*a, dropout=0.4), (x, W, A, B, b), 1.5, dy)
+    torch.manual_seed(11)
+    y_ref, grads_ref = _run(lambda *a: lora_matmul_ref(*a, dropout=0.4), (x, W, A, B, b), 1.5, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    y0 = ops.lora_matmul(x, W, A, B, 1.5, b)
+    assert not torch.allclose(y, y0)  # the dropout did something
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan"), True])
+def test_bad_dropout(p):
+    with pytest.raises(ValueError, match="dropout"):
+        ops.lora_matmul(**_bad(), dropout=p)
+
+
+def test_composed_torch_compile_fullgraph(composed_calls, device):
+    tensors = _inputs((2, 7), 40, 24, 5, torch.float32, device, w_grad=True)
+    compiled = torch.compile(ops.lora_matmul, fullgraph=True, backend="aot_eager")
+    dy = torch.randn(2, 7, 24, device=device)
+    y, grads = _run(compiled, tensors, 0.5, dy)
+    y_ref, grads_ref = _run(lora_matmul_ref, tensors, 0.5, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_triton_forced_takes_composed_for_fp64_and_dropout(triton_backend, composed_calls, device):
+    x, W, A, B, b = _inputs((6,), 20, 12, 3, torch.float32, device)
+    ops.lora_matmul(x, W, A, B, 0.3, b)
+    assert composed_calls == []  # Triton served it
+    ops.lora_matmul(x, W, A, B, 0.3, b, dropout=0.2)
+    ops.lora_matmul(*(t.double() for t in (x, W, A, B)), 0.3, b.double())
+    assert len(composed_calls) == 2
 
 
 # --------------------------------------------------------------------------------------------- GPU only

@@ -1,10 +1,12 @@
-"""ops.lowrank_matmul: Triton (interpreted on CPU, compiled on GPU) against the PyTorch reference."""
+"""ops.lowrank_matmul: the composed default and Triton (interpreted on CPU, compiled on GPU) against the PyTorch
+reference; the dispatch between them."""
 
 import pytest
 import torch
 
+from lowrank_kernels import backend
 from lowrank_kernels.ops import lowrank_matmul, lowrank_matmul_ref
-from lowrank_kernels.testing import assert_close_to_reference, assert_verbose_allclose
+from lowrank_kernels.testing import assert_close_to_reference, assert_verbose_allclose, count_gpu_cost
 
 NAMES = ("y", "dx", "dU", "dV", "dbias")
 
@@ -127,6 +129,76 @@ def test_autocast_casts_like_linear(monkeypatch, device, which):
     assert U.grad.dtype == torch.float32 and U.grad.shape == U.shape
 
 
+# ------------------------------------------------------------------------------- composed (default) path
+@pytest.fixture
+def custom_op_calls(monkeypatch):
+    """Counts calls of the Triton custom op (whatever the backend)."""
+    calls = []
+    real = torch.ops.lowrank_kernels.lowrank_matmul
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(tuple(args[0].shape))
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.lowrank_kernels, "lowrank_matmul", Spy())
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lead, in_f, out_f, r, bias", CASES)
+def test_composed_default_matches_reference(monkeypatch, custom_op_calls, device, lead, in_f, out_f, r, bias, dtype):
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    _check_against_reference(*_inputs(lead, in_f, out_f, r, dtype, device, bias))
+    assert custom_op_calls == []
+
+
+def test_composed_allocates_one_activation_each_way(monkeypatch, device):
+    """Forward: exactly one (M, out) tensor and 2 launches; backward: exactly one (M, in) tensor."""
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    m, in_f, out_f, r = 96, 40, 56, 4
+    x, U, V, b = (t.requires_grad_(True) for t in _inputs((m,), in_f, out_f, r, torch.float32, device))
+    with count_gpu_cost(min_numel=m * in_f) as fwd:
+        y = lowrank_matmul(x, U, V, b)
+    dy = torch.randn_like(y)
+    with count_gpu_cost(min_numel=m * in_f) as bwd:
+        y.backward(dy)
+    assert [s for _, s in fwd.large] == [(m, out_f)] and fwd.launches == 2, fwd.ops
+    assert [s for _, s in bwd.large] == [(m, in_f)] and bwd.launches == 5, bwd.ops
+    assert fwd.syncs == bwd.syncs == 0
+
+
+def test_pick_default_and_table(monkeypatch, device):
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    x, U, V, b = _inputs((8,), 20, 12, 3, torch.float32, device)
+    cls = backend.shape_class(8, 20, 12, 3)
+    assert cls == "small-r16" and backend.shape_class(8192, 4096, 4096, 64) == "large-r64"
+    assert backend.shape_class(10, 10, 10, 300) == "small-rgt256"
+    assert backend.pick("lowrank_matmul", x, U, V, b, shape=cls) == "composed"
+    monkeypatch.setitem(backend.TABLE, backend.table_key("lowrank_matmul", "cuda", torch.float32, cls), "triton")
+    assert backend.pick("lowrank_matmul", x, U, V, b, shape=cls) == ("triton" if device == "cuda" else "composed")
+    monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", "torch")
+    assert backend.pick("lowrank_matmul", x, U, V, b, shape=cls) == "torch"
+    with pytest.raises(ValueError, match="no composed implementation"):
+        backend.pick("spectral_norm", x)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_triton_forced_bf16_on_cpu_is_the_reference(triton_backend, custom_op_calls, monkeypatch, interpret):
+    """The interpreter's bf16 tl.dot is wrong (errors ~1e9): forced Triton on bf16 CPU tensors must answer with
+    the reference, with or without the interpreter, and never reach the kernel."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    x, U, V, b = _inputs((37,), 45, 29, 5, torch.bfloat16, "cpu")
+    y = lowrank_matmul(x, U, V, b)
+    assert custom_op_calls == []
+    assert torch.equal(y, lowrank_matmul_ref(x, U, V, b))
+    assert backend.pick("lowrank_matmul", x, U, V, b) == "torch"
+    assert backend.pick("lora_matmul", x, U, V, b) == "torch"
+    if interpret == "1":  # fp16 on the interpreter is right: it still reaches the kernel
+        _check_against_reference(*_inputs((37,), 45, 29, 5, torch.float16, "cpu"))
+        assert custom_op_calls == [(37, 45)]
+
+
 def test_torch_backend_is_reference(torch_backend, device):
     _check_against_reference(*_inputs((4, 5), 12, 10, 3, torch.float32, device))
 
@@ -207,8 +279,10 @@ def test_gpu_target_shapes_scaled_down(triton_backend, r):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_backend_uses_triton_and_compiles(monkeypatch):
+def test_gpu_auto_backend_composed_and_compiles(monkeypatch, custom_op_calls):
+    """auto on CUDA: the composed path while the table holds no entry for the shape; compiles fullgraph."""
     monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "TABLE", {})
     x, U, V, b = (t.requires_grad_(True) for t in _inputs((4, 64), 256, 192, 32, torch.bfloat16, "cuda"))
     fn = torch.compile(lambda *a: lowrank_matmul(*a).float().square().sum(), fullgraph=True)
     fn(x, U, V, b).backward()
@@ -217,3 +291,4 @@ def test_gpu_auto_backend_uses_triton_and_compiles(monkeypatch):
     for name, t, r in zip(NAMES[1:], (x, U, V, b), ref, strict=True):
         assert_verbose_allclose(t.grad.float(), r.grad.float(), atol=5e-2 * r.grad.abs().max().item(),
                                 rtol=5e-2, name=name)
+    assert custom_op_calls == []

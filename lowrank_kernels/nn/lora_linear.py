@@ -1,4 +1,4 @@
-"""``LoRALinear``: a frozen ``nn.Linear`` plus a trainable LoRA adapter, run as one fused GEMM."""
+"""``LoRALinear``: a frozen ``nn.Linear`` plus a trainable LoRA adapter, accumulated into the base GEMM's output."""
 
 from __future__ import annotations
 
@@ -22,12 +22,11 @@ class LoRALinear(nn.Module):
 
     Execution paths of :meth:`forward`:
 
-    * default: :func:`ops.lora_matmul`, i.e. base and adapter in one GEMM (Triton on CUDA), and no
-      ``dW`` work in the backward because the base is frozen.
-    * ``dropout > 0`` in training mode: the adapter must see ``dropout(x)`` while the base sees ``x``,
-      which one GEMM over ``x`` cannot express, so this path is unfused (``F.linear`` for the base and
-      two small matmuls for the adapter, like PEFT). In eval mode dropout is the identity and the fused
-      path runs again.
+    * default: :func:`ops.lora_matmul` with ``dropout = p`` in training mode (0 in eval mode): by default
+      its cuBLAS-composed path, ``y = addmm(bias, x, W^T)`` then ``y.addmm_(dropout(x) A^T, B^T, alpha=s)``
+      (one ``(M, out)`` tensor forward, one ``(M, in)`` tensor backward without dropout, one dropout mask
+      drawn once and reused by the backward, no ``dW`` work because the base is frozen); the Triton
+      single-GEMM kernel where ``backend.pick`` chooses it (no dropout).
     * inputs whose dtype differs from the adapter's (autocast, fp32 adapters on a bf16 base as PEFT
       makes them): the unfused path, which casts like PEFT does.
     * after :meth:`merge`: only the base ``F.linear`` (the adapter lives inside ``weight``; ``lora_A``
@@ -111,11 +110,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
         same_dtype = x.dtype == self.weight.dtype == self.lora_A.dtype == self.lora_B.dtype
-        if dropout_active or not same_dtype or torch.is_autocast_enabled(x.device.type):
+        if not same_dtype or torch.is_autocast_enabled(x.device.type):
             return self._forward_unfused(x)
-        return lora_matmul(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return lora_matmul(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout=p)
 
     def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         # The same order of operations (and of RNG draws) as peft.tuners.lora.Linear.forward.

@@ -1,23 +1,27 @@
-"""LoRA linear map with the adapter folded into the base GEMM: ``lora_matmul``.
+"""LoRA linear map: ``lora_matmul``, ``y = x W^T + bias + scaling (dropout(x) A^T) B^T``.
 
-``y = x W^T + bias + scaling (x A^T) B^T`` with ``x (..., in)``, ``W (out, in)``, ``A (r, in)``,
-``B (out, r)``, ``bias (out,)``.
+Shapes: ``x (..., in)``, ``W (out, in)``, ``A (r, in)``, ``B (out, r)``, ``bias (out,)``; flattened,
+``M`` rows. Three implementations, chosen by ``backend.pick`` (``composed`` unless the committed table
+says a measured shape is faster with Triton):
 
-What is fused (Triton backend):
-
-* forward: one GEMM kernel; the LoRA term is extra K steps of the same accumulator (see
-  ``kernels/lora_matmul.py``). For ``r <= 32`` ``t = x A^T`` is computed on chip in the same K loop
-  (no round trip); for larger r it is one thin matmul first, then streamed as extra K steps.
-  ``t`` (``(M, r)``, tiny) is kept for the backward instead of being recomputed.
-* backward ``dx = dy W + scaling (dy B) A``: the same fused kernel with transposed views, which also
-  yields ``u = dy B``.
-* ``dA = scaling u^T x``, ``dB = scaling dy^T t``, ``dW = dy^T x``, ``dbias = sum(dy)``: plain torch
-  matmuls/reductions (cuBLAS is already optimal for these reductions over M). ``dW`` is computed only
-  when ``W.requires_grad``: for a frozen base there is no ``dW`` work at all.
-
-Registered as ``torch.ops.lowrank_kernels.lora_matmul`` (+ ``lora_matmul_dx`` for the backward) with
-fakes and autograd, so ``torch.compile(fullgraph=True)`` traces through it. fp64 inputs, and bf16 on the
-CPU (the Triton interpreter's bf16 ``tl.dot`` is wrong), always run the PyTorch reference.
+* ``composed`` (default, every device; :func:`lora_matmul_composed`): the big GEMMs stay in cuBLAS and
+  the adapter is accumulated in place into their outputs. Forward ``y = addmm(bias, x, W^T)``, then
+  ``t = x_d A^T`` (``(M, r)``, ``x_d`` = ``x`` or its dropout) and ``y.addmm_(t, B^T, alpha=scaling)``: one
+  ``(M, out)`` tensor, 3 launches. Backward ``u = dy B`` (``(M, r)``), ``dx = dy W``, then
+  ``dx.addmm_(u, A, alpha=scaling)``: one ``(M, in)`` tensor; ``dA = scaling u^T x_d`` and
+  ``dB = scaling dy^T t`` from the thin ``(M, r)`` products (``addmm`` with ``beta=0``, the scaling in
+  the GEMM's alpha); ``dW = dy^T x`` only when ``W.requires_grad`` (a frozen base costs no ``dW`` work),
+  ``dbias = sum(dy)`` only when ``bias.requires_grad``. With dropout the mask is drawn once (the
+  ``native_dropout`` mask, the same draws as ``F.dropout``) and reused by the backward; the adapter's
+  ``dx`` term then needs one more ``(M, in)`` tensor (``(u A) * mask``).
+* ``triton`` (``kernels/lora_matmul.py``): one GEMM whose K loop also carries the LoRA term. For
+  ``r <= 32`` ``t = x A^T`` is computed on chip in the same K loop; for larger r one thin matmul first,
+  then streamed as extra K steps. The backward's ``dx = dy W + scaling (dy B) A`` is the same fused kernel
+  with transposed views, which also yields ``u = dy B``; ``dA``, ``dB``, ``dW`` as above. Registered as
+  ``torch.ops.lowrank_kernels.lora_matmul`` (+ ``lora_matmul_dx``) with fakes and autograd, so
+  ``torch.compile(fullgraph=True)`` traces through it. No dropout, no fp64 (those calls take the composed
+  path); bf16 on the CPU (the Triton interpreter's bf16 ``tl.dot`` is wrong) answers with the reference.
+* ``torch``: :func:`lora_matmul_ref`, eager ``F.linear`` calls under autograd (the oracle).
 """
 
 from __future__ import annotations
@@ -33,9 +37,65 @@ from .._checks import check_same_device_dtype, check_tensor
 
 # ----------------------------------------------------------------------------------------- reference
 def lora_matmul_ref(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-PyTorch ``x W^T + bias + scaling (x A^T) B^T`` (eager: three matmuls); autograd as usual."""
-    return F.linear(x, W, bias) + scaling * F.linear(F.linear(x, A), B)
+                    bias: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Pure-PyTorch ``x W^T + bias + scaling (dropout(x) A^T) B^T`` (eager: three matmuls, the order of
+    operations and RNG draws of PEFT's ``lora.Linear``); autograd as usual."""
+    xa = F.dropout(x, dropout, training=True) if dropout > 0 else x
+    return F.linear(x, W, bias) + scaling * F.linear(F.linear(xa, A), B)
+
+
+# ------------------------------------------------------------------------------ composed (cuBLAS) path
+class _LoRAComposed(torch.autograd.Function):
+    """2-D core of :func:`lora_matmul_composed`: ``x (M, in)`` -> ``y (M, out)``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, W, A, B, scaling, bias, dropout):
+        need_x, need_W, need_A = ctx.needs_input_grad[:3]
+        y = torch.mm(x, W.t()) if bias is None else torch.addmm(bias, x, W.t())
+        if dropout > 0:
+            xa, mask = torch.ops.aten.native_dropout(x, dropout, True)
+        else:
+            xa, mask = x, None
+        t = torch.mm(xa, A.t())  # (M, r)
+        y.addmm_(t, B.t(), alpha=scaling)
+        ctx.scaling, ctx.dropout = scaling, dropout
+        ctx.save_for_backward(x if need_W else None, xa if need_A else None, mask if need_x else None, W, A, B, t)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, xa, mask, W, A, B, t = ctx.saved_tensors
+        need_x, need_W, need_A, need_B, _, need_bias, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        dx = dW = dA = dB = dbias = None
+        u = torch.mm(dy, B) if (need_x or need_A) else None  # (M, r)
+        if need_x:
+            dx = torch.mm(dy, W)  # (M, in): the only (M, in) tensor without dropout
+            if mask is None:
+                dx.addmm_(u, A, alpha=s)
+            else:
+                g = torch.mm(u, A).mul_(mask)
+                dx.add_(g, alpha=s / (1.0 - ctx.dropout))
+        if need_A:
+            dA = torch.addmm(A, u.t(), xa, beta=0, alpha=s)  # beta=0: A's values are ignored, not read
+        if need_B:
+            dB = torch.addmm(B, dy.t(), t, beta=0, alpha=s)
+        if need_W:
+            dW = torch.mm(dy.t(), x)
+        if need_bias:
+            dbias = dy.sum(0)
+        return dx, dW, dA, dB, None, dbias, None
+
+
+def lora_matmul_composed(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                         bias: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """The cuBLAS-composed ``x W^T + bias + scaling (dropout(x) A^T) B^T`` (no input checks: see
+    :func:`lora_matmul`). ``x (..., in)`` -> ``(..., out)``; forward one ``(M, out)`` tensor, backward one
+    ``(M, in)`` tensor (without dropout), no ``dW`` work for a frozen ``W``."""
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    y = _LoRAComposed.apply(x2, W, A, B, float(scaling), bias, float(dropout))
+    return y.view(*x.shape[:-1], W.shape[0])
 
 
 # ------------------------------------------------------------------------------ custom ops (Triton)
@@ -135,8 +195,8 @@ def _check_inputs(x, W, A, B, scaling, bias) -> None:
 
 
 def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = x W^T + bias + scaling (x A^T) B^T``: a linear layer with a LoRA adapter, in one GEMM.
+                bias: torch.Tensor | None = None, *, dropout: float = 0.0) -> torch.Tensor:
+    """``y = x W^T + bias + scaling (dropout(x) A^T) B^T``: a linear layer with a LoRA adapter.
 
     Args:
         x: ``(..., in)``, any leading dims, any strides.
@@ -145,24 +205,29 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
         B: ``(out, r)`` LoRA up projection.
         scaling: Python float multiplying the adapter term (``alpha / r`` in LoRA).
         bias: ``(out,)`` or None.
+        dropout: probability in ``[0, 1)`` of zeroing an entry of the adapter's input (the base sees ``x``
+            unchanged), applied whenever it is > 0: pass 0 in eval mode. One mask per call.
 
-    All tensors share one device and one floating dtype (fp32, fp16, bf16; fp64, and bf16 on the CPU, run
-    the reference).
+    All tensors share one device and one floating dtype. The implementation is ``backend.pick``'s: the
+    cuBLAS-composed path by default (one ``(M, out)`` tensor forward, one ``(M, in)`` backward), the Triton
+    kernel where the committed table or ``LOWRANK_KERNELS_BACKEND=triton`` says so, the reference for
+    ``LOWRANK_KERNELS_BACKEND=torch``.
 
     Returns:
         ``(..., out)`` in the dtype of ``x``; differentiable w.r.t. x, W, A, B and bias.
 
     Raises:
-        ValueError: shapes do not match, or ``scaling`` is not finite.
+        ValueError: shapes do not match, ``scaling`` is not finite or ``dropout`` is outside ``[0, 1)``.
         TypeError: non-tensor input, non-float dtype, mixed dtypes/devices, or a non-float ``scaling``.
     """
     _check_inputs(x, W, A, B, scaling, bias)
-    # fp64: no tensor-core path worth a kernel. bf16 on the CPU: the Triton interpreter's bf16 tl.dot
-    # returns garbage (measured: errors ~1e10), so the reference answers instead (decided before the
-    # backend, so a forced triton backend without the interpreter does not refuse these calls).
-    if x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
-        return lora_matmul_ref(x, W, A, B, scaling, bias)
-    if backend.choose(x, W, A, B, bias, op="lora_matmul") == "torch":
-        return lora_matmul_ref(x, W, A, B, scaling, bias)
-    y, _ = torch.ops.lowrank_kernels.lora_matmul(x, W, A, B, float(scaling), bias)
-    return y
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    m = math.prod(x.shape[:-1])
+    impl = backend.pick("lora_matmul", x, W, A, B, bias, shape=backend.shape_class(m, *W.shape[::-1], A.shape[0]))
+    if impl == "torch":
+        return lora_matmul_ref(x, W, A, B, scaling, bias, dropout)
+    if impl == "triton" and dropout == 0:
+        y, _ = torch.ops.lowrank_kernels.lora_matmul(x, W, A, B, float(scaling), bias)
+        return y
+    return lora_matmul_composed(x, W, A, B, scaling, bias, dropout)

@@ -1,26 +1,30 @@
-"""Factored linear map ``y = (x V^T) U^T + bias`` with a fused Triton forward and backward.
+"""Factored linear map ``y = (x V^T) U^T + bias``: ``lowrank_matmul``.
 
-Forward (``kernels/lowrank_matmul.py``): one kernel per block of rows builds ``t = x V^T`` in fp32
-registers, then writes ``t U^T + bias`` block by block, so ``t`` never round-trips through memory
-on the way to ``y`` (it is also stored, ``M x r``, because the backward needs it and saving it is
-cheaper than re-reading ``x``).
+Shapes: ``x (..., in)``, ``V (r, in)``, ``U (out, r)``, ``bias (out,)``; flattened, ``M`` rows. Three
+implementations, chosen by ``backend.pick`` (``composed`` unless the committed table says a measured
+shape is faster with Triton):
 
-Backward: the same kernel, run on ``dy``, reads ``dy`` once to build ``s = dy U`` on chip, writes
-``dx = s V`` from registers and, in the same pass over ``dy``, the per-block column sums that give
-``dbias``. For ``dU = dy^T t`` and ``dV = s^T x`` there are two strategies:
-
-* ``r <= kernels.lowrank_matmul.FUSE_GRADS_MAX_RANK`` (16): fused into that same pass with fp32
-  atomics (``dy`` and ``x`` are each read once for the whole backward; summation order, hence the last
-  bits of ``dU``/``dV``, is not deterministic);
-* larger ``r``: two ``torch.mm`` calls (cuBLAS), so ``dy`` is read twice and ``x`` once (the atomics
-  would move ``2 r / BLOCK_M`` times the bytes of ``dy``).
-
-The Triton path is registered as the custom ops ``lowrank_kernels::lowrank_matmul`` (returns ``y`` and
-the saved ``t``) and ``lowrank_kernels::lowrank_matmul_backward`` with fakes and autograd, so
-``torch.compile(fullgraph=True)`` traces through it.
+* ``composed`` (default, every device; :func:`lowrank_matmul_composed`): ``t = x V^T`` (``(M, r)``), then
+  ``y = addmm(bias, t, U^T)``: two cuBLAS calls, one ``(M, out)`` tensor. Autograd's backward is
+  ``s = dy U`` (``(M, r)``), ``dx = s V`` (the one ``(M, in)`` tensor), ``dU = dy^T t``, ``dV = s^T x``,
+  ``dbias = sum(dy)``, each only when needed.
+* ``triton`` (``kernels/lowrank_matmul.py``): one kernel per block of rows builds ``t = x V^T`` in fp32
+  registers, then writes ``t U^T + bias`` block by block, so ``t`` never round-trips through memory on the
+  way to ``y`` (it is also stored, ``M x r``, for the backward). The backward runs the same kernel on
+  ``dy``: ``s = dy U`` on chip, ``dx = s V`` from registers and, in the same pass, the column sums that
+  give ``dbias``. ``dU = dy^T t`` and ``dV = s^T x`` are fused into that pass with fp32 atomics for
+  ``r <= kernels.lowrank_matmul.FUSE_GRADS_MAX_RANK`` (16; summation order, hence the last bits, is not
+  deterministic), else two ``torch.mm`` calls. Registered as the custom ops
+  ``lowrank_kernels::lowrank_matmul`` and ``lowrank_kernels::lowrank_matmul_backward`` with fakes and
+  autograd, so ``torch.compile(fullgraph=True)`` traces through it. Serves fp32/fp16/bf16 with
+  ``1 <= r <= 256`` and non-empty inputs (other calls take the composed path); bf16 on the CPU (the Triton
+  interpreter's bf16 ``tl.dot`` is wrong) answers with the reference.
+* ``torch``: :func:`lowrank_matmul_ref` (the oracle).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,7 +32,7 @@ from .. import backend
 from .._checks import check_same_device_dtype, check_tensor
 
 #: Largest rank the Triton kernel serves (the ``(BLOCK_M, r)`` fp32 accumulator must fit in registers);
-#: larger ranks fall back to the PyTorch reference.
+#: larger ranks take the composed path.
 MAX_TRITON_RANK = 256
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -45,6 +49,17 @@ def lowrank_matmul_ref(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: 
         bias = None if bias is None else bias.double()
     t = torch.matmul(x, V.t())
     return torch.matmul(t, U.t()) if bias is None else torch.nn.functional.linear(t, U, bias)
+
+
+def lowrank_matmul_composed(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The cuBLAS-composed ``(x V^T) U^T + bias`` (no input checks: see :func:`lowrank_matmul`):
+    ``t = x V^T`` ``(M, r)``, then ``addmm(bias, t, U^T)``. ``x (..., in)`` -> ``(..., out)``; one
+    ``(M, out)`` tensor forward, one ``(M, in)`` tensor backward."""
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    t = torch.mm(x2, V.t())
+    y = torch.mm(t, U.t()) if bias is None else torch.addmm(bias, t, U.t())
+    return y.view(*x.shape[:-1], U.shape[0])
 
 
 # ------------------------------------------------------------------------------------ Triton custom ops
@@ -162,15 +177,19 @@ def lowrank_matmul(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
     Returns:
         ``(..., out)`` in the dtype of the inputs (all inputs share one dtype and device).
 
-    The Triton kernels serve fp32/fp16/bf16 with ``1 <= r <= 256`` (fp32 ``tl.dot`` uses TF32 exactly
-    when ``torch.backends.cuda.matmul.allow_tf32`` is on, like ``torch.matmul``); fp64, larger ranks and
-    empty inputs use :func:`lowrank_matmul_ref`. Inside ``torch.autocast`` the inputs are first cast to
-    the autocast dtype.
+    The implementation is ``backend.pick``'s (see the module docstring): the cuBLAS-composed path by
+    default; the Triton kernels (fp32/fp16/bf16, ``1 <= r <= 256``; fp32 ``tl.dot`` uses TF32 exactly when
+    ``torch.backends.cuda.matmul.allow_tf32`` is on, like ``torch.matmul``) where the committed table or
+    ``LOWRANK_KERNELS_BACKEND=triton`` says so; the reference for ``LOWRANK_KERNELS_BACKEND=torch`` and for
+    bf16 CPU tensors with Triton forced. Inside ``torch.autocast`` the inputs are first cast to the
+    autocast dtype.
     """
     x, U, V, bias = _autocast(x, U, V, bias)
     _check_inputs(x, U, V, bias)
-    if backend.choose(x, U, V, bias, op="lowrank_matmul") == "torch":
+    shape = backend.shape_class(math.prod(x.shape[:-1]), V.shape[1], U.shape[0], V.shape[0])
+    impl = backend.pick("lowrank_matmul", x, U, V, bias, shape=shape, triton_dtypes=_TRITON_DTYPES)
+    if impl == "torch":
         return lowrank_matmul_ref(x, U, V, bias)
-    if x.dtype not in _TRITON_DTYPES or V.shape[0] > MAX_TRITON_RANK or x.numel() == 0 or U.shape[0] == 0:
-        return lowrank_matmul_ref(x, U, V, bias)
-    return torch.ops.lowrank_kernels.lowrank_matmul(x, U, V, bias)[0]
+    if impl == "triton" and V.shape[0] <= MAX_TRITON_RANK and x.numel() > 0 and U.shape[0] > 0:
+        return torch.ops.lowrank_kernels.lowrank_matmul(x, U, V, bias)[0]
+    return lowrank_matmul_composed(x, U, V, bias)
