@@ -1,10 +1,13 @@
-"""Splitting per-matrix work (Q3R operators, rank estimators) across DDP ranks.
+"""Process-group helpers shared by Q3R/AdamQ3R and the rank controller (the one copy of each).
 
 Generic helpers, usable by anything that owns a list of independent jobs:
 
+* :func:`is_distributed`, :func:`world_size`, :func:`rank`, :func:`group_src` - where this process stands.
 * :func:`balanced_assignment` - longest-processing-time greedy: job -> rank, balanced by cost.
 * :func:`flat_all_reduce` - one all-reduce per dtype over many tensors, flattened into one buffer.
+* :func:`flat_broadcast` - one broadcast per dtype over many tensors, flattened into one buffer.
 * :func:`broadcast_object` - a picklable object from ``src`` to every rank.
+* :func:`dtensor_params` - the parameters of a module sharded as ``DTensor`` (FSDP2's ``fully_shard``).
 
 All of them are no-ops (or identities) when ``torch.distributed`` is not initialised, so single-process
 code calls them unconditionally.
@@ -30,6 +33,22 @@ def world_size(group=None) -> int:
 
 def rank(group=None) -> int:
     return dist.get_rank(group) if is_distributed(group) else 0
+
+
+def group_src(group=None) -> int:
+    """Global rank of ``group``'s first member (the rank that decides and broadcasts); 0 without a group."""
+    if not is_distributed(group) or group is None:
+        return 0
+    return dist.get_global_rank(group, 0)
+
+
+def dtensor_params(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s parameters that are ``DTensor`` (sharded, e.g. by FSDP2's ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return []
+    return [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
 
 
 def balanced_assignment(costs: Sequence[float], world_size: int) -> list[int]:
@@ -77,10 +96,30 @@ def flat_all_reduce(tensors: Sequence[torch.Tensor], group=None, op=None) -> Non
             offset += t.numel()
 
 
+def flat_broadcast(tensors: Sequence[torch.Tensor], src: int = 0, group=None) -> None:
+    """Overwrite every tensor with ``src``'s values, in place, with one broadcast per (dtype, device).
+
+    ``src`` is a global rank. Every rank must pass tensors of the same shapes, dtypes and order (the flat
+    buffer's layout). No-op without ``torch.distributed``.
+    """
+    if not is_distributed(group) or not tensors:
+        return
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.broadcast(flat, src, group=group)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
-    """``obj`` of rank ``src`` on every rank (identity without torch.distributed)."""
+    """``obj`` of rank ``src`` (a global rank) on every rank (identity without torch.distributed)."""
     if not is_distributed(group):
         return obj
-    box = [obj if rank(group) == src else None]
+    box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]

@@ -197,8 +197,8 @@ def spectral_norm(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol:
 
 def _stable_rank(fro_sq: torch.Tensor, sigma_sq: torch.Tensor) -> torch.Tensor:
     # A zero matrix has no spectrum; its stable rank is defined as 0 (not NaN) so controllers can shrink it.
-    return torch.where(sigma_sq > 0, fro_sq / sigma_sq.clamp_min(torch.finfo(sigma_sq.dtype).tiny),
-                       torch.zeros_like(fro_sq))
+    # A NaN sigma (non-finite input) stays NaN, so callers can name the matrix.
+    return torch.where(sigma_sq == 0, 0.0, fro_sq / sigma_sq)
 
 
 def stable_rank(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: float = DEFAULT_TOL,
@@ -223,6 +223,8 @@ def _factored_pairs(U, V) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tupl
             raise ValueError(f"U and V must both be 2-D or both 3-D, got {tuple(U.shape)} and {tuple(V.shape)}")
         if U.dim() == 3 and U.shape[0] != V.shape[0]:
             raise ValueError(f"batch sizes differ: U {tuple(U.shape)}, V {tuple(V.shape)}")
+        if U.dim() == 3 and U.shape[0] == 0:
+            raise ValueError(f"U and V hold no pair: U {tuple(U.shape)}, V {tuple(V.shape)}")
         out_shape = () if U.dim() == 2 else (U.shape[0],)
         Us = [U] if U.dim() == 2 else list(U.unbind(0))
         Vs = [V] if V.dim() == 2 else list(V.unbind(0))
@@ -236,31 +238,110 @@ def _factored_pairs(U, V) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tupl
         check_tensor(v, f"V[{i}]", ndim=2)
         if u.shape[1] != v.shape[0]:
             raise ValueError(f"pair {i}: U has shape {tuple(u.shape)} (out, r) but V has {tuple(v.shape)} (r, in)")
+        if 0 in u.shape or 0 in v.shape:
+            raise ValueError(f"pair {i}: U {tuple(u.shape)} (out, r) and V {tuple(v.shape)} (r, in) must have "
+                             f"out, r and in >= 1 (a rank-0 factorisation has no spectrum)")
         if u.device != Us[0].device or v.device != Us[0].device:
             raise TypeError(f"pair {i} is on {u.device}/{v.device} but U[0] is on {Us[0].device}")
     return list(zip(Us, Vs, strict=True)), out_shape
 
 
-def _factored_stats(U, V) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """``sigma_max^2`` and ``||U V||_F^2`` (fp64) from Gram cores, all pairs in one batched ``eigh``."""
-    pairs, out_shape = _factored_pairs(U, V)
-    r_max = max(u.shape[1] for u, _ in pairs)
-    dev = pairs[0][0].device
-    Gu = torch.zeros(len(pairs), r_max, r_max, dtype=torch.float64, device=dev)
-    Gv = torch.zeros_like(Gu)
+_PAD_CACHE: dict[tuple, torch.Tensor] = {}
+_PAD_CACHE_SIZE = 64
+
+
+def _cached(key: tuple, make) -> torch.Tensor:
+    """A small constant tensor (zero slice, gather index) made once per key: no fill or host-to-device copy
+    per call. Never written to."""
+    t = _PAD_CACHE.get(key)
+    if t is None:
+        t = make()
+        if len(_PAD_CACHE) >= _PAD_CACHE_SIZE:
+            _PAD_CACHE.pop(next(iter(_PAD_CACHE)))
+        _PAD_CACHE[key] = t
+    return t
+
+
+def _stack_padded64(ts: list[torch.Tensor], dim: int, width: int) -> torch.Tensor:
+    """``ts`` as fp64, stacked on a new leading axis, each zero-padded along ``dim`` (its rank axis) to ``width``.
+
+    Two ops for any number of tensors: ``stack`` + cast when every rank is ``width``, else one ``cat`` (with an
+    fp64 zero slice appended, which also does the cast) and one ``index_select`` that places each tensor's
+    slices and the zero slice; both constants are cached by layout.
+    """
+    if all(t.shape[dim] == width for t in ts):
+        return torch.stack(ts).double()
+    t0 = ts[0]
+    zero_shape = list(t0.shape)
+    zero_shape[dim] = 1
+    dev = t0.device
+    zero = _cached(("zero", str(dev), tuple(zero_shape)),
+                   lambda: torch.zeros(zero_shape, dtype=torch.float64, device=dev))
+    ranks = tuple(t.shape[dim] for t in ts)
+
+    def index() -> torch.Tensor:
+        idx, start, pad = [], 0, sum(ranks)
+        for r in ranks:
+            idx.extend(range(start, start + r))
+            idx.extend([pad] * (width - r))
+            start += r
+        return torch.tensor(idx, dtype=torch.int64).to(dev)
+
+    flat = torch.cat([*ts, zero], dim=dim)  # fp64 (type promotion); rank axis: sum(r_i) + 1 (the zero slice)
+    picked = flat.index_select(dim, _cached(("index", str(dev), ranks, width), index))
+    if dim == 1:  # (out, n * width) -> (n, out, width)
+        return picked.unflatten(1, (len(ts), width)).movedim(1, 0)
+    return picked.unflatten(0, (len(ts), width))  # (n * width, in) -> (n, width, in)
+
+
+def _factored_cores(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[int]]:
+    """fp64 symmetric PSD cores ``C_i (n, k, k)`` with ``eig(C_i) = sigma(U_i V_i)^2`` (zero padded), and the
+    order of the pairs along the batch axis.
+
+    Pairs are grouped by ``(out, in, dtype, device)``; per group a fixed number of batched ops: the factors
+    stacked (ranks zero-padded to the group's largest, which adds only zero singular values), ``U = Q R``
+    (R only), ``G = V V^T`` and ``C = R G R^T``, since ``U V V^T U^T = Q C Q^T``. ``R`` stands in for a square
+    root of ``U^T U`` with no eigendecomposition and no host sync, also when ``U`` is rank deficient. The
+    groups' cores are zero-padded to one size and concatenated, so one batched eigensolver serves all pairs.
+    """
+    groups: dict[tuple, list[int]] = {}
     for i, (u, v) in enumerate(pairs):
-        r = u.shape[1]
-        u64, v64 = u.detach().double(), v.detach().double()
-        Gu[i, :r, :r] = u64.t() @ u64
-        Gv[i, :r, :r] = v64 @ v64.t()
-    # sigma(U V)^2 = eig(Gu Gv) = eig(S^T Gv S) with Gu = S S^T, S = E sqrt(Lambda): symmetric, and safe
-    # for rank-deficient U (zero eigenvalues) where a Cholesky of Gu would fail. Zero padding adds only zeros.
-    lam, E = torch.linalg.eigh(Gu)
-    S = E * lam.clamp_min(0).sqrt().unsqueeze(-2)
-    core = S.transpose(-1, -2) @ Gv @ S
-    sigma_sq = torch.linalg.eigvalsh(core)[..., -1].clamp_min(0)
-    fro_sq = (Gu * Gv).sum(dim=(-2, -1)).clamp_min(0)
-    return sigma_sq, fro_sq, out_shape
+        groups.setdefault((u.shape[0], v.shape[1], u.dtype, u.device), []).append(i)
+    cores, order = [], []
+    for idx in groups.values():
+        width = max(pairs[i][0].shape[1] for i in idx)
+        us = _stack_padded64([pairs[i][0].detach() for i in idx], 1, width)  # (g, out, w)
+        vs = _stack_padded64([pairs[i][1].detach() for i in idx], 0, width)  # (g, w, in)
+        r_u = torch.linalg.qr(us, mode="r").R  # (g, min(out, w), w)
+        cores.append(torch.bmm(torch.bmm(r_u, torch.bmm(vs, vs.mT)), r_u.mT))
+        order.extend(idx)
+    k = max(c.shape[-1] for c in cores)
+    cores = [c if c.shape[-1] == k else torch.nn.functional.pad(c, (0, k - c.shape[-1], 0, k - c.shape[-1]))
+             for c in cores]
+    return (cores[0] if len(cores) == 1 else torch.cat(cores)), order
+
+
+def _factored_stats(U, V) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """``sigma_max^2`` and ``||U V||_F^2`` (fp64, in the pairs' order) from the cores of
+    :func:`_factored_cores`, with one batched ``eigvalsh`` for all pairs (no other host sync).
+
+    A pair with a NaN or Inf factor gets NaN for both (its core is zeroed before the eigensolver, which
+    would otherwise fail for the whole batch).
+    """
+    pairs, out_shape = _factored_pairs(U, V)
+    core, order = _factored_cores(pairs)
+    total = core.flatten(1).sum(dim=1)
+    finite = (total - total) == 0  # False where the core holds NaN or Inf (their sum is NaN or Inf)
+    core = torch.nan_to_num(core, nan=0.0, posinf=0.0, neginf=0.0)  # only the flagged cores change
+    # (n, 2): sigma_max^2 (the largest eigenvalue) and ||U V||_F^2 (the trace); NaN where a factor is not finite
+    stats = torch.stack([torch.linalg.eigvalsh(core)[:, -1], core.diagonal(dim1=-2, dim2=-1).sum(-1)], dim=1)
+    stats = torch.where(finite[:, None], stats.clamp_min(0), float("nan"))
+    if order != sorted(order):
+        inverse = [0] * len(order)
+        for pos, i in enumerate(order):
+            inverse[i] = pos
+        stats = stats[torch.tensor(inverse, dtype=torch.int64).to(core.device)]
+    return stats[:, 0], stats[:, 1], out_shape
 
 
 def spectral_norm_factored(U, V) -> torch.Tensor:

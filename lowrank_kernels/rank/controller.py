@@ -11,10 +11,18 @@ At every ``interval``-th call of :meth:`RankController.step` (after ``warmup`` c
 4. resizes in place (``LowRankLinear.resize``: same Parameter objects) and carries the optimizer state
    through the change of basis (``state_policy="carry"``, see :mod:`.resize`) or drops it (``"reset"``).
 
+Cost of a decision (what a GPU sees): the stable ranks of all layers come from a fixed number of batched
+ops per group of layers of one ``(out, in, dtype, device)`` (see :func:`lowrank_kernels.ops.stable_rank_factored`),
+not from ops per layer; the host reads them once (the one sync needed to learn which layers resize, plus the
+batched eigensolver's own error check) and takes the decision in Python, so a decision that resizes nothing
+costs the same at 12 and at 48 layers. Each resize is a per-layer ``LowRankLinear.resize``.
+
 Under ``torch.distributed`` the decision is taken on the group's first rank and broadcast, and the
-resized factors and their optimizer state are broadcast too (growing draws random directions), so every
-rank holds identical ranks and parameters. A ``DistributedDataParallel`` wrapper must be rebuilt after a
-resize (its reducer caches parameter shapes): see :func:`rewrap_ddp`.
+resized factors and their optimizer state are broadcast too (growing draws random directions; one flat
+broadcast per dtype), so every rank holds identical ranks and parameters. A ``DistributedDataParallel``
+wrapper must be rebuilt after a resize (its reducer caches parameter shapes): see :func:`rewrap_ddp`.
+FSDP2 (``fully_shard``) is refused at construction: a resize changes the shape of a sharded parameter,
+which FSDP2 cannot take without being applied anew (see :class:`RankController`).
 """
 
 from __future__ import annotations
@@ -26,10 +34,9 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .. import ops
+from .. import distributed, ops
 from .._checks import check_positive_int
 from ..nn.lowrank_linear import LowRankLinear
 from .resize import STATE_POLICIES, resize_with_state, unwrap_optimizer
@@ -50,11 +57,17 @@ class ResizeEvent:
         return asdict(self)
 
 
-def stable_ranks_of(layers: list[LowRankLinear]) -> torch.Tensor:
-    """``(n,)`` fp64 stable ranks of ``U V`` for each layer, exact from the factors in one batched call."""
+def _stable_rank_list(layers: list[LowRankLinear]) -> list[float]:
+    """Stable ranks of ``U V`` for each layer as Python floats: one batched device computation, one host read."""
     us = [m.U.detach() for m in layers]
     vs = [m.V.detach() for m in layers]
-    return ops.stable_rank_factored(us, vs).to(torch.float64).cpu()
+    return ops.stable_rank_factored(us, vs).tolist()
+
+
+def stable_ranks_of(layers: list[LowRankLinear]) -> torch.Tensor:
+    """``(n,)`` fp64 CPU tensor of the stable ranks of ``U V`` for each layer, exact from the factors in one
+    batched call (NaN for a layer with a non-finite factor)."""
+    return torch.tensor(_stable_rank_list(layers), dtype=torch.float64)
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -63,12 +76,11 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _dist_info(group) -> tuple[bool, int, int]:
-    """(active, my rank in group, global rank of the group's first member)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return False, 0, 0
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    return True, dist.get_rank(group), src
+def _as_floats(values) -> list[float]:
+    """A sequence or 1-D tensor of numbers as Python floats (a tensor is read in one ``tolist``)."""
+    if isinstance(values, torch.Tensor):
+        return [float(v) for v in values.detach().reshape(-1).tolist()]
+    return [float(v) for v in values]
 
 
 class RankController:
@@ -85,6 +97,13 @@ class RankController:
         log_file: path of a JSONL file, one line per resize event (written by the first rank only).
         layers: names of the layers to manage (default: every ``LowRankLinear`` in the model).
         process_group: the group whose first rank decides (default: the world).
+
+    Raises ``ValueError`` for a bad argument and, from :meth:`step` / :meth:`estimate`, for a layer whose
+    factors hold NaN or Inf (the layer is named). Raises ``RuntimeError`` for a model sharded by FSDP2
+    (``fully_shard``, ``DTensor`` parameters): a resize changes the shape of ``U`` and ``V``, and FSDP2 keeps
+    flat shards and all-gather buffers sized for the old shapes, so the sharding would have to be undone and
+    applied anew around every resize (with the optimizer rebuilt); that is not done here. Use DDP (with
+    :func:`rewrap_ddp`), or resize a gathered copy between sharded runs.
     """
 
     def __init__(self, model: nn.Module, optimizer=None, min_rank: int = 8, max_rank: int | None = None,
@@ -124,6 +143,13 @@ class RankController:
             found = OrderedDict((n, found[n]) for n in layers)
         if not found:
             raise ValueError("the model has no LowRankLinear layer to control")
+        for name, m in found.items():
+            sharded = distributed.dtensor_params(m)
+            if sharded:
+                raise RuntimeError(
+                    f"RankController does not support FSDP2/DTensor parameters: layer {name!r} has sharded "
+                    f"{sharded}. A resize changes the shapes of U and V, which fully_shard cannot follow without "
+                    f"being applied anew; use DDP with rewrap_ddp, or resize an unsharded copy of the model")
         self.layers: OrderedDict[str, LowRankLinear] = found
         self.num_steps = 0
         self.ema: dict[str, float] = {n: float(m.rank) for n, m in found.items()}
@@ -142,17 +168,29 @@ class RankController:
         return {n: m.rank for n, m in self.layers.items()}
 
     # ---------------------------------------------------------------------------- decision
+    def _estimate_list(self) -> list[float]:
+        values = _stable_rank_list(list(self.layers.values()))
+        bad = [n for n, v in zip(self.layers, values, strict=True) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"LowRankLinear layers {bad} have NaN or Inf in their factors U/V (their stable rank "
+                             f"is not finite); the rank controller cannot decide on them")
+        return values
+
     def estimate(self) -> torch.Tensor:
-        """``(n_layers,)`` fp64 stable ranks, in the order of ``self.layers``."""
-        return stable_ranks_of(list(self.layers.values()))
+        """``(n_layers,)`` fp64 stable ranks, in the order of ``self.layers`` (a CPU tensor).
+
+        Raises ``ValueError`` naming the layers whose factors hold NaN or Inf.
+        """
+        return torch.tensor(self._estimate_list(), dtype=torch.float64)
 
     def decide(self, stable_ranks) -> dict[str, int]:
         """Update the EMAs with one stable-rank observation per layer; return ``{name: new_rank}`` for the layers
-        that must change. ``stable_ranks``: a sequence/tensor in ``self.layers`` order or a ``{name: value}``."""
+        that must change. ``stable_ranks``: a sequence/tensor in ``self.layers`` order or a ``{name: value}``.
+        A non-finite value keeps that layer's target at its current rank."""
         if isinstance(stable_ranks, dict):
             values = [float(stable_ranks[n]) for n in self.layers]
         else:
-            values = [float(v) for v in stable_ranks]
+            values = _as_floats(stable_ranks)
         if len(values) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} stable ranks, got {len(values)}")
         decisions = {}
@@ -182,9 +220,9 @@ class RankController:
         if not new_ranks:
             return []
         if stable_ranks is None:
-            stable_ranks = self.estimate()
+            stable_ranks = self._estimate_list()
         if not isinstance(stable_ranks, dict):
-            stable_ranks = dict(zip(self.layers, [float(v) for v in stable_ranks], strict=True))
+            stable_ranks = dict(zip(self.layers, _as_floats(stable_ranks), strict=True))
         events = []
         for name, new in new_ranks.items():
             m = self.layers[name]
@@ -195,10 +233,10 @@ class RankController:
             resize_with_state(m, new, self.optimizer, self.state_policy)
             events.append(ResizeEvent(name, old, new, float(stable_ranks.get(name, float("nan"))),
                                       float(self.ema[name]), self.num_steps))
-        active, me, src = _dist_info(self.process_group)
+        active = distributed.is_distributed(self.process_group)
         if active and events:
-            self._broadcast_layers([e.layer for e in events], src)
-        if self.log_file is not None and events and (not active or me == 0):
+            self._broadcast_layers([e.layer for e in events])
+        if self.log_file is not None and events and distributed.rank(self.process_group) == 0:
             with open(self.log_file, "a", encoding="utf-8") as f:
                 for e in events:
                     f.write(json.dumps(e.to_dict()) + "\n")
@@ -209,37 +247,30 @@ class RankController:
         self.num_steps += 1
         if self.num_steps <= self.warmup or self.num_steps % self.interval:
             return []
-        active, me, src = _dist_info(self.process_group)
-        if not active:
-            sr = self.estimate()
+        group = self.process_group
+        if not distributed.is_distributed(group):
+            sr = self._estimate_list()
             return self.apply(self.decide(sr), sr)
-        names = list(self.layers)
-        n = len(names)
-        device = self.layers[names[0]].U.device
-        payload = torch.zeros(3 * n, dtype=torch.float64, device=device)
-        if me == 0:
-            sr = self.estimate()
-            decisions = self.decide(sr)
-            payload[:n] = sr.to(device)
-            payload[n:2 * n] = torch.tensor([self.ema[k] for k in names], dtype=torch.float64)
-            payload[2 * n:] = torch.tensor([decisions.get(k, 0) for k in names], dtype=torch.float64)
-        dist.broadcast(payload, src, group=self.process_group)
-        payload = payload.cpu()
-        sr = payload[:n]
-        self.ema = {k: float(v) for k, v in zip(names, payload[n:2 * n], strict=True)}
-        decisions = {k: int(v) for k, v in zip(names, payload[2 * n:], strict=True) if int(v) > 0}
-        return self.apply(decisions, sr)
+        # The group's first rank estimates and decides; the others take its floats as they are (exact).
+        decision = None
+        if distributed.rank(group) == 0:
+            sr = self._estimate_list()
+            decision = {"sr": sr, "decisions": self.decide(sr), "ema": dict(self.ema)}
+        decision = distributed.broadcast_object(decision, distributed.group_src(group), group)
+        self.ema = dict(decision["ema"])
+        return self.apply(decision["decisions"], decision["sr"])
 
-    def _broadcast_layers(self, names: list[str], src: int) -> None:
-        """Make the resized factors and their optimizer state bit-identical to ``src``'s."""
+    def _broadcast_layers(self, names: list[str]) -> None:
+        """Make the resized factors and their optimizer state bit-identical to the group's first rank's."""
+        tensors = []
         for name in names:
             m = self.layers[name]
             for p in (m.U, m.V):
-                dist.broadcast(p.data, src, group=self.process_group)
+                tensors.append(p.data)
                 state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.dim() > 0:
-                        dist.broadcast(value, src, group=self.process_group)
+                tensors.extend(v for _, v in sorted(state.items(), key=lambda kv: str(kv[0]))
+                               if isinstance(v, torch.Tensor) and v.dim() > 0)
+        distributed.flat_broadcast(tensors, distributed.group_src(self.process_group), self.process_group)
 
     # ------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
