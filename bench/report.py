@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import tables
 from bench.common import DEFAULT_OUT, REPO_ROOT, append_rows, read_rows, slugify, x_sort_key
 
 START = "<!-- bench-table:start -->"
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"merged into {path}")
     readme = Path(args.readme)
     current = readme.read_text()
-    wanted = replace_block(current, render(args.results))
+    wanted = tables.replace_block(replace_block(current, render(args.results)), tables.render(args.results))
     if args.check:
         if wanted != current:
             sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), wanted.splitlines(True),
