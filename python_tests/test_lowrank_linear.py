@@ -188,3 +188,64 @@ def test_backward_after_resize_while_old_graph_alive(new_rank):
     layer(torch.randn(4, 12)).square().sum().backward()
     assert layer.U.grad.shape == (10, new_rank) and layer.V.grad.shape == (new_rank, 12)
     del old_loss
+
+
+# ------------------------------------------------------------------------------- Conv1D and state dicts
+class _Conv1D(nn.Module):
+    """transformers' ``Conv1D`` layout (``weight (in, out)``, ``y = x W + b``), without importing transformers."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(nf, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+_Conv1D.__name__ = "Conv1D"
+
+
+@pytest.mark.parametrize("rank, exact", [(6, True), (3, False)])
+def test_from_conv1d_is_exact_at_full_rank(rank, exact):
+    conv = _Conv1D(nf=9, nx=6)  # in 6 -> out 9
+    layer = LowRankLinear.from_linear(conv, rank)
+    assert (layer.in_features, layer.out_features, layer.rank) == (6, 9, rank)
+    assert_verbose_allclose(_product(layer), _truncated(conv.weight.t(), rank), atol=1e-10, name="U V")
+    x = torch.randn(4, 6, dtype=torch.float64)
+    if exact:
+        assert_verbose_allclose(layer(x), conv(x), atol=1e-10, name="y")
+    else:
+        assert (layer(x) - conv(x)).abs().max() > 1e-3  # a real truncation, not the identity
+    with pytest.raises(ValueError, match="Conv1D"):
+        LowRankLinear.from_linear(conv, 7)
+
+
+@pytest.mark.parametrize("old, new", [(2, 5), (5, 2), (4, 4)])
+def test_load_state_dict_of_another_rank_resizes_in_place(old, new):
+    src = LowRankLinear(12, 10, new, dtype=torch.float64)
+    dst = LowRankLinear(12, 10, old, dtype=torch.float64)
+    u, v = dst.U, dst.V
+    dst(torch.randn(3, 12, dtype=torch.float64)).sum().backward()
+    missing, unexpected = dst.load_state_dict(src.state_dict())
+    assert not missing and not unexpected
+    assert dst.rank == new and dst.U is u and dst.V is v
+    assert (u.grad is None) == (old != new)  # a stale-shaped gradient is dropped, a valid one kept
+    x = torch.randn(3, 12, dtype=torch.float64)
+    assert_verbose_allclose(dst(x), src(x), atol=0, name="y")
+    dst(x).sum().backward()  # the autograd accumulator follows the new shape
+    assert dst.U.grad.shape == (10, new)
+
+
+def test_load_state_dict_rank_inside_a_model_and_mismatches():
+    model = nn.Sequential(LowRankLinear(8, 8, 2), nn.ReLU(), LowRankLinear(8, 4, 3))
+    other = nn.Sequential(LowRankLinear(8, 8, 6), nn.ReLU(), LowRankLinear(8, 4, 1))
+    model.load_state_dict(other.state_dict())
+    assert [model[0].rank, model[2].rank] == [6, 1]
+    bad = LowRankLinear(9, 8, 2).state_dict()  # other in_features: not a rank change, torch's size error
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        LowRankLinear(8, 8, 2).load_state_dict(bad)
+    dense = nn.Linear(8, 8).state_dict()
+    with pytest.raises(RuntimeError, match="Missing key"):
+        LowRankLinear(8, 8, 2).load_state_dict(dense)

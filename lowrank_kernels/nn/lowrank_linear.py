@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
+from .._modules import is_conv1d, is_linear_like, linear_weight
 from ..ops.lowrank_matmul import lowrank_matmul
 
 
@@ -81,6 +82,13 @@ class LowRankLinear(nn.Module):
 
     Parameters: ``U (out_features, rank)``, ``V (rank, in_features)``, ``bias (out_features,)`` or None.
     Input ``(..., in_features)``, output ``(..., out_features)``.
+
+    Loading a state dict whose ``U``/``V`` have another rank resizes the layer to that rank first
+    (``load_state_dict``, ``transformers`` ``Trainer`` resume, :func:`load_lowrank_pretrained`): ``self.U`` and
+    ``self.V`` stay the same ``Parameter`` objects, their ``.data`` is swapped, and ``.grad`` is dropped. An
+    optimizer holding them must get its state from the same checkpoint (as ``Trainer`` resume does).
+    ``in_features``/``out_features`` must agree; a ``U``/``V`` pair of inconsistent rank is left to
+    ``load_state_dict``'s own size-mismatch error.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -118,16 +126,23 @@ class LowRankLinear(nn.Module):
 
     # ------------------------------------------------------------------------------- conversions
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
+    def from_linear(cls, linear: nn.Module, rank: int) -> LowRankLinear:
         """Best rank-``rank`` approximation of ``linear`` (truncated SVD, split ``U = U_r sqrt(S)``,
-        ``V = sqrt(S) Vh_r``), on the same device and dtype; the bias is copied."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        ``V = sqrt(S) Vh_r``), on the same device and dtype; the bias is copied.
+
+        ``linear`` is an ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 family, weight stored ``(in, out)``;
+        read as ``(out, in)`` through ``_modules.linear_weight``): the result is always in ``nn.Linear``'s
+        orientation and equals the layer exactly (up to rounding) at ``rank = min(in, out)``.
+        """
+        if not is_linear_like(linear):
+            raise TypeError(f"linear must be an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         check_positive_int(rank, "rank")
-        out_f, in_f = linear.weight.shape
+        w = linear_weight(linear).detach()
+        out_f, in_f = w.shape
         if rank > min(out_f, in_f):
-            raise ValueError(f"rank={rank} exceeds min(out_features, in_features) = {min(out_f, in_f)}")
-        w = linear.weight.detach()
+            kind = "Conv1D" if is_conv1d(linear) else "Linear"
+            raise ValueError(f"rank={rank} exceeds min(out_features, in_features) = {min(out_f, in_f)} "
+                             f"of this {kind} ({in_f} -> {out_f})")
         layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         root = s[:rank].sqrt()
@@ -148,6 +163,28 @@ class LowRankLinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias.detach())
         return linear
+
+    # ------------------------------------------------------------------------------ state dicts
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        u, v = state_dict.get(prefix + "U"), state_dict.get(prefix + "V")
+        if isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) and u.dim() == 2 and v.dim() == 2:
+            rank = u.shape[1]
+            consistent = (u.shape[0] == self.out_features and v.shape == (rank, self.in_features)
+                          and 1 <= rank <= min(self.in_features, self.out_features))
+            if consistent and rank != self.rank:
+                self._set_rank(rank)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @torch.no_grad()
+    def _set_rank(self, rank: int) -> None:
+        """Reshape ``U``/``V`` to ``rank`` in place (same ``Parameter`` objects, contents unspecified: a load
+        overwrites them); stale ``.grad`` tensors are dropped."""
+        for param, shape in ((self.U, (self.out_features, rank)), (self.V, (rank, self.in_features))):
+            param.data = torch.empty(shape, dtype=param.dtype, device=param.device)
+            forget_grad_accumulator(param)
+            param.grad = None
 
     # ----------------------------------------------------------------------------------- resize
     @torch.no_grad()

@@ -1,0 +1,181 @@
+"""Save and rebuild Hugging Face models whose layers :func:`replace_linear` made low-rank.
+
+``save_lowrank_pretrained(model, dir)`` runs ``model.save_pretrained(dir)`` and writes ``lowrank_config.json``
+beside the weights: for every :class:`LowRankLinear`, its dotted name, rank, ``in_features``, ``out_features``
+and whether it has a bias. ``load_lowrank_pretrained(ModelClass, dir)`` builds the dense model from the saved
+``config.json``, puts a :class:`LowRankLinear` of the recorded rank at each recorded name and loads the
+safetensors weights strictly: every key must be used and every parameter must be loaded (tied weights
+excepted), otherwise ``ValueError`` lists the keys. Per-layer ranks may differ (after ``rank`` resizes).
+
+A plain ``ModelClass.from_pretrained(dir)`` cannot know about the low-rank layers: transformers builds
+dense layers and reports their weights as newly initialised. Use :func:`load_lowrank_pretrained` instead.
+A model object that already has low-rank layers (of any rank) loads such weights with ``load_state_dict``:
+:class:`LowRankLinear` resizes itself to the stored rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .._modules import is_linear_like, linear_weight, set_submodule
+from .lowrank_linear import LowRankLinear
+
+__all__ = ["LOWRANK_CONFIG_NAME", "load_lowrank_pretrained", "lowrank_layers", "save_lowrank_pretrained"]
+
+LOWRANK_CONFIG_NAME = "lowrank_config.json"
+_FORMAT = "lowrank_kernels.low_rank_layers"
+_VERSION = 1
+
+
+def lowrank_layers(model: nn.Module) -> dict[str, dict]:
+    """``{name: {"rank", "in_features", "out_features", "bias"}}`` for every :class:`LowRankLinear` of ``model``
+    (a module registered under several names is listed under each)."""
+    return {name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
+                   "bias": m.bias is not None}
+            for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, LowRankLinear)}
+
+
+def save_lowrank_pretrained(model: nn.Module, save_directory: str | os.PathLike, **save_kwargs) -> None:
+    """``model.save_pretrained(save_directory, **save_kwargs)`` plus ``lowrank_config.json`` (per-layer ranks).
+
+    Raises:
+        TypeError: ``model`` has no ``save_pretrained`` (not a transformers model). ValueError: ``model`` has no
+        :class:`LowRankLinear` layer, or ``safe_serialization=False`` was asked for (only safetensors are loaded).
+    """
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise TypeError(f"{type(model).__name__} has no save_pretrained(); for a plain nn.Module save its "
+                        "state_dict (LowRankLinear resizes itself when loading one)")
+    if save_kwargs.get("safe_serialization", True) is False:
+        raise ValueError("safe_serialization=False is not supported: load_lowrank_pretrained reads safetensors only")
+    layers = lowrank_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LowRankLinear layer (call replace_linear first)")
+    model.save_pretrained(save_directory, **save_kwargs)
+    with open(os.path.join(save_directory, LOWRANK_CONFIG_NAME), "w") as f:
+        json.dump({"format": _FORMAT, "version": _VERSION, "layers": layers}, f, indent=1, sort_keys=True)
+
+
+def _read_layers(directory: str) -> dict[str, dict] | None:
+    path = os.path.join(directory, LOWRANK_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != _FORMAT or data.get("version") != _VERSION:
+        raise ValueError(f"{path}: not a lowrank_kernels layer file of version {_VERSION}")
+    layers = data.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: 'layers' must be an object, got {type(layers).__name__}")
+    for name, spec in layers.items():
+        ok = isinstance(spec, dict) and all(isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool)
+                                            and spec[k] >= 1 for k in ("rank", "in_features", "out_features"))
+        if not ok or not isinstance(spec.get("bias"), bool):
+            raise ValueError(f"{path}: layer {name!r} needs positive int rank/in_features/out_features and a bool "
+                             f"bias, got {spec!r}")
+        if spec["rank"] > min(spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{path}: layer {name!r} has rank {spec['rank']} > min(in, out) = "
+                             f"{min(spec['in_features'], spec['out_features'])}")
+    return layers
+
+
+def _read_safetensors(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if os.path.basename(shard) != shard:
+                raise ValueError(f"{index}: shard name {shard!r} is not a file name in the directory")
+            state.update(load_file(os.path.join(directory, shard)))
+        return state
+    raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                     "checkpoints are loaded, never pickles)")
+
+
+def _build(model_cls_or_factory, directory: str) -> nn.Module:
+    if isinstance(model_cls_or_factory, type) and hasattr(model_cls_or_factory, "config_class"):
+        config = model_cls_or_factory.config_class.from_pretrained(directory)
+        return model_cls_or_factory(config)
+    if callable(model_cls_or_factory):
+        model = model_cls_or_factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise TypeError("model_cls_or_factory must be a transformers model class or a callable returning the model, "
+                    f"got {model_cls_or_factory!r}")
+
+
+def load_lowrank_pretrained(model_cls_or_factory: type | Callable[[], nn.Module],
+                            directory: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by :func:`save_lowrank_pretrained`; returned in eval mode, as ``from_pretrained`` does.
+
+    Args:
+        model_cls_or_factory: a transformers model class (built as ``cls(cls.config_class.from_pretrained(dir))``)
+            or a callable returning the dense model (``lambda: GPT2LMHeadModel(config)``).
+        directory: the saved directory (``config.json`` for a class, ``lowrank_config.json``, safetensors weights).
+
+    Raises:
+        ValueError: ``lowrank_config.json`` is missing while the weights hold low-rank factors (``.U``/``.V``) or
+        is malformed; a recorded layer is absent from the model or not an ``in -> out`` Linear/Conv1D of the
+        recorded size; keys are missing from the checkpoint or left unused (listed in the message). No weight of
+        the returned model is left at its random initialisation.
+    """
+    directory = os.fspath(directory)
+    layers = _read_layers(directory)
+    state = _read_safetensors(directory)
+    if layers is None:
+        factors = sorted(k for k in state if k.endswith((".U", ".V")))
+        if factors:
+            raise ValueError(f"{directory} holds low-rank factors ({factors[:4]}{' ...' if len(factors) > 4 else ''}) "
+                             f"but no {LOWRANK_CONFIG_NAME}: it was not saved by save_lowrank_pretrained, so the "
+                             "layer ranks are unknown")
+        layers = {}
+    model = _build(model_cls_or_factory, directory)
+    all_names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        all_names.setdefault(id(mod), []).append(name)
+    done: set[int] = set()
+    for name, spec in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"{LOWRANK_CONFIG_NAME}: layer {name!r} is not in {type(model).__name__}") from exc
+        if id(old) in done:
+            continue
+        if isinstance(old, LowRankLinear):
+            w, shape = old.U, (old.out_features, old.in_features)
+        elif is_linear_like(old):
+            w = linear_weight(old)
+            shape = tuple(w.shape)
+        else:
+            raise ValueError(f"{LOWRANK_CONFIG_NAME}: {name} is a {type(old).__name__}, not a Linear or Conv1D")
+        if shape != (spec["out_features"], spec["in_features"]):
+            raise ValueError(f"{LOWRANK_CONFIG_NAME}: {name} is {shape[1]} -> {shape[0]} in the model but "
+                             f"{spec['in_features']} -> {spec['out_features']} in the file")
+        new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
+                            device=w.device, dtype=w.dtype)
+        for alias in all_names[id(old)]:
+            set_submodule(model, alias, new)
+        done.add(id(old))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    # a tied parameter is saved once: it is loaded when another name of the same tensor was
+    loaded_ids = {id(p) for n, p in model.state_dict(keep_vars=True).items() if n in state}
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    missing = [k for k in missing if id(params.get(k)) not in loaded_ids]
+    if missing or unexpected:
+        raise ValueError(f"{directory} does not match {type(model).__name__} with the recorded low-rank layers: "
+                         f"missing keys {missing}, unexpected keys {unexpected}")
+    return model.eval()
