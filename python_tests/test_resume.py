@@ -2,6 +2,8 @@
 
 The checkpoint carries the model, the optimizer (AdamQ3R's Q3R operators included), the LR schedule, the
 Q3R regulariser or rank-controller state and every RNG state; the batch order depends on (seed, epoch) only.
+The checkpoints are read back here through ``load_checkpoint`` (digest checked, ``weights_only``), as ``--resume``
+reads them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import pytest
 import torch
 
+from lowrank_kernels.app.checkpoint import load_checkpoint
 from lowrank_kernels.app.techniques import TECHNIQUES
 from lowrank_kernels.app.train import from_dict, run
 
@@ -27,7 +30,7 @@ def _cfg(out, **kw):
 
 
 def _final_state(out) -> dict:
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return load_checkpoint(out / "checkpoint.pt")
 
 
 def _losses(out) -> list[float]:
@@ -88,7 +91,7 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    at = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+    at = load_checkpoint(killed / "checkpoint.pt")["step"]  # verified: the kill left a whole file
     assert 4 <= at < 40, f"killed at step {at}"
     run(from_dict({**common, "out": str(killed), "resume": True, "stop_after": 40}))
     run(from_dict({**common, "out": str(ref), "stop_after": 40}))

@@ -90,6 +90,9 @@ class TrainConfig:
     progress: bool = _f(True, "tqdm progress bar")
     plots: bool = _f(True, "write PNG plots at the end")
 
+    def __post_init__(self):
+        check_types(self)  # values are checked by ``validate`` (``from_dict`` and ``run`` call it)
+
 
 # fields that may differ between a run and its resumption
 RUN_CONTROL = {"device", "threads", "out", "ckpt_every", "resume", "stop_after", "progress", "plots"}
@@ -101,7 +104,12 @@ def field_type(name: str):
 
 
 def coerce(name: str, value):
-    """``value`` converted to the type of field ``name``; ``ConfigError`` naming the key otherwise."""
+    """``value`` converted to the type of field ``name``; ``ConfigError`` naming the key otherwise.
+
+    Integer fields take ints, integral floats (``3.0``) and their strings; ``3.5``, ``nan``, ``inf`` and
+    booleans are refused (a value is never rounded). Float fields take finite numbers (not booleans).
+    Boolean fields take booleans and ``true/yes/1/false/no/0`` strings.
+    """
     if name not in _HINTS:
         raise ConfigError(f"unknown config key {name!r}")
     typ = _HINTS[name]
@@ -115,26 +123,59 @@ def coerce(name: str, value):
                 raise ValueError
             return value
         if typ is int:
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
             if isinstance(value, bool):
                 raise ValueError
-            return int(value)
+            if isinstance(value, float):
+                if not (math.isfinite(value) and value.is_integer()):
+                    raise ValueError
+                return int(value)
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                return int(value.strip())
+            raise ValueError
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
             v = float(value)
             if not math.isfinite(v):
-                raise ValueError
+                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
             return v
         if name == "target_modules" and isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)
         if isinstance(value, (dict, list)):
             raise ValueError
         return str(value)
-    except (TypeError, ValueError):
-        kind = "a number" if typ in (int, float) else typ.__name__
-        raise ConfigError(f"config key {name!r} must be {kind}, got {value!r}") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"config key {name!r} must be {_KIND.get(typ, typ.__name__)}, got {value!r}") from None
+
+
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _type_ok(name: str, value) -> bool:
+    typ = _HINTS[name]
+    if isinstance(value, bool):
+        return typ is bool
+    if name == "target_rank":
+        return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if typ is int:
+        return isinstance(value, int)
+    if typ is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, typ)
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Every field holds its type: ints are ``int`` (not ``bool``, not ``3.5``), floats are finite numbers."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if not _type_ok(f.name, v):
+            kind = ("an integer or a finite fraction" if f.name == "target_rank" else
+                    "a finite number" if _HINTS[f.name] is float else _KIND.get(_HINTS[f.name], "?"))
+            raise ConfigError(f"config key {f.name!r} must be {kind}, got {v!r} ({type(v).__name__})")
 
 
 def parse_rank(value) -> int | float:
@@ -187,7 +228,8 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Value checks that need no model (ranks are checked against the layers by the trainer)."""
+    """Type and value checks that need no model (ranks are checked against the layers by the trainer)."""
+    check_types(cfg)
     for f in dataclasses.fields(cfg):
         ch = f.metadata.get("choices")
         v = getattr(cfg, f.name)

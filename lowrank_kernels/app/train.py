@@ -7,7 +7,8 @@
 * ``checkpoint.pt`` every ``ckpt_every`` steps and at the end: model, optimizer (with its Q3R operators),
   LR scheduler, technique state (Q3R regulariser, rank controller), RNG states, step; ``resume=True`` continues
   from it and reproduces the uninterrupted run exactly on the CPU (the batch order is a function of
-  ``(seed, epoch)`` only, and every random state is restored);
+  ``(seed, epoch)`` only, and every random state is restored). The file is written atomically with its SHA-256
+  and read back with ``weights_only=True`` after checking it (see :mod:`.checkpoint`);
 * ``final.json`` (metrics), ``final_model.pt`` (a dense state dict of the plain architecture, usable as
   ``init_from``), and ``loss.png``, ``ranks.png``, ``spectra.png``.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._modules import matches_target
-
 from . import report
+from .checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
 from .config import RUN_CONTROL, TrainConfig, from_dict, load_file, to_dict, validate
 from .data import Data, epoch_order, make_data
 from .errors import ConfigError
@@ -127,27 +127,6 @@ def _rank_span(ranks: dict) -> str:
     return "" if not vals else f"{min(vals)}-{max(vals)}" if min(vals) != max(vals) else str(vals[0])
 
 
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _load_init(model: nn.Module, path: str) -> None:
     p = Path(path)
     if p.is_dir():
@@ -195,7 +174,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.resume:
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {str(ckpt_path)!r}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)  # digest, keys and weights_only checked (see checkpoint.py)
         saved = ckpt["config"]
         diff = [k for k, v in to_dict(cfg).items() if k not in RUN_CONTROL and saved.get(k) != v]
         if diff:
@@ -231,12 +210,12 @@ def run(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     step, elapsed = 0, 0.0
     if ckpt is not None:
-        tech.load_state_dict(ckpt["technique"])
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        restore(ckpt_path, [("technique", lambda: tech.load_state_dict(ckpt["technique"])),
+                            ("model", lambda: model.load_state_dict(ckpt["model"])),
+                            ("optimizer", lambda: opt.load_state_dict(ckpt["optimizer"])),
+                            ("scheduler", lambda: sched.load_state_dict(ckpt["scheduler"])),
+                            ("rng", lambda: set_rng_state(ckpt["rng"]))])
         step, elapsed, spectra_before = ckpt["step"], ckpt["elapsed"], ckpt["spectra_before"]
-        _set_rng_state(ckpt["rng"])
     else:
         final_path.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -245,10 +224,10 @@ def run(cfg: TrainConfig) -> dict:
         log.write({"step": 0, "ranks": report.effective_ranks(model, targets, fused)})
 
     def save_ckpt():
-        _save_atomic({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,
-                      "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "technique": tech.state_dict(), "rng": _rng_state(), "spectra_before": spectra_before},
-                     ckpt_path)
+        save_checkpoint({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,
+                         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "technique": tech.state_dict(), "rng": rng_state(), "spectra_before": spectra_before},
+                        ckpt_path)
 
     from tqdm.auto import tqdm
 
