@@ -227,10 +227,51 @@ def test_factored_matches_dense(case):
     (lambda: ops.spectral_norm_factored(torch.randn(5, 3), torch.randn(4, 6)), ValueError),
     (lambda: ops.spectral_norm_factored([torch.randn(5, 3)], [torch.randn(3, 6)] * 2), ValueError),
     (lambda: ops.spectral_norm_factored(torch.randn(5, 3), [torch.randn(3, 6)]), TypeError),
+    (lambda: ops.spectral_norm_factored(torch.randn(5, 0), torch.randn(0, 6)), ValueError),
+    (lambda: ops.stable_rank_factored([torch.randn(5, 2), torch.randn(4, 0)], [torch.randn(2, 3), torch.randn(0, 3)]),
+     ValueError),
 ])
 def test_errors(bad, err):
     with pytest.raises(err):
         bad()
+
+
+def test_factored_rank_zero_message():
+    with pytest.raises(ValueError, match=r"pair 0: .*\(5, 0\).*rank-0"):
+        ops.spectral_norm_factored(torch.randn(5, 0), torch.randn(0, 6))
+
+
+@pytest.mark.parametrize("backend_fixture", ["torch_backend", "triton_backend"])
+def test_scaled_inputs_stay_finite(backend_fixture, request):
+    """Issue 17.4: finite fp32 in, finite sigma_max and stable rank out, rtol 1e-3, across fp32's range."""
+    request.getfixturevalue(backend_fixture)
+    base = _with_spectrum(12, 7, 2.0 * 0.5 ** torch.arange(7.0), dtype=torch.float64)
+    cases = {"full_1e20": torch.full((3, 3), 1e20), "full_1e-30": torch.full((3, 3), 1e-30),
+             "near_max": torch.full((2, 2), 1e38), "subnormal": torch.full((4, 3), 1e-40)}
+    for e in (-35, -12, 12, 35):
+        cases[f"spectrum_1e{e}"] = (base * 10.0 ** e).float()
+    mats = list(cases.values())
+    sigma = ops.spectral_norm(mats, iters=60, tol=1e-7)
+    srank = ops.stable_rank(mats, iters=60, tol=1e-7)
+    assert torch.isfinite(sigma).all() and torch.isfinite(srank).all(), (sigma, srank)
+    for (name, W), s, r in zip(cases.items(), sigma, srank, strict=True):
+        sv = torch.linalg.svdvals(W.double())
+        assert _rel_err(s, sv[0]) <= 1e-3, f"{name}: sigma {s.item():.6g} vs {sv[0].item():.6g}"
+        want = (sv / sv[0]).square().sum()
+        assert _rel_err(r, want) <= 1e-3, f"{name}: stable rank {r.item():.6g} vs {want.item():.6g}"
+    # ||W||_F^2 of full_1e20 (9e40) is beyond fp32: reported as inf, never as a wrong finite number; that of
+    # a (64, 64) matrix of 1e-20 (4e-37) is representable, though the square of its scale is not
+    tiny = torch.full((64, 64), 1e-20)
+    _, fro = ops.spectral_stats([mats[0], tiny], iters=5)
+    assert fro[0].item() == float("inf")
+    assert abs(fro[1].item() / (64 * 64 * 1e-40) - 1) <= 1e-3, fro[1].item()
+
+
+def test_factored_scaled_inputs_stay_finite():
+    U, V = torch.full((6, 2), 1e20), torch.full((2, 5), 1e-25) * torch.tensor([[1.0], [-2.0]])
+    assert math.isfinite(ops.stable_rank_factored(U, V).item())
+    dense = U.double() @ V.double()
+    assert _rel_err(ops.spectral_norm_factored(U, V), torch.linalg.matrix_norm(dense, 2)) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -277,7 +318,8 @@ def test_split_work_items_cover_rows_once():
 def test_custom_op_registration():
     """Schema (mutated vectors), fake tensor and autograd registration pass torch.library.opcheck."""
     mats = [torch.randn(8, 5), torch.randn(4, 9)]
-    torch.library.opcheck(torch.ops.lowrank_kernels.power_iteration.default, (mats, initial_vectors(mats), 3, 0.0))
+    torch.library.opcheck(torch.ops.lowrank_kernels.power_iteration.default,
+                          (mats, initial_vectors(mats), ops.power_iteration.inverse_scales(mats), 3, 0.0))
 
 
 _COMPILE_SCRIPT = """
@@ -289,8 +331,8 @@ from lowrank_kernels.kernels import power_iteration as K
 
 common = {"table_ptr": "*i64", "v_ptr": "*fp32", "z_ptr": "*fp32", "CONTIG_N": "constexpr",
           "ONE_BLOCK_N": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "VEC": "constexpr"}
-fused = {"w0_ptr": "*bf16", **common, "sigma_ptr": "*fp32", "fro_ptr": "*fp32", "iters": "i32", "tol": "fp32"}
-partial = {"w0_ptr": "*fp32", **common, "work_ptr": "*i64", "fro_ptr": "*fp32", "done_ptr": "*i32",
+fused = {"w0_ptr": "*bf16", "inv_ptr": "*fp32", **common, "sigma_ptr": "*fp32", "fro_ptr": "*fp32", "iters": "i32", "tol": "fp32"}
+partial = {"w0_ptr": "*fp32", "inv_ptr": "*fp32", **common, "work_ptr": "*i64", "fro_ptr": "*fp32", "done_ptr": "*i32",
            "FIRST": "constexpr"}
 norm = {"table_ptr": "*i64", "v_ptr": "*fp32", "z_ptr": "*fp32", "sigma_ptr": "*fp32", "s_prev_ptr": "*fp32",
         "done_ptr": "*i32", "it": "i32", "tol": "fp32", "BLOCK_N": "constexpr"}

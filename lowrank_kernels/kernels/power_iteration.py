@@ -36,8 +36,9 @@ _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _load_tile(a_ptr, rows, cols, row_end, N, stride_m, stride_n, CONTIG_N: tl.constexpr):
-    """fp32 tile ``A[rows, cols]`` (zeros outside ``rows < row_end``, ``cols < N``).
+def _load_tile(a_ptr, rows, cols, row_end, N, stride_m, stride_n, inv, CONTIG_N: tl.constexpr):
+    """fp32 tile ``inv * A[rows, cols]`` (zeros outside ``rows < row_end``, ``cols < N``); ``inv`` is the
+    matrix's power-of-two scale, which keeps ``sigma^4`` (the squared norm of ``A^T A v``) inside fp32.
 
     The unit stride is a compile-time fact (CONTIG_N), so the compiler can coalesce along that axis.
     """
@@ -46,12 +47,12 @@ def _load_tile(a_ptr, rows, cols, row_end, N, stride_m, stride_n, CONTIG_N: tl.c
         offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
     else:
         offs = rows[:, None] + cols[None, :].to(tl.int64) * stride_n
-    return tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv
 
 
 @triton.jit
 def _power_iteration_kernel(
-    w0_ptr, table_ptr, v_ptr, z_ptr, sigma_ptr, fro_ptr, iters, tol,
+    w0_ptr, table_ptr, inv_ptr, v_ptr, z_ptr, sigma_ptr, fro_ptr, iters, tol,
     CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -65,6 +66,7 @@ def _power_iteration_kernel(
     stride_m = tl.load(row + 3)
     stride_n = tl.load(row + 4)
     voff = tl.load(row + 5)
+    inv = tl.load(inv_ptr + pid)
     if VEC > 1:
         # Runs along the unit-stride axis start 16-byte aligned and hold a multiple of VEC elements (checked
         # on the host): tiles then load as 16-byte vectors. Addresses read from a table carry no alignment
@@ -95,7 +97,7 @@ def _power_iteration_kernel(
                 z = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for m0 in range(0, M, BLOCK_M):
                     rows = m0 + rm
-                    a = _load_tile(a_ptr, rows, rn, M, N, stride_m, stride_n, CONTIG_N)
+                    a = _load_tile(a_ptr, rows, rn, M, N, stride_m, stride_n, inv, CONTIG_N)
                     u = tl.sum(a * v[None, :], axis=1)
                     z += tl.sum(a * u[:, None], axis=0)
                     fro_rows += tl.sum(a * a, axis=1)
@@ -110,14 +112,14 @@ def _power_iteration_kernel(
                     u = tl.zeros([BLOCK_M], dtype=tl.float32)
                     for n0 in range(0, N, BLOCK_N):
                         cols = n0 + rn
-                        a = _load_tile(a_ptr, rows, cols, M, N, stride_m, stride_n, CONTIG_N)
+                        a = _load_tile(a_ptr, rows, cols, M, N, stride_m, stride_n, inv, CONTIG_N)
                         vb = tl.load(vp + cols, mask=cols < N, other=0.0)
                         u += tl.sum(a * vb[None, :], axis=1)
                         fro_rows += tl.sum(a * a, axis=1)
                     # Second sweep of the same row block: it was just read, so it comes from L1/L2.
                     for n0 in range(0, N, BLOCK_N):
                         cols = n0 + rn
-                        a = _load_tile(a_ptr, rows, cols, M, N, stride_m, stride_n, CONTIG_N)
+                        a = _load_tile(a_ptr, rows, cols, M, N, stride_m, stride_n, inv, CONTIG_N)
                         zb = tl.load(zp + cols, mask=cols < N, other=0.0)
                         tl.store(zp + cols, zb + tl.sum(a * u[:, None], axis=0), mask=cols < N)
                     # The store and the next row block's load of z may map an element to different threads.
@@ -145,7 +147,7 @@ def _power_iteration_kernel(
 
 @triton.jit
 def _power_iteration_partial_kernel(
-    w0_ptr, table_ptr, work_ptr, v_ptr, z_ptr, fro_ptr, done_ptr,
+    w0_ptr, table_ptr, inv_ptr, work_ptr, v_ptr, z_ptr, fro_ptr, done_ptr,
     CONTIG_N: tl.constexpr, ONE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VEC: tl.constexpr, FIRST: tl.constexpr,
 ):
@@ -161,6 +163,7 @@ def _power_iteration_partial_kernel(
         stride_m = tl.load(row + 3)
         stride_n = tl.load(row + 4)
         voff = tl.load(row + 5)
+        inv = tl.load(inv_ptr + j)
         if VEC > 1:  # see _power_iteration_kernel; items start and end on multiples of VEC rows there
             a_ptr = tl.multiple_of(a_ptr, 16)
             if CONTIG_N:
@@ -180,7 +183,7 @@ def _power_iteration_partial_kernel(
         for m0 in range(r0, r1, BLOCK_M):
             rows = m0 + rm
             if ONE_BLOCK_N:
-                a = _load_tile(a_ptr, rows, rn, r1, N, stride_m, stride_n, CONTIG_N)
+                a = _load_tile(a_ptr, rows, rn, r1, N, stride_m, stride_n, inv, CONTIG_N)
                 u = tl.sum(a * v[None, :], axis=1)
                 z += tl.sum(a * u[:, None], axis=0)
                 if FIRST:
@@ -189,14 +192,14 @@ def _power_iteration_partial_kernel(
                 u = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for n0 in range(0, N, BLOCK_N):
                     cols = n0 + rn
-                    a = _load_tile(a_ptr, rows, cols, r1, N, stride_m, stride_n, CONTIG_N)
+                    a = _load_tile(a_ptr, rows, cols, r1, N, stride_m, stride_n, inv, CONTIG_N)
                     vb = tl.load(v_ptr + voff + cols, mask=cols < N, other=0.0)
                     u += tl.sum(a * vb[None, :], axis=1)
                     if FIRST:
                         fro_rows += tl.sum(a * a, axis=1)
                 for n0 in range(0, N, BLOCK_N):
                     cols = n0 + rn
-                    a = _load_tile(a_ptr, rows, cols, r1, N, stride_m, stride_n, CONTIG_N)
+                    a = _load_tile(a_ptr, rows, cols, r1, N, stride_m, stride_n, inv, CONTIG_N)
                     tl.atomic_add(z_ptr + voff + cols, tl.sum(a * u[:, None], axis=0), mask=cols < N)
         if ONE_BLOCK_N:
             tl.atomic_add(z_ptr + voff + rn, z, mask=mask_n)
@@ -295,7 +298,7 @@ def _table(entries: list[tuple[int, ...]], dev: torch.device) -> torch.Tensor:
 # _SPLIT_IMBALANCE times an even per-SM share of the work. Measured on an H100 (bench_power_iteration,
 # the 72 weights of a 12-layer d=768 transformer): split 0.68 / 1.48 / 5.2 ms vs fused 1.76 / 7.9 / 30.5 ms
 # at 1 / 5 / 20 iterations (bf16; fp32 alike), so two launches per iteration stay cheaper at least up to
-# 20 iterations. (The first estimate, split only for <= 2 iterations, was wrong.) Not timed beyond 32.
+# 20 iterations. Not timed beyond 32.
 _SPLIT_MAX_ITERS = 32
 _SPLIT_IMBALANCE = 2.0
 _ITEMS_PER_SM = 4
@@ -318,7 +321,7 @@ def _work_items(shapes: list[tuple[int, int]], block_m: int, dev: torch.device) 
     return [(j, r, min(r + rows, M)) for j, (M, _) in enumerate(shapes) for r in range(0, M, rows)]
 
 
-def _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec, dev):
+def _run_split(w0, entries, inv, vectors, iters, tol, one, block_m, bn, contig_n, vec, dev):
     n = len(entries)
     table = _table(entries, dev)
     work = _work_items([(e[1], e[2]) for e in entries], block_m, dev)
@@ -332,7 +335,7 @@ def _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec
     norm_bn = min(bn, 1024)
     for it in range(iters):
         _power_iteration_partial_kernel[(len(work),)](
-            w0, table, work_t, vectors, z, fro, done,
+            w0, table, inv, work_t, vectors, z, fro, done,
             CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn, VEC=vec, FIRST=it == 0,
             num_warps=num_warps,
         )
@@ -341,19 +344,24 @@ def _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec
 
 
 def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iters: int, tol: float,
-                           block_n: int | None = None, split: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernels over ``mats``; updates the flat fp32 ``vectors`` in place.
+                           block_n: int | None = None, split: bool | None = None,
+                           inv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernels over ``inv_scale[i] * mats[i]``; updates the flat fp32 ``vectors`` in place.
 
     Args:
         mats: 2-D tensors on one device (fp16/bf16/fp32/fp64; fp64 is read and accumulated in fp32).
         vectors: flat fp32 ``(sum_i min(m_i, n_i),)`` start vectors, contiguous.
         block_n: force the column block (tests use it to reach the streamed path on tiny shapes).
         split: force the split (True) or fused-loop (False) variant; ``None`` chooses by :func:`_use_split`.
+        inv_scale: ``(n,)`` fp32 factor applied to each matrix as it is read (powers of two from
+            :func:`lowrank_kernels.ops.power_iteration.inverse_scales`); None: 1.
 
     Returns:
-        ``sigma (n,)`` and ``fro_sq (n,)``, fp32.
+        ``sigma (n,)`` and ``fro_sq (n,)`` of the scaled matrices, fp32.
     """
     dev = vectors.device
+    if inv_scale is None:
+        inv_scale = torch.ones(len(mats), dtype=torch.float32, device=dev)
     groups: dict[tuple[torch.dtype, bool], list[int]] = {}
     prepared = []
     offset = 0
@@ -368,6 +376,8 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
     for (_, contig_n), idx in groups.items():
         entries = [prepared[i][1] for i in idx]
         w0 = prepared[idx[0]][0]
+        g_inv = inv_scale if len(idx) == len(mats) else inv_scale.index_select(
+            0, _table([(i,) for i in idx], dev).reshape(-1))
         one, block_m, bn = _blocks(max(e[2] for e in entries), block_n)
         vec = _vector_width(entries, w0.element_size(), contig_n, block_m)
         if not contig_n and vec == 1:
@@ -376,7 +386,8 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
             one, block_m, bn = _blocks(max(e[2] for e in entries), block_n, _TILE // 2)
         use_split = _use_split([e[1] * e[2] for e in entries], iters, dev) if split is None else split
         if use_split:
-            g_sigma, g_fro = _run_split(w0, entries, vectors, iters, tol, one, block_m, bn, contig_n, vec, dev)
+            g_sigma, g_fro = _run_split(w0, entries, g_inv, vectors, iters, tol, one, block_m, bn, contig_n, vec,
+                                        dev)
             results.append((idx, g_sigma, g_fro))
             continue
         if not one and scratch is None:
@@ -384,7 +395,7 @@ def power_iteration_triton(mats: list[torch.Tensor], vectors: torch.Tensor, iter
         g_sigma = torch.empty(len(idx), dtype=torch.float32, device=dev)
         g_fro = torch.empty_like(g_sigma)
         _power_iteration_kernel[(len(idx),)](
-            w0, _table(entries, dev), vectors, scratch if scratch is not None else vectors, g_sigma, g_fro,
+            w0, _table(entries, dev), g_inv, vectors, scratch if scratch is not None else vectors, g_sigma, g_fro,
             iters, tol, CONTIG_N=contig_n, ONE_BLOCK_N=one, BLOCK_M=block_m, BLOCK_N=bn, VEC=vec,
             num_warps=8 if bn * block_m >= 4096 else 4,
         )

@@ -13,6 +13,13 @@ vector has length ``min(m, n)``. One iteration computes ``z = A^T (A v)`` and ta
 a step with NaN/Inf weights, does not lose or poison its vector. ``||W||_F^2`` comes from the same pass,
 so ``stable_rank = ||W||_F^2 / sigma_max^2`` is free.
 
+Scaling: ``||z|| ~ sigma^2`` is formed as ``sqrt(sum z^2)``, whose intermediate ``sigma^4`` leaves fp32's range
+for ``sigma`` beyond ~1e9 or below ~1e-10. Each matrix is therefore read as ``2^-e W`` with ``2^e <= max|W| <
+2^(e+1)`` (:func:`inverse_scales`: one max-abs pass over all matrices, a multi-tensor op), so its entries lie in
+``[0.5, 1)`` and ``sigma`` in ``[0.5, sqrt(m n)]``; results are scaled back exactly (powers of two). Any matrix
+whose entries are finite fp32 values gets a finite ``sigma_max`` and stable rank (rtol as for unit-scale
+inputs); ``||W||_F^2`` itself overflows to ``inf`` once ``||W||_F`` exceeds ~1.8e19, as its fp32 value must.
+
 Warm start: pass a :class:`PowerIterationState`; its vectors carry over between calls with the same
 shapes, and on a slowly changing matrix (a weight during training) one iteration per call keeps
 ``sigma_max`` converged, as ``torch.nn.utils.parametrizations.spectral_norm`` does.
@@ -91,6 +98,32 @@ def _check_iter_args(iters, tol) -> float:
     return float(tol)
 
 
+def inverse_scales(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(n,)`` fp32 powers of two ``2^-e_i`` with ``2^e_i <= max|W_i| < 2^(e_i + 1)`` (``e_i`` clamped to
+    ``[-125, 126]`` so both ``2^e`` and ``2^-e`` are normal fp32 numbers); 1 for a zero or non-finite matrix.
+
+    One ``_foreach_norm(inf)`` per dtype (a single multi-tensor launch on CUDA) and a few ops on ``(n,)``.
+    """
+    dev = mats[0].device
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, W in enumerate(mats):
+        by_dtype.setdefault(W.dtype, []).append(i)
+    parts, order = [], []
+    for idx in by_dtype.values():
+        norms = torch._foreach_norm([mats[i] for i in idx], float("inf"))
+        parts.append(torch.stack(norms).to(torch.float32))
+        order.extend(idx)
+    amax = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if len(parts) > 1:
+        inverse = [0] * len(order)
+        for pos, i in enumerate(order):
+            inverse[i] = pos
+        amax = amax[torch.tensor(inverse, dtype=torch.int64).to(dev)]
+    _, exponent = torch.frexp(amax)  # amax = m 2^exponent, m in [0.5, 1): 2^(exponent - 1) <= amax
+    inv = torch.ldexp(torch.ones_like(amax), (1 - exponent).clamp(-126, 125))
+    return torch.where((amax > 0) & (amax <= torch.finfo(torch.float32).max), inv, 1.0)
+
+
 def _vector_lengths(mats: Sequence[torch.Tensor]) -> list[int]:
     return [min(W.shape) for W in mats]
 
@@ -111,7 +144,7 @@ def _oriented(W: torch.Tensor) -> torch.Tensor:
 
 def spectral_norm_ref(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: float = DEFAULT_TOL,
                       vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Looped PyTorch power iteration, the oracle of the kernel (same update, same stopping rule).
+    """Looped PyTorch power iteration, the oracle of the kernel (same update, same stopping rule, same scaling).
 
     Args:
         mats: list of 2-D tensors ``W_i (m_i, n_i)``.
@@ -123,11 +156,18 @@ def spectral_norm_ref(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, 
     """
     if vectors is None:
         vectors = initial_vectors(mats)
+    inv = inverse_scales(mats)
+    sigma, fro_sq, out_v = _power_iteration_ref(mats, iters, tol, vectors, inv)
+    return sigma / inv, fro_sq / inv / inv, out_v
+
+
+def _power_iteration_ref(mats, iters, tol, vectors, inv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`spectral_norm_ref` on ``inv[i] * mats[i]`` (results of the scaled matrices)."""
     out_v = vectors.clone()
     sigma = torch.zeros(len(mats), dtype=torch.float32, device=vectors.device)
     fro_sq = torch.zeros_like(sigma)
     for i, (W, v) in enumerate(zip(mats, out_v.split(_vector_lengths(mats)), strict=True)):
-        A = _oriented(W).float()
+        A = _oriented(W).float() * inv[i]
         fro_sq[i] = torch.linalg.vector_norm(A).square()  # no squared copy of A
         s_prev = None
         for _ in range(iters):
@@ -146,19 +186,20 @@ def spectral_norm_ref(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, 
 
 # ------------------------------------------------------------------------------------ custom op + dispatch
 @torch.library.custom_op("lowrank_kernels::power_iteration", mutates_args=("vectors",))
-def _power_iteration_op(mats: list[torch.Tensor], vectors: torch.Tensor, iters: int,
+def _power_iteration_op(mats: list[torch.Tensor], vectors: torch.Tensor, inv_scale: torch.Tensor, iters: int,
                         tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sigma`` and ``fro_sq`` of the scaled matrices ``inv_scale[i] * mats[i]``."""
     if backend.choose(*mats, op="spectral_norm") == "triton":
         from ..kernels.power_iteration import power_iteration_triton
 
-        return power_iteration_triton(mats, vectors, iters, tol)
-    sigma, fro_sq, new_v = spectral_norm_ref(mats, iters, tol, vectors)
+        return power_iteration_triton(mats, vectors, iters, tol, inv_scale=inv_scale)
+    sigma, fro_sq, new_v = _power_iteration_ref(mats, iters, tol, vectors, inv_scale)
     vectors.copy_(new_v)
     return sigma, fro_sq
 
 
 @_power_iteration_op.register_fake
-def _(mats, vectors, iters, tol):
+def _(mats, vectors, inv_scale, iters, tol):
     n = len(mats)
     return vectors.new_empty(n), vectors.new_empty(n)
 
@@ -176,17 +217,27 @@ def spectral_stats(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol
 
     Power iteration converges like ``(sigma_2 / sigma_1)^(2k)``: matrices with a clustered top of the
     spectrum (random Gaussian ones) need many iterations or a warm start. Inputs are not checked for NaN
-    (that would cost a pass); a NaN matrix yields NaN for that matrix only.
+    (that would cost a pass); a NaN matrix yields NaN for that matrix only. Matrices are scaled by powers of
+    two while iterating (see the module docstring): ``sigma_max`` is finite for any finite fp32 input;
+    ``||W||_F^2`` is ``inf`` when it exceeds fp32's range.
     """
+    sigma, fro_sq, inv = _scaled_stats(mats, iters, tol, state)
+    return sigma / inv, fro_sq / inv / inv
+
+
+def _scaled_stats(mats, iters, tol, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sigma, fro_sq)`` of the matrices scaled by ``inv`` (:func:`inverse_scales`), and ``inv``."""
     mats = _check_mats(mats)
     tol = _check_iter_args(iters, tol)
     vectors = state.get(mats) if state is not None else None
     vectors = initial_vectors(mats) if vectors is None else vectors.clone()
     with torch.no_grad():
-        sigma, fro_sq = _power_iteration_op([W.detach() for W in mats], vectors, iters, tol)
+        mats = [W.detach() for W in mats]
+        inv = inverse_scales(mats)
+        sigma, fro_sq = _power_iteration_op(mats, vectors, inv, iters, tol)
     if state is not None:
         state.put(mats, vectors)
-    return sigma, fro_sq
+    return sigma, fro_sq, inv
 
 
 def spectral_norm(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: float = DEFAULT_TOL,
@@ -206,8 +257,9 @@ def stable_rank(mats: Sequence[torch.Tensor], iters: int = DEFAULT_ITERS, tol: f
     """Stable rank ``||W_i||_F^2 / sigma_max(W_i)^2`` as ``(n,)`` fp32, from the same pass as ``sigma_max``.
 
     Lies in ``[1, rank(W)]``; a zero matrix gets 0. An under-converged ``sigma_max`` makes it too large.
+    Formed from the scaled matrices, so it is finite for any finite fp32 input (even where ``||W||_F^2`` is not).
     """
-    sigma, fro_sq = spectral_stats(mats, iters, tol, state)
+    sigma, fro_sq, _ = _scaled_stats(mats, iters, tol, state)
     return _stable_rank(fro_sq, sigma.square())
 
 
