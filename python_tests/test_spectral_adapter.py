@@ -77,16 +77,29 @@ def _spiked(m, n, spikes, seed=0):
     return (u * s) @ vh
 
 
-def test_mp_spikes_counts_planted_spikes_and_robust_beats_mean():
+def test_mp_spikes_counts_planted_spikes_and_quantile_and_robust_beat_mean():
     w = _spiked(128, 64, [60.0, 40.0, 8.0, 6.0, 5.0])
     lam = S.eigenvalues([w])[0]
+    default, edge_d = S.mp_spikes(lam, 128, 64)
     robust, edge_r = S.mp_spikes(lam, 128, 64, sigma_mp="robust")
     mean, edge_m = S.mp_spikes(lam, 128, 64, sigma_mp="mean")
-    assert int(robust) == 5
-    assert int(mean) < 5 and float(edge_m) > float(edge_r)  # the spikes' energy inflates the mean edge
+    assert int(default) == 5 and int(robust) == 5
+    assert int(mean) < 5 and float(edge_m) > max(float(edge_r), float(edge_d))  # spikes inflate the mean edge
 
 
-@pytest.mark.parametrize("sigma_mp", ["robust", "mean"])
+@pytest.mark.parametrize("m, n", [(400, 400), (800, 200)])
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.75, 0.9])
+def test_mp_quantile_matches_sampled_noise(m, n, p):
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(m, n, generator=gen, dtype=torch.float64) / math.sqrt(max(m, n))
+    lam = torch.linalg.svdvals(z).square()
+    ratio = min(m, n) / max(m, n)
+    assert S.mp_quantile(ratio, p) == pytest.approx(float(torch.quantile(lam, p)), rel=0.03)
+    with pytest.raises(ValueError, match="ratio"):
+        S.mp_quantile(1.5, p)
+
+
+@pytest.mark.parametrize("sigma_mp", ["quantile", "robust", "mean"])
 def test_mp_pure_noise_has_no_spikes(sigma_mp):
     w = _spiked(96, 48, [], seed=3)
     lam = S.eigenvalues([w])[0]
@@ -135,6 +148,40 @@ def test_allocation_ranks_ordered_by_score_and_bounded(scaling):
     chosen = {r.name for r in half if r.selected}
     best = sorted(half, key=lambda r: -r.score)[:2]
     assert chosen == {r.name for r in best}
+
+
+@pytest.mark.parametrize("p, n_largest, n_smallest", [(0.5, 2, 2), (0.6, 3, 2), (0.2, 1, 1)])
+def test_selection_largest_ceil_and_smallest_int(p, n_largest, n_smallest):
+    model = _TwoBlock()  # four scored layers
+    for selection, count, sign in (("largest", n_largest, -1), ("smallest", n_smallest, 1)):
+        rows = S.spectral_table(model, layer_selection_percentile=p, selection=selection)
+        chosen = {r.name for r in rows if r.selected}
+        assert chosen == {r.name for r in sorted(rows, key=lambda r: sign * r.score)[:count]}, selection
+        assert all(r.rank >= 4 for r in rows if r.selected) and all(r.rank == 0 for r in rows if not r.selected)
+    with pytest.raises(ValueError, match="selection"):
+        S.spectral_table(model, selection="top")
+
+
+class Conv1D(nn.Module):
+    """transformers' ``Conv1D`` layout (``weight (in, out)``), without importing transformers."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+
+def test_conv1d_layers_are_analysed_as_out_by_in():
+    model = nn.Module()
+    model.lin = nn.Linear(24, 40)
+    model.conv = Conv1D(40, 24)  # in 24 -> out 40, stored (24, 40)
+    with torch.no_grad():
+        model.conv.weight.copy_(model.lin.weight.t())
+    rows = {r.name: r for r in S.spectral_analysis(model)}
+    assert rows["conv"].shape == rows["lin"].shape == (40, 24)
+    assert rows["conv"].alpha == pytest.approx(rows["lin"].alpha, rel=1e-5)
+    assert rows["conv"].spikes == rows["lin"].spikes
 
 
 def test_config_round_trips_through_peft():
