@@ -493,3 +493,59 @@ def test_decoupled_step_errors_and_rank_without_triplets():
     q2.decoupled_step_(model[2].weight, 0.1, 0.2)
     assert_verbose_allclose(model[2].weight.detach(), (1 - 0.1 * 0.2 - 0.1) * before, rtol=1e-6, atol=1e-7,
                             name="decay only")
+
+
+# ----------------------------------------------------------------------------------------------- Q3RConfig
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(oversample=-1), "oversample.*-1"), (dict(n_iter=-1), "n_iter.*-1"), (dict(lmbda=-0.5), "lmbda.*-0.5"),
+    (dict(lmbda=float("inf")), "lmbda.*inf"), (dict(steps=0), "steps.*0"), (dict(steps=3.5), "steps.*3.5"),
+    (dict(oversample=2.0), "oversample.*2.0"), (dict(N=2.5, epsilon_schedule="linear"), "N.*2.5"),
+    (dict(eps_min=float("nan")), "eps_min.*nan"), (dict(epsilon=float("inf")), "epsilon.*inf"),
+    (dict(rebuild_tol=0.0), "rebuild_tol.*0.0"), (dict(rebuild_tol=-1.0), "rebuild_tol"),
+    (dict(target_rank=1.5), "target_rank = 1.5"), (dict(target_rank=0), "target_rank = 0"),
+    (dict(target_rank=float("nan")), "target_rank = nan"), (dict(target_rank=[2, -1]), r"target_rank\[1\] = -1"),
+    (dict(target_rank=[]), "target_rank"), (dict(warm_start="yes"), "warm_start"), (dict(seed=0.5), "seed"),
+])
+def test_config_validation_names_the_value(kwargs, match):
+    from lowrank_kernels.q3r import AdamQ3R, Q3RConfig
+
+    base = dict(target_rank=2, lmbda=0.1)
+    with pytest.raises(ValueError, match=match):
+        Q3RConfig(**(base | kwargs))
+    lin = nn.Linear(8, 6)
+    with pytest.raises(ValueError, match=match):
+        Q3R({lin: None}, **(base | kwargs))
+    with pytest.raises(ValueError, match=match):
+        AdamQ3R(lin.parameters(), {lin: None}, **(base | kwargs))
+
+
+def test_config_is_shared_by_q3r_and_adamq3r():
+    import dataclasses
+
+    from lowrank_kernels.q3r import AdamQ3R, Q3RConfig
+
+    fields = dataclasses.fields(Q3RConfig)
+    assert {"target_rank", "lmbda", "steps", "epsilon_schedule", "N", "eps_min", "epsilon", "oversample", "n_iter",
+            "warm_start", "seed", "rebuild_tol"} <= {f.name for f in fields}
+    assert all(len(f.metadata.get("help", "")) > 10 for f in fields)
+    cfg = Q3RConfig(target_rank=3, lmbda=0.4, steps=2, epsilon_schedule="exploration", oversample=4, seed=7)
+    model = _model()
+    by_config = Q3R({model[0]: None}, config=cfg)
+    by_kwargs = Q3R({model[0]: None}, target_rank=3, lmbda=0.4, steps=2, epsilon_schedule="exploration",
+                    oversample=4, seed=7)
+    assert by_config.config == by_kwargs.config == cfg
+    assert (by_config.lmbda, by_config.steps, by_config.schedule, by_config.oversample) == (0.4, 2, "exploration", 4)
+    for q in (by_config, by_kwargs):
+        q.update()
+    assert_verbose_allclose(by_config.ops[0].S, by_kwargs.ops[0].S, name="sigma")
+    # keyword arguments override the config's fields; a mapping works as a config
+    over = Q3R({model[0]: None}, lmbda=0.9, config=cfg)
+    assert over.lmbda == 0.9 and over.config.target_rank == 3 and cfg.lmbda == 0.4
+    assert Q3R({model[0]: None}, config={"target_rank": 2, "lmbda": 0.2}).config.target_rank == 2
+    opt = AdamQ3R(model.parameters(), {model[0]: None}, config=cfg, lr=0.01)
+    assert opt.q3r.config == cfg
+    assert AdamQ3R(model.parameters(), {model[0]: None}, config=cfg, steps=9).q3r.steps == 9
+    with pytest.raises(TypeError, match="unknown Q3R setting"):
+        Q3R({model[0]: None}, target_rank=2, lmbda=0.1, oversampling=3)
+    with pytest.raises(ValueError, match="lmbda is required"):
+        Q3R({model[0]: None}, target_rank=2)

@@ -6,29 +6,28 @@ regulariser's bookkeeping apart from the linear algebra.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 from .. import ops
 from ..ops.truncated_svd import sketch_width, svd_path
+from .config import check_rank_spec
 
 EPS_START = 1e8
 Rank = int | float
 
 
 def resolve_rank(spec: Rank, m: int, n: int, where: str = "target_rank") -> int:
-    """A float in (0, 1) is a fraction of ``min(m, n)`` (floored, at least 1); an int >= 1 is absolute."""
-    if isinstance(spec, bool) or not isinstance(spec, (int, float)):
-        raise TypeError(f"{where} must be an int or a float, got {type(spec).__name__} {spec!r}")
-    if isinstance(spec, float):
-        if not 0.0 < spec < 1.0:
-            raise ValueError(f"{where} = {spec}: a float target rank must lie in (0, 1) (a fraction of "
-                             f"min(m, n)); pass an int for an absolute rank")
-        return max(1, int(spec * min(m, n)))
-    if spec < 1:
-        raise ValueError(f"{where} = {spec}: an int target rank must be >= 1")
-    return spec
+    """A float in (0, 1) is a fraction of ``min(m, n)`` (floored, at least 1); an int >= 1 is absolute.
+
+    Raises ``TypeError`` for a spec that is not a number and ``ValueError`` for one out of range, naming
+    ``where``."""
+    check_rank_spec(spec, where)
+    if isinstance(spec, numbers.Integral):
+        return int(spec)
+    return max(1, int(spec * min(m, n)))
 
 
 class _Operator:
@@ -204,3 +203,97 @@ def _slice_batches(ops: Sequence[_Operator], rows: int) -> tuple[list[_SliceBatc
     if covered < rows:
         uncovered.append((covered, rows))
     return batches, uncovered
+
+
+# ------------------------------------------------------------------------------------ per-step operator stacks
+# Kept counts are padded to a multiple of this in a stack (zero columns, d = 0): a kept count that moves by a few
+# between rebuilds keeps the stack's shapes (and a captured CUDA graph's, and a compiled kernel's) unchanged.
+_WIDTH_ROUND = 8
+
+
+class _OpStack:
+    """Operators of one shape up to transpose, one weight dtype and device (and one key of the caller's, e.g.
+    the optimizer's param group), stacked for a fixed number of batched products per step.
+
+    Every member ``j`` is seen in the stack's orientation ``(m, n)``: an operator of shape ``(n, m)`` (``fc2``
+    next to ``fc1``) enters transposed, its ``U`` and ``V`` swapped. The kept triplets are zero-padded to one
+    width ``K`` (a multiple of ``_WIDTH_ROUND``, at most ``min(m, n)``): a padded column has ``d = 0`` and
+    adds nothing, so the kept count is a mask over a fixed width and no shape depends on data. Built once per
+    rebuild (after which only the weights' contents change):
+
+    * ``Ut (b, K, m)``, ``Vh (b, K, n)``, ``UdT = D U^T (b, K, m)``, ``Vd = D V^T (b, K, n)``;
+    * ``ptrs``, ``strides (b, 2)`` (int64, on the device): the address of each member's first element and its
+      (row, column) strides in the stack's orientation, for a kernel that writes the weights in place.
+
+    :meth:`thin` gives the per-step thin products, from which ``L X R - X = Ud P + (Q + Ud C) Vd``.
+    """
+
+    def __init__(self, members: Sequence[tuple[_Operator, bool]]):
+        self.ops = [op for op, _ in members]
+        self.flip = [flip for _, flip in members]
+        first, flip0 = members[0]
+        self.m, self.n = (first.n, first.m) if flip0 else (first.m, first.n)
+        self.cdtype, self.device, self.dtype = first.cdtype, first.weight.device, first.weight.dtype
+        b, m, n = len(self.ops), self.m, self.n
+        kmax = max(op.k for op in self.ops)
+        self.K = min(min(m, n), -(-kmax // _WIDTH_ROUND) * _WIDTH_ROUND) if kmax else 0
+        self._addr: list[int] | None = None
+        self.ptrs = self.strides = None
+        if not self.K:
+            return
+        kw = dict(dtype=self.cdtype, device=self.device)
+        Ut, Vh, d = torch.zeros(b, self.K, m, **kw), torch.zeros(b, self.K, n, **kw), torch.zeros(b, self.K, **kw)
+        for j, (op, flip) in enumerate(members):
+            left, right = (op.Vh, op.U.T) if flip else (op.U.T, op.Vh)  # (k, m), (k, n) in the stack's orientation
+            Ut[j, :op.k], Vh[j, :op.k], d[j, :op.k] = left, right, op.d
+        self.Ut, self.Vh = Ut, Vh
+        self.UdT = Ut * d[..., None]
+        self.Vd = Vh * d[..., None]
+
+    def views(self) -> list[torch.Tensor]:
+        """Each member's rows of its current weight, ``(m, n)`` in the stack's orientation (views, no copy)."""
+        return [op.view(op.weight).T if flip else op.view(op.weight) for op, flip in zip(self.ops, self.flip)]
+
+    def addresses(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ptrs (b,), strides (b, 2))`` int64 on the device for ``views``; remade only when a weight moved
+        (``p.data = ...``, ``.to()``), so a step normally makes no host-to-device copy."""
+        addr = [v.data_ptr() for v in views]
+        if addr != self._addr:
+            self.ptrs = torch.tensor(addr, dtype=torch.int64, device=self.device)
+            self.strides = torch.tensor([list(v.stride()) for v in views], dtype=torch.int64, device=self.device)
+            self._addr = addr
+        return self.ptrs, self.strides
+
+    def stacked(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``X (b, m, n)``: a copy of the members' current weights in the compute dtype."""
+        X = torch.stack(list(views))
+        return X if X.dtype == self.cdtype else X.to(self.cdtype)
+
+    def thin(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P = U^T X (b, K, n)`` and ``W^T = (Q + Ud C)^T (b, K, m)`` with ``Q = X V``, ``C = P V``:
+        ``L X R - X = Ud P + W Vd``. Four batched products."""
+        P = torch.bmm(self.Ut, X)
+        WT = torch.bmm(self.Vh, X.transpose(1, 2))  # (X V)^T
+        C = torch.bmm(P, self.Vh.transpose(1, 2))  # (b, K, K)
+        WT.baddbmm_(C.transpose(1, 2), self.UdT)  # + (Ud C)^T
+        return P, WT
+
+
+def _op_stacks(ops: Sequence[_Operator], key=None, max_elements: int = 1 << 25) -> list[_OpStack]:
+    """The operators grouped into :class:`_OpStack` s by (shape up to transpose, weight dtype, device,
+    ``key(op)``), in chunks whose stacked weights hold at most ``max_elements`` elements (the per-step stack is
+    a copy). An operator joins a group of its transposed shape when one exists already."""
+    groups: dict[tuple, list[tuple[_Operator, bool]]] = {}
+    for op in ops:
+        extra = None if key is None else key(op)
+        straight = (op.m, op.n, op.weight.dtype, op.weight.device, extra)
+        flipped = (op.n, op.m, op.weight.dtype, op.weight.device, extra)
+        if straight not in groups and flipped in groups:
+            groups[flipped].append((op, True))
+        else:
+            groups.setdefault(straight, []).append((op, False))
+    stacks = []
+    for (m, n, *_), members in groups.items():
+        per = max(1, max_elements // max(1, m * n))
+        stacks += [_OpStack(members[c:c + per]) for c in range(0, len(members), per)]
+    return stacks

@@ -13,6 +13,7 @@ from .. import backend, ops
 from .._checks import finite_flags
 from ..ops.q3r_apply import _can_fuse_adam
 from .operator import Rank
+from .config import Q3RConfig
 from .regularizer import Q3R
 
 
@@ -31,12 +32,16 @@ class AdamQ3R(torch.optim.Optimizer):
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay`` per group).
         trainable_modules: ``{module: None | [(start, stop), ...]}`` (:func:`extract_linear`); their weights
             must be among ``params``.
-        target_rank, lmbda, steps: see :class:`Q3R` (rank fraction of ``min(m, n)``, int, or list per operator).
+        target_rank, lmbda, steps: see :class:`Q3R` (rank fraction of ``min(m, n)``, int, or list per operator);
+            required unless ``config`` is given.
         nan_policy: ``"skip"`` (default): when a gradient or a regularised weight holds NaN/Inf the whole step
             is skipped (nothing changes, not even the step counters) with a ``RuntimeWarning``; ``"raise"``:
             ``ValueError`` instead; ``"off"``: no check (saves one reduction pass per step).
-        q3r_kwargs: forwarded to :class:`Q3R` (``epsilon_schedule``, ``N``, ``eps_min``, ``epsilon``,
-            ``oversample``, ``n_iter``, ``seed``, ``group``).
+        config: a :class:`Q3RConfig` (or a mapping of its fields) with the Q3R settings; the keyword arguments
+            above and in ``q3r_kwargs`` override its fields.
+        q3r_kwargs: forwarded to :class:`Q3R`: any :class:`Q3RConfig` field (``epsilon_schedule``, ``N``,
+            ``eps_min``, ``epsilon``, ``oversample``, ``n_iter``, ``warm_start``, ``rebuild_tol``, ``seed``) and
+            ``group``.
 
     ``state_dict()`` holds the Adam moments and every Q3R operator (triplets, eps, counters) keyed by
     parameter index, so a run resumed from it continues identically.
@@ -44,9 +49,10 @@ class AdamQ3R(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict],
                  trainable_modules: Mapping[nn.Module, Sequence[Sequence[int]] | None] | Iterable[nn.Module],
-                 target_rank: Rank | Sequence[Rank], lmbda: float, steps: int = 5, lr: float = 1e-3,
+                 target_rank: Rank | Sequence[Rank] | None = None, lmbda: float | None = None,
+                 steps: int | None = None, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 nan_policy: str = "skip", **q3r_kwargs):
+                 nan_policy: str = "skip", config: Q3RConfig | None = None, **q3r_kwargs):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid learning rate: {lr!r}")
         if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
@@ -59,7 +65,7 @@ class AdamQ3R(torch.optim.Optimizer):
             raise ValueError(f"nan_policy={nan_policy!r} is not one of ('skip', 'raise', 'off')")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.nan_policy = nan_policy
-        self.q3r = Q3R(trainable_modules, target_rank, lmbda, steps=steps, **q3r_kwargs)
+        self.q3r = Q3R(trainable_modules, target_rank, lmbda, steps=steps, config=config, **q3r_kwargs)
         index = self._index()
         for op in self.q3r.ops:
             if id(op.weight) not in index:

@@ -44,11 +44,11 @@ from .. import ops
 from .._checks import finite_flags
 from .._modules import fused_slices, matches_target
 from ..ops.pad_slices import normalize_slices
+from .config import SCHEDULES, Q3RConfig
 from .operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, resolve_rank
 
 __all__ = ["EPS_START", "Q3R", "extract_linear", "resolve_rank"]
 
-SCHEDULES = ("default", "linear", "constant", "exploration")
 _WIDEN_MARGIN = 4
 # Sketch ranks are rounded up to a multiple of this (4 rather than 8: ViT-Tiny's 72 operators still make 3 calls,
 # and the 4 fewer columns made a rebuild ~10% faster on 2 CPU cores: 102 vs 113 ms, same kept counts).
@@ -158,30 +158,25 @@ class Q3R:
     """
 
     def __init__(self, trainable_modules: Mapping[nn.Module, Sequence[Sequence[int]] | None] | Iterable[nn.Module],
-                 target_rank: Rank | Sequence[Rank], lmbda: float, steps: int = 5,
-                 epsilon_schedule: str = "default", N: int | None = None, eps_min: float = 1e-6,
-                 epsilon: float | None = None, oversample: int = 8, n_iter: int = 2, seed: int = 0,
-                 warm_start: bool = True, group=None):
+                 target_rank: Rank | Sequence[Rank] | None = None, lmbda: float | None = None, *,
+                 config: Q3RConfig | Mapping | None = None, group=None, **settings):
         if not isinstance(trainable_modules, Mapping):
             trainable_modules = {m: None for m in trainable_modules}
         if not trainable_modules:
             raise ValueError("trainable_modules is empty: nothing to regularise")
-        if not (isinstance(lmbda, (int, float)) and math.isfinite(lmbda) and lmbda >= 0):
-            raise ValueError(f"lmbda must be a finite number >= 0, got {lmbda!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        if epsilon_schedule not in SCHEDULES:
-            raise ValueError(f"epsilon_schedule={epsilon_schedule!r} is not one of {SCHEDULES}")
-        if epsilon_schedule == "linear" and (isinstance(N, bool) or not isinstance(N, int) or N < 1):
-            raise ValueError(f"epsilon_schedule='linear' needs N (an int >= 1, optimizer steps), got N={N!r}")
-        if epsilon_schedule == "linear" and not eps_min > 0:
-            raise ValueError(f"eps_min must be > 0, got {eps_min!r}")
-        if epsilon is not None and not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
-        self.lmbda, self.steps, self.schedule = float(lmbda), steps, epsilon_schedule
-        self.N, self.eps_min, self.epsilon = N, float(eps_min), epsilon
-        self.oversample, self.n_iter, self.seed, self.group = oversample, n_iter, seed, group
-        self.warm_start = bool(warm_start)
+        # None is "not given" for the settings that have no None meaning (AdamQ3R forwards its own defaults)
+        given = {k: v for k, v in (("target_rank", target_rank), ("lmbda", lmbda), ("steps", settings.pop("steps", None)))
+                 if v is not None}
+        if config is None:
+            for name in ("target_rank", "lmbda"):
+                if name not in given:
+                    raise ValueError(f"{name} is required: pass {name}=... or config=Q3RConfig(...)")
+        self.config = cfg = Q3RConfig.merged(config, **given, **settings)
+        self.lmbda, self.steps, self.schedule = float(cfg.lmbda), int(cfg.steps), cfg.epsilon_schedule
+        self.N, self.eps_min, self.epsilon = cfg.N, float(cfg.eps_min), cfg.epsilon
+        self.oversample, self.n_iter, self.seed, self.group = int(cfg.oversample), int(cfg.n_iter), int(cfg.seed), group
+        self.warm_start, self.rebuild_tol = cfg.warm_start, cfg.rebuild_tol
+        target_rank = cfg.target_rank
         self.ops: list[_Operator] = []
         self._build(trainable_modules, target_rank)
         self.t, self.t0, self.n_refresh = 0, None, 0
