@@ -422,6 +422,43 @@ def test_ddp_gloo_two_processes_identical():
         assert torch.equal(r0["state"][k], r1["state"][k]), k
 
 
+def _fsdp2_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    model = _mlp()
+    for m in model:
+        if isinstance(m, LowRankLinear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        RankController(model, torch.optim.AdamW(model.parameters()), min_rank=2)
+        outcome = "accepted"
+    except RuntimeError as exc:
+        outcome = f"RuntimeError: {exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w", encoding="utf-8") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_model_is_refused_with_the_reason():
+    """Issue 19.3: under FSDP2 (fully_shard, DTensor parameters) a resize would change sharded shapes; the
+    controller refuses at construction on every rank, naming the layer and the reason."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_fsdp2_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")
+        outcomes = [open(os.path.join(out, f"rank{i}.txt"), encoding="utf-8").read() for i in range(2)]
+    for outcome in outcomes:
+        assert outcome.startswith("RuntimeError:"), outcome
+        assert "FSDP2" in outcome and "'0'" in outcome and "shapes of U and V" in outcome
+
+
 # ------------------------------------------------------------------------------ demo loss spike
 # Measured on the 2-core CPU box (torch 2.13, 1 thread): vit_tiny (dim 64, depth 2), qkv/proj/fc1/fc2 as
 # LowRankLinear rank 16, AdamW lr 3e-3, batch 64, 40 steps, then every layer resized; spike = max loss (first
