@@ -1,13 +1,16 @@
 """Benchmark ``ops.lora_matmul``: ``y = x W^T + bias + scaling (x A^T) B^T`` with a frozen ``W``.
 
 Providers: ``torch`` (eager ``lora_matmul_ref``: base GEMM + two thin matmuls + add), ``torch_compile``
-(the same reference under ``torch.compile``), ``triton`` (ours), ``peft`` (a ``peft.tuners.lora.Linear``
-holding the same weights, adapters in the base dtype) and ``dense`` (``x @ W.T + bias`` alone: the floor
-the fused forward is measured against, target within 1.1x). As in LoRA fine-tuning, ``W`` and ``bias``
-are frozen: gradients flow to ``x``, ``A``, ``B``. Modes: ``forward`` (inputs require grad),
-``backward`` (``torch.autograd.grad`` on a retained graph) and ``full`` (both).
+(the same reference under ``torch.compile``), ``composed`` (ours, the default: ``addmm`` then the adapter
+accumulated in place by ``addmm_``, see ``ops/lora_matmul.py``), ``triton`` (ours, the single-GEMM Triton
+kernel), ``peft`` (a ``peft.tuners.lora.Linear`` holding the same weights, adapters in the base dtype) and
+``dense`` (``x @ W.T + bias`` alone: the floor the forward is measured against, target within 1.1x).
+As in LoRA fine-tuning, ``W`` and ``bias`` are frozen: gradients flow to ``x``, ``A``, ``B``. Modes:
+``forward`` (inputs require grad), ``backward`` (``torch.autograd.grad`` on a retained graph) and ``full``
+(both).
 
-Metrics: ``time`` (ms), ``memory`` (peak extra MiB, GPU only), ``tflops`` and, for ``forward``,
+Metrics: ``time`` (ms), ``memory`` (peak extra MiB, GPU only), ``launches`` and ``syncs`` (one call,
+counted on any device; none for ``torch_compile``), ``tflops`` and, for ``forward``,
 ``bandwidth`` (GB/s over the minimal traffic: read ``x, W, A, B, bias``, write ``y`` and the ``M x r``
 ``t``) with ``hbm_pct``. At the full shapes the forward is compute bound, so ``tflops`` is the telling one.
 
@@ -27,6 +30,7 @@ from torch import nn
 from bench.common import backend_env, make_row, mode_rows, resolve_device
 from lowrank_kernels import backend
 from lowrank_kernels.ops import lora_matmul, lora_matmul_ref
+from lowrank_kernels.ops.lora_matmul import lora_matmul_composed
 
 KERNEL = "lora_matmul"
 SCALING = 2.0
@@ -44,14 +48,15 @@ def _shapes(quick: bool, dev: torch.device) -> tuple[list[tuple[int, int, int, i
     """``[(M, in, out, r)]``, dtype, providers for this run."""
     peft = ["peft"] if _peft_available() else []
     if dev.type == "cuda":
-        providers = ["dense", "torch", "torch_compile", "triton", *peft]
+        providers = ["dense", "torch", "torch_compile", "composed", "triton", *peft]
         if quick:
             return [(1024, 1024, 1024, 16)], torch.bfloat16, providers
         return [(8192, 4096, 4096, r) for r in (16, 64, 128)], torch.bfloat16, providers
     if quick:
         triton = ["triton"] if backend.interpreter_enabled() and backend.triton_available() else []
-        return [(64, 96, 96, r) for r in (4, 40)], torch.float32, ["dense", "torch", *triton, *peft]
-    return [(1024, 1024, 1024, r) for r in (16, 64)], torch.float32, ["dense", "torch", "torch_compile", *peft]
+        return [(64, 96, 96, r) for r in (4, 40)], torch.float32, ["dense", "torch", "composed", *triton, *peft]
+    return ([(1024, 1024, 1024, r) for r in (16, 64)], torch.float32,
+            ["dense", "torch", "torch_compile", "composed", *peft])
 
 
 def _peft_layer(W: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
@@ -89,6 +94,8 @@ def _forward_fn(provider: str, W, b, A, B):
         return (lambda x: lora_matmul_ref(x, W, A, B, SCALING, b)), [A, B]
     if provider == "torch_compile":
         return (lambda x: _compiled_ref()(x, W, A, B, SCALING, b)), [A, B]
+    if provider == "composed":
+        return (lambda x: lora_matmul_composed(x, W, A, B, SCALING, b)), [A, B]
     return (lambda x: lora_matmul(x, W, A, B, SCALING, b)), [A, B]
 
 
@@ -133,10 +140,14 @@ def _bench_shape(provider, m, k, n, r, dtype, dev, rep) -> list[dict]:
     return rows
 
 
-def run(quick: bool = True, device: str | None = None) -> list[dict]:
-    """Rows for every (shape, provider, mode) of this run (see the module docstring)."""
+def run(quick: bool = True, device: str | None = None, ranks: tuple[int, ...] | None = None,
+        providers: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows for every (shape, provider, mode) of this run (see the module docstring); ``ranks`` / ``providers``
+    restrict it to those of the run's shapes and providers (``.ci/gpu``'s targets need only some)."""
     dev = resolve_device(device)
-    shapes, dtype, providers = _shapes(quick, dev)
+    shapes, dtype, all_providers = _shapes(quick, dev)
+    shapes = [s for s in shapes if ranks is None or s[3] in ranks]
+    providers = [p for p in all_providers if providers is None or p in providers]
     rep = 20 if quick else 100
     rows: list[dict] = []
     # The backward mode replays one graph (retain_graph=True), which compiled backwards refuse when they

@@ -1,13 +1,15 @@
 """Benchmark ``ops.lowrank_matmul``: ``y = (x V^T) U^T + bias``.
 
 Providers: ``torch`` (eager, two matmuls = ``lowrank_matmul_ref``), ``torch_compile``
-(``torch.compile`` of the same reference) and ``triton`` (ours, forced through the Triton kernels).
+(``torch.compile`` of the same reference), ``composed`` (ours, the default: ``mm`` then ``addmm``, see
+``ops/lowrank_matmul.py``) and ``triton`` (ours, forced through the Triton kernels).
 On the GPU two more rows per shape (backward/full only) tell whether ``FUSE_GRADS_MAX_RANK`` is set
 right: ``triton_fused_grads`` (dU/dV always fused into the dy pass with atomics) and
 ``triton_separate_grads`` (never fused: cuBLAS for dU/dV).
 Modes: ``forward`` (inputs require grad, as in training), ``backward`` (``torch.autograd.grad`` on a
 retained graph, so no ``.grad`` accumulation is timed) and ``full`` (both). Metrics: ``time`` (ms),
-``memory`` (peak extra MiB, GPU only) and, for ``forward``, ``bandwidth`` (GB/s over the minimal
+``memory`` (peak extra MiB, GPU only), ``launches`` and ``syncs`` (one call, counted on any device; none for
+``torch_compile``) and, for ``forward``, ``bandwidth`` (GB/s over the minimal
 traffic: read ``x``, ``U``, ``V``, ``bias``, write ``y`` and the ``M x r`` intermediate) and ``hbm_pct``.
 
 Full shapes (GPU): bf16, M=8192, in=out=4096, r in {16, 64, 128}. CPU full: fp32, M=1024,
@@ -27,6 +29,7 @@ from torch._functorch import config as functorch_config
 from bench.common import backend_env, mode_rows, resolve_device
 from lowrank_kernels import backend
 from lowrank_kernels.ops import lowrank_matmul, lowrank_matmul_ref
+from lowrank_kernels.ops.lowrank_matmul import lowrank_matmul_composed
 
 KERNEL = "lowrank_matmul"
 
@@ -50,14 +53,14 @@ def _fuse_grads(provider: str):
 def _shapes(quick: bool, dev: torch.device) -> tuple[list[tuple[int, int, int, int]], torch.dtype, list[str]]:
     """``[(M, in, out, r)]``, dtype, providers for this run."""
     if dev.type == "cuda":
-        providers = ["torch", "torch_compile", "triton", "triton_fused_grads", "triton_separate_grads"]
+        providers = ["torch", "torch_compile", "composed", "triton", "triton_fused_grads", "triton_separate_grads"]
         if quick:
             return [(1024, 1024, 1024, 16)], torch.bfloat16, providers
         return [(8192, 4096, 4096, r) for r in (16, 64, 128)], torch.bfloat16, providers
     if quick:
-        providers = ["torch"] + (["triton"] if backend.interpreter_enabled() and backend.triton_available() else [])
-        return [(64, 96, 96, r) for r in (4, 16)], torch.float32, providers
-    return [(1024, 1024, 1024, r) for r in (16, 64)], torch.float32, ["torch", "torch_compile"]
+        triton = ["triton"] if backend.interpreter_enabled() and backend.triton_available() else []
+        return [(64, 96, 96, r) for r in (4, 16)], torch.float32, ["torch", "composed", *triton]
+    return [(1024, 1024, 1024, r) for r in (16, 64)], torch.float32, ["torch", "torch_compile", "composed"]
 
 
 def _provider_fn(provider: str):
@@ -65,6 +68,8 @@ def _provider_fn(provider: str):
         return lowrank_matmul_ref
     if provider == "torch_compile":
         return torch.compile(lowrank_matmul_ref)
+    if provider == "composed":
+        return lowrank_matmul_composed
     return lowrank_matmul
 
 

@@ -31,6 +31,9 @@ previous vectors, ``Q3R(warm_start=True)`` after its first, exact rebuild).
 Until 2026-11-25 the cut-off was 192 and the dispatched path was the full SVD: rows of the providers
 ``torch+randomized_svd`` and ``truncated_svd_randomized`` in older results measured the randomized path then.
 
+Metrics: ``time`` (ms per step, amortised over one period), ``launches`` and ``syncs`` (per step, counted over one
+period by ``lowrank_kernels.testing.count_gpu_cost``; mode ``update``: per rebuild).
+
 CPU runs use 2 torch threads (the issue's setting; ``LOWRANK_BENCH_THREADS`` overrides). Quick: 2 blocks of d=64,
 one thread.
 """
@@ -44,7 +47,7 @@ import os
 import torch
 from torch import nn
 
-from bench.common import make_row, resolve_device, time_fn, time_interleaved
+from bench.common import cost_rows, make_row, resolve_device, time_fn, time_interleaved
 from lowrank_kernels import AdamQ3R, backend, ops
 from lowrank_kernels.q3r import EPS_START, Q3R, resolve_rank
 
@@ -196,12 +199,15 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
         for provider, times in time_interleaved(fns, dev, warmup=rep / 5, rep=rep).items():
             p50, p20, p80 = (t / PERIOD for t in times)
             rows.append(make_row(KERNEL, provider, "step", "time", "ms", "blocks", blocks, p50, p20, p80, config))
+            # launches / syncs per step, amortised over one period (one rebuild + PERIOD steps)
+            rows += cost_rows(KERNEL, provider, "step", fns[provider], "blocks", blocks, config, per=PERIOD)
         for provider in ("torch_svd", "truncated_svd", "warm_start"):
             model, tm = _param_set(blocks, d, dev, dtype)
             fn = _update_fn(provider, tm)
             fn()
             p50, p20, p80 = time_fn(fn, dev, warmup=rep / 5, rep=rep)
             rows.append(make_row(KERNEL, provider, "update", "time", "ms", "blocks", blocks, p50, p20, p80, config))
+            rows += cost_rows(KERNEL, provider, "update", fn, "blocks", blocks, config)
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -209,7 +215,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
 
 def ratios(rows: list[dict]) -> dict[str, float]:
     """Step time over AdamW's per provider, and full-SVD over truncated rebuild time."""
-    t = {(r["mode"], r["provider"]): float(r["p50"]) for r in rows}
+    t = {(r["mode"], r["provider"]): float(r["p50"]) for r in rows if r["metric"] == "time"}
     out = {f"{p}/{base}": t[("step", p)] / t[("step", base)] for m, p in t if m == "step" and not p.startswith("adamw")
            for base in ("adamw", "adamw_fused")}
     for p in ("truncated_svd", "warm_start"):

@@ -6,7 +6,9 @@ written, and :func:`append_rows` merges them into ``<out>/<device-slug>.csv`` (`
 runs, so smoke runs never mix with real results), keeping the newest row per :data:`KEY`.
 
 Conventional metrics (lower is better unless said): ``time`` in ``ms``, ``memory`` in ``MB`` (peak extra
-allocation), ``bandwidth`` in ``GB/s`` and ``hbm_pct`` in ``%`` (both higher is better).
+allocation), ``bandwidth`` in ``GB/s`` and ``hbm_pct`` in ``%`` (both higher is better), ``launches`` and
+``syncs`` (``count``, from :func:`cost_rows`: kernel launches and host syncs of one call, counted by
+``lowrank_kernels.testing.count_gpu_cost`` on any device, so a CPU run shows the GPU cost too).
 """
 
 from __future__ import annotations
@@ -276,10 +278,34 @@ def backend_env(name: str):
     return mock.patch.dict(os.environ, {"LOWRANK_KERNELS_BACKEND": name})
 
 
+#: Providers whose launches are not counted: a compiled graph calls its kernels without going through the
+#: dispatcher (and a dispatch mode around it may trigger a recompile), so a count would be meaningless.
+UNCOUNTED_PROVIDERS = ("torch_compile",)
+
+
+def cost_rows(kernel: str, provider: str, mode: str, fn: Callable[[], object], x_name: str, x_value,
+              config=None, per: int = 1) -> list[dict]:
+    """``launches`` and ``syncs`` rows (unit ``count``) of one call of ``fn``, divided by ``per`` (e.g. the
+    steps one call makes, for amortised figures). ``[]`` for :data:`UNCOUNTED_PROVIDERS`.
+
+    Run ``fn`` once before (a warm-up): a Triton launch is counted only once triton is imported, and first
+    calls may autotune. Counted as ``lowrank_kernels.testing.count_gpu_cost`` counts: aten ops that launch
+    a kernel plus Triton launches; host reads of tensor data and ops whose output size needs the host.
+    """
+    if provider.split("+")[0] in UNCOUNTED_PROVIDERS:
+        return []
+    from lowrank_kernels.testing import count_gpu_cost
+
+    with count_gpu_cost() as cost:
+        fn()
+    return [make_row(kernel, provider, mode, "launches", "count", x_name, x_value, cost.launches / per, config=config),
+            make_row(kernel, provider, mode, "syncs", "count", x_name, x_value, cost.syncs / per, config=config)]
+
+
 def mode_rows(kernel: str, provider: str, mode: str, fn: Callable[[], object], device, rep: float, x_name: str,
               x_value, config: dict | None = None, fwd_bytes: int | None = None) -> list[dict]:
-    """Time ``fn`` (``warmup = rep / 4``) and return its time row, its peak-memory row (CUDA only) and,
-    for ``mode == "forward"`` with ``fwd_bytes``, the bandwidth rows."""
+    """Time ``fn`` (``warmup = rep / 4``) and return its time row, its peak-memory row (CUDA only),
+    for ``mode == "forward"`` with ``fwd_bytes`` the bandwidth rows, then its :func:`cost_rows`."""
     p50, p20, p80 = time_fn(fn, device, warmup=rep / 4, rep=rep)
     rows = [make_row(kernel, provider, mode, "time", "ms", x_name, x_value, p50, p20, p80, config)]
     mem = peak_memory_mb(fn, device)
@@ -287,7 +313,7 @@ def mode_rows(kernel: str, provider: str, mode: str, fn: Callable[[], object], d
         rows.append(make_row(kernel, provider, mode, "memory", "MB", x_name, x_value, mem, config=config))
     if mode == "forward" and fwd_bytes is not None:
         rows += bandwidth_rows(kernel, provider, mode, x_name, x_value, fwd_bytes, p50, p20, p80, device, config)
-    return rows
+    return rows + cost_rows(kernel, provider, mode, fn, x_name, x_value, config)
 
 
 def stamp_rows(rows: Iterable[dict], info: dict[str, str]) -> list[dict[str, str]]:

@@ -5,8 +5,10 @@ typed by hand. One table per device file ``bench/results/<device-slug>.csv`` (qu
 read). For every kernel, mode and config where one of our providers (``triton``, ``cuda``, or ``ours``
 for an op that is PyTorch code of ours) was measured beside another provider, the row shows the largest
 ``x`` measured there (the target shape) with our median time and speedups: over ``torch`` eager, over
-``torch.compile`` of it, and over each library a user would otherwise pick (every other provider).
-``--check`` exits 1 when README's table differs from the data.
+``torch.compile`` of it, and over each library a user would otherwise pick (every other provider), then the
+GPU cost of one call (``launches`` and ``syncs`` metrics, counted on any device): ours and, after the slash,
+``torch``'s. ``--check`` exits 1 when README's table differs from the data. ``--backend-table`` also rewrites
+``lowrank_kernels/backend.py``'s ``TABLE`` from the measured ``composed`` and ``triton`` rows.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from bench.common import DEFAULT_OUT, REPO_ROOT, append_rows, read_rows, slugify
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
 # "ours" / "lowrank_kernels": our op where it is not a kernel of its own (e.g. a PyTorch algorithm).
-OURS = ("triton", "cuda", "ours", "lowrank_kernels")
+OURS = ("triton", "cuda", "ours", "lowrank_kernels", "composed")
 
 
 def is_ours(provider: str) -> bool:
@@ -56,6 +58,21 @@ def _ms(value: float | None) -> str:
     return f"{value:.3g}" if value else "–"
 
 
+def _count(value: str) -> float | None:
+    """A ``launches`` / ``syncs`` value (0 is a value here, unlike a time)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out >= 0 else None
+
+
+def _counts(ours: float | None, torch_: float | None) -> str:
+    if ours is None:
+        return "–"
+    return f"{ours:.4g}" + (f" / {torch_:.4g}" if torch_ is not None else "")
+
+
 def _header(rows: Sequence[dict]) -> str:
     newest = max(rows, key=lambda r: r["timestamp"])
     commits = sorted({r["commit"] for r in rows if r["commit"]})
@@ -70,17 +87,20 @@ def device_table(rows: Sequence[dict]) -> str:
     """Markdown table of one device's rows (median time; speedup = other's time / ours)."""
     time: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     memory: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    launches: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    syncs: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     x_names: dict[tuple, str] = {}
     for r in rows:
-        store = {"time": time, "memory": memory}.get(r["metric"])
-        value = _num(r["p50"])
+        store = {"time": time, "memory": memory, "launches": launches, "syncs": syncs}.get(r["metric"])
+        value = _count(r["p50"]) if r["metric"] in ("launches", "syncs") else _num(r["p50"])
         if store is None or value is None:
             continue
         key = (r["kernel"], r["mode"], r["config"])
         store[key][r["x_value"]][r["provider"]] = value
         x_names.setdefault(key, r["x_name"])
     lines = ["| kernel | mode | shape | ours | ours ms | torch ms | vs torch | vs torch.compile | vs alternatives "
-             "| memory vs torch |", "|---|---|---|---|---:|---:|---:|---:|---|---:|"]
+             "| memory vs torch | launches ours / torch | syncs ours / torch |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for key in sorted(time):
         by_x = time[key]
         usable = [x for x in by_x if any(map(is_ours, by_x[x])) and not all(map(is_ours, by_x[x]))]
@@ -91,6 +111,8 @@ def device_table(rows: Sequence[dict]) -> str:
         shape = f"{x_names[key]}={x}" + (f" ({config.replace(';', ', ')})" if config else "")
         providers = by_x[x]
         mem = memory.get(key, {}).get(x, {})
+        lau = launches.get(key, {}).get(x, {})
+        syn = syncs.get(key, {}).get(x, {})
         for ours in sorted(p for p in providers if is_ours(p)):
             t = providers[ours]
             alternatives = ", ".join(f"{p} {_ratio(providers[p], t)}" for p in sorted(providers)
@@ -98,7 +120,9 @@ def device_table(rows: Sequence[dict]) -> str:
             ref = providers.get(REFERENCE)
             lines.append(f"| {kernel} | {mode} | {shape} | {ours} | {_ms(t)} | {_ms(ref)} | {_ratio(ref, t)} | "
                          f"{_ratio(providers.get(COMPILED), t)} | {alternatives} | "
-                         f"{_ratio(mem.get(REFERENCE), mem.get(ours))} |")
+                         f"{_ratio(mem.get(REFERENCE), mem.get(ours))} | "
+                         f"{_counts(lau.get(ours), lau.get(REFERENCE))} | "
+                         f"{_counts(syn.get(ours), syn.get(REFERENCE))} |")
     if len(lines) == 2:
         return "_No kernel here has one of our providers and something to compare it with._"
     return "\n".join(lines)
@@ -117,7 +141,9 @@ def render(results_dir: str | Path = DEFAULT_OUT) -> str:
     parts.append("\n\n".join(tables) if tables else EMPTY)
     if tables:
         parts += ["", "Speedup = the other provider's median time / ours (higher is better; memory likewise, from "
-                  "peak allocation). Shape: the largest size measured. Plots: `python -m bench.plot`."]
+                  "peak allocation). Launches / syncs: kernel launches and host syncs of one call (per step where "
+                  "the mode is a step), counted by `lowrank_kernels.testing.count_gpu_cost`; – where not measured. "
+                  "Shape: the largest size measured. Plots: `python -m bench.plot`."]
     return "\n".join(parts)
 
 
@@ -142,6 +168,57 @@ def merge_into(results_dir: str | Path, csv_paths: Sequence[str | Path]) -> list
     return written
 
 
+BACKEND_PY = REPO_ROOT / "lowrank_kernels" / "backend.py"
+TABLE_START = "# backend-table:start"
+TABLE_END = "# backend-table:end"
+
+
+def _config_dict(config: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in config.split(";") if "=" in item)
+
+
+def backend_table(results_dir: str | Path = DEFAULT_OUT) -> dict[str, str]:
+    """``backend.TABLE`` from the results: per ``(op, cuda, dtype, shape class)`` the faster of ``composed`` and
+    ``triton`` in mode ``full`` (forward + backward), summing the median times of every measured shape of the
+    class. Only GPU files count (the table decides for CUDA tensors) and only shapes where both were timed."""
+    from lowrank_kernels import backend
+
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for path in sorted(Path(results_dir).glob("*.csv")):
+        if path.stem.startswith("cpu"):
+            continue
+        times: dict[tuple, dict[str, float]] = defaultdict(dict)
+        for r in read_rows(path):
+            value = _num(r["p50"])
+            if (r["kernel"] in backend.COMPOSED_OPS and r["metric"] == "time" and r["mode"] == "full"
+                    and r["provider"] in ("composed", "triton") and value is not None and r["x_name"] == "r"):
+                times[(r["kernel"], r["config"], r["x_value"])][r["provider"]] = value
+        for (kernel, config, rank), by in times.items():
+            cfg = _config_dict(config)
+            if len(by) < 2 or not {"M", "in", "out", "dtype"} <= set(cfg):
+                continue
+            cls = backend.shape_class(int(cfg["M"]), int(cfg["in"]), int(cfg["out"]), int(float(rank)))
+            key = f"{kernel}/cuda/{cfg['dtype']}/{cls}"
+            for provider, t in by.items():
+                totals[key][provider] += t
+    return {key: min(by, key=by.get) for key, by in sorted(totals.items())}
+
+
+def render_backend_table(table: dict[str, str]) -> str:
+    if not table:
+        return "TABLE: dict[str, str] = {}"
+    body = "".join(f"    {key!r}: {value!r},\n" for key, value in sorted(table.items()))
+    return "TABLE: dict[str, str] = {\n" + body + "}"
+
+
+def replace_backend_table(text: str, table: dict[str, str]) -> str:
+    """``backend.py``'s text with the block between the table markers replaced; ``ValueError`` without them."""
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"backend.py has no {TABLE_START} ... {TABLE_END} markers")
+    return text[: start + len(TABLE_START)] + "\n" + render_backend_table(table) + "\n" + text[end:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(DEFAULT_OUT), help="folder of <device-slug>.csv files")
@@ -149,9 +226,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the README table differs from the data")
     parser.add_argument("--merge", nargs="+", metavar="CSV", default=(),
                         help="first merge these result files (e.g. a GPU run's OUT/*.csv) into --results")
+    parser.add_argument("--backend-table", nargs="?", const=str(BACKEND_PY), default=None, metavar="BACKEND_PY",
+                        help="also rewrite backend.py's TABLE (composed vs triton per shape class) from the results")
     args = parser.parse_args(argv)
     for path in merge_into(args.results, args.merge):
         print(f"merged into {path}")
+    if args.backend_table:
+        table = backend_table(args.results)
+        target = Path(args.backend_table)
+        target.write_text(replace_backend_table(target.read_text(), table))
+        print(f"{target}: TABLE with {len(table)} entries" + "".join(f"\n  {k}: {v}" for k, v in table.items()))
     readme = Path(args.readme)
     current = readme.read_text()
     wanted = tables.replace_block(replace_block(current, render(args.results)), tables.render(args.results))

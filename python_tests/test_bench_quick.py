@@ -62,6 +62,38 @@ def test_quick_rows_of_script(quick_run, script):
     assert any(v != "" and float(v) > 0 for v in values), f"{script} measured nothing"
 
 
+@pytest.mark.parametrize("kernel, modes", [("lora_matmul", {"forward", "backward", "full"}),
+                                           ("lowrank_matmul", {"forward", "backward", "full"}),
+                                           ("q3r", {"step", "update"})])
+def test_quick_rows_record_launches_and_syncs(quick_run, kernel, modes):
+    """Every timed provider of these scripts also has ``launches`` and ``syncs`` rows (count, >= 0) in each mode;
+    the composed LoRA path launches fewer kernels than PEFT's layer."""
+    _, rows, _, _ = quick_run
+    mine = [r for r in rows if r["kernel"] == kernel]
+    timed = {(r["provider"], r["mode"], r["x_value"]) for r in mine if r["metric"] == "time"}
+    assert timed and {m for _, m, _ in timed} == modes
+    for metric in ("launches", "syncs"):
+        counted = [r for r in mine if r["metric"] == metric]
+        got = {(r["provider"], r["mode"], r["x_value"]): float(r["p50"]) for r in counted}
+        assert set(got) == {t for t in timed if not t[0].startswith("torch_compile")}, metric
+        assert all(v >= 0 for v in got.values()) and {r["unit"] for r in counted} == {"count"}
+    launches = {(r["provider"], r["mode"], r["x_value"]): float(r["p50"]) for r in mine if r["metric"] == "launches"}
+    assert all(launches[t] > 0 for t in launches)
+    if kernel == "lora_matmul" and any(p == "peft" for p, _, _ in launches):
+        for (provider, mode, x), n in launches.items():
+            if provider == "composed":
+                assert n < launches[("peft", mode, x)], (mode, x)
+
+
+def test_cost_rows_count_one_call():
+    import torch
+
+    x = torch.randn(8, 8)
+    rows = common.cost_rows("k", "ours", "forward", lambda: (x @ x).sum().item(), "n", 8, {"r": 2}, per=2)
+    assert [(r["metric"], r["unit"], r["p50"]) for r in rows] == [("launches", "count", 1.0), ("syncs", "count", 0.5)]
+    assert common.cost_rows("k", "torch_compile", "forward", lambda: None, "n", 8) == []
+
+
 def _good_run(quick=True, device=None):
     assert quick is True and device == "cpu"
     return [common.make_row("fake", p, "forward", "time", "ms", "n", n, t, config={"r": 4})

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the repo root on the path
     sys.path.insert(0, str(ROOT))
 
-from bench import common, report  # noqa: E402
+from bench import common, report, tables  # noqa: E402
 
 DEVICE = "NVIDIA H100 80GB HBM3"
 INFO = {"device": DEVICE, "torch": "2.13.0", "triton": "3.9.0", "commit": "abc1234",
@@ -94,18 +94,83 @@ def test_report_table_from_synthetic_csv(tmp_path):
     assert f"**{DEVICE}**" in block and "commit `abc1234`" in block
     table_rows = [line for line in block.splitlines() if line.startswith("| lora_matmul")]
     assert table_rows == [
-        "| lora_matmul | forward | M=4096 | triton | 1 | 4 | 4.00x | 2.00x | peft 5.00x | 3.00x |",
-        "| lora_matmul | forward | M=4096 | triton+variant | 8 | 4 | 0.50x | 0.25x | peft 0.62x | – |",
-        "| lora_matmul | full | M=64 | ours | 2 | – | – | – | torch_svd 0.025x | – |"]
+        "| lora_matmul | forward | M=4096 | triton | 1 | 4 | 4.00x | 2.00x | peft 5.00x | 3.00x | – | – |",
+        "| lora_matmul | forward | M=4096 | triton+variant | 8 | 4 | 0.50x | 0.25x | peft 0.62x | – | – | – |",
+        "| lora_matmul | full | M=64 | ours | 2 | – | – | – | torch_svd 0.025x | – | – | – |"]
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"# t\n\n## Performance\n\n{report.START}\nold numbers\n{report.END}\n\ntail\n")
+    readme.write_text(f"# t\n\n## Performance\n\n{report.START}\nold numbers\n{report.END}\n\ntail\n"
+                      f"{tables.START}\n{tables.END}\n")
     args = ["--results", str(tmp_path), "--readme", str(readme)]
     assert report.main([*args, "--check"]) == 1
     assert report.main(args) == 0
     assert report.main([*args, "--check"]) == 0
     text = readme.read_text()
-    assert "old numbers" not in text and text.endswith(f"{report.END}\n\ntail\n") and "4.00x" in text
+    assert "old numbers" not in text and f"{report.END}\n\ntail\n" in text and "4.00x" in text
+
+
+def test_report_shows_launches_and_syncs(tmp_path):
+    """Counts come from the ``launches`` / ``syncs`` rows (0 is shown, not taken for a missing value); ours / torch."""
+    rows = (_rows({"torch": 4.0, "composed": 2.0, "peft": 5.0})
+            + _rows({"torch": 5.0, "composed": 3.0, "peft": 5.0}, metric="launches", unit="count")
+            + _rows({"torch": 0.0, "composed": 0.0}, metric="syncs", unit="count")
+            + _rows({"torch": 4.0, "triton": 1.0}, mode="full")
+            + _rows({"triton": 8.4}, mode="full", metric="launches", unit="count"))
+    common.append_rows(tmp_path / "nvidia-h100.csv", rows)
+    lines = [line for line in report.render(tmp_path).splitlines() if line.startswith("| lora_matmul")]
+    assert lines == [
+        "| lora_matmul | forward | M=4096 | composed | 2 | 4 | 2.00x | – | peft 2.50x | – | 3 / 5 | 0 / 0 |",
+        "| lora_matmul | full | M=4096 | triton | 1 | 4 | 4.00x | – | – | – | 8.4 | – |"]
+
+
+def test_backend_table_from_results(tmp_path):
+    """--backend-table: per (op, cuda, dtype, shape class) the faster of composed and triton in mode full;
+    CPU files and shapes where only one was timed are ignored."""
+    cfg = {"M": 8192, "in": 4096, "out": 4096, "dtype": "bfloat16"}
+
+    def rows(times, r, config=cfg, kernel="lora_matmul", mode="full", info=INFO):
+        return common.stamp_rows([common.make_row(kernel, p, mode, "time", "ms", "r", r, t, config=config)
+                                  for p, t in times.items()], info)
+
+    small = dict(cfg, M=64)
+    common.append_rows(tmp_path / "nvidia-h100.csv",
+                       rows({"composed": 2.0, "triton": 1.5}, 16) + rows({"composed": 2.0, "triton": 2.5}, 64)
+                       + rows({"composed": 1.0}, 128) + rows({"composed": 0.1, "triton": 0.2}, 16, small)
+                       + rows({"composed": 3.0, "triton": 1.0}, 16, mode="forward")
+                       + rows({"composed": 2.0, "triton": 1.0}, 32, kernel="lowrank_matmul"))
+    common.append_rows(tmp_path / "cpu-test.csv", rows({"composed": 1.0, "triton": 9.0}, 16, small,
+                                                      info=dict(INFO, device="CPU Test")))
+    table = report.backend_table(tmp_path)
+    assert table == {
+        "lora_matmul/cuda/bfloat16/large-r16": "triton",
+        "lora_matmul/cuda/bfloat16/large-r64": "composed",
+        "lora_matmul/cuda/bfloat16/small-r16": "composed",
+        "lowrank_matmul/cuda/bfloat16/large-r32": "triton",
+    }
+    backend_py = tmp_path / "backend.py"
+    backend_py.write_text(f"x = 1\n{report.TABLE_START}\nTABLE: dict[str, str] = {{}}\n{report.TABLE_END}\ny = 2\n")
+    assert report.main(["--results", str(tmp_path), "--readme", str(_readme(tmp_path)),
+                        "--backend-table", str(backend_py)]) == 0
+    namespace: dict = {}
+    exec(backend_py.read_text(), namespace)
+    assert namespace["TABLE"] == table and namespace["y"] == 2
+    from lowrank_kernels import backend
+
+    backend._check_table(namespace["TABLE"])  # what backend.py accepts at import
+
+
+def test_committed_backend_table_is_valid_and_matches_results():
+    from lowrank_kernels import backend
+
+    backend._check_table(backend.TABLE)
+    assert backend.TABLE == report.backend_table(ROOT / "bench" / "results"), (
+        "backend.TABLE is stale: run `python -m bench.report --backend-table`")
+
+
+def _readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\n{report.START}\n{report.END}\n{tables.START}\n{tables.END}\n")
+    return readme
 
 
 def test_merge_into_splits_by_device(tmp_path):
