@@ -154,6 +154,15 @@ class RankController:
         self.num_steps = 0
         self.ema: dict[str, float] = {n: float(m.rank) for n, m in found.items()}
 
+    def config(self) -> dict:
+        """The constructor's keyword arguments (JSON-friendly; ``model``, ``optimizer`` and ``process_group``
+        excluded), so an equal controller can be built on another model: ``RankController(m, opt, **c.config())``."""
+        return {"min_rank": self.min_rank, "max_rank": self.max_rank, "interval": self.interval,
+                "warmup": self.warmup, "ema_decay": self.ema_decay, "safety_factor": self.safety_factor,
+                "grow_threshold": self.grow_threshold, "shrink_threshold": self.shrink_threshold,
+                "max_step": self.max_step, "state_policy": self.state_policy, "log_file": self.log_file,
+                "layers": list(self.layers)}
+
     # ------------------------------------------------------------------------------ bounds
     def rank_bounds(self, name: str) -> tuple[int, int]:
         """``(lo, hi)`` allowed ranks of one layer (``hi`` never exceeds ``min(in, out)``)."""
