@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_kernels.adapters import spectral, tenslora
+from lowrank_kernels.adapters import spectral, tenslora, tenslora_plus
 from lowrank_kernels.app.models import count_parameters, load_digits, vit_tiny
 from lowrank_kernels.nn import LoRALinear
 
@@ -107,7 +107,7 @@ def _build(method: str, base: nn.Module):
         tenslora.apply_tenslora(m, method=tmethod, ranks=ranks, decomposition=dec, freeze_base=False)
         m.head.requires_grad_(True)
         core_mult = 4.0 if method.endswith("+") else 1.0
-        return m, tenslora.param_groups(m, LR, core_mult=core_mult)
+        return m, tenslora_plus.param_groups(m, LR, core_mult=core_mult)
     raise ValueError(f"unknown method {method!r}")
 
 

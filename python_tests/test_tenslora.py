@@ -8,6 +8,7 @@ import torch
 from torch.func import functional_call
 
 from lowrank_kernels.adapters import tenslora as T
+from lowrank_kernels.adapters import tenslora_plus as TP
 from lowrank_kernels.app.models import count_parameters, vit_tiny
 
 DIM, DEPTH, HEADS = 32, 2, 4
@@ -153,6 +154,68 @@ def test_transformers_models_separate_projections(build):
     assert dw[:hd].abs().max() == 0 and dw[2 * hd:].abs().max() == 0 and dw[hd:2 * hd].abs().max() > 0
 
 
+def _hf_llama(kv_heads):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=DIM, intermediate_size=64, num_hidden_layers=DEPTH,
+                      num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 10))}
+
+
+def test_llama_heads_come_from_the_config():
+    pytest.importorskip("transformers")
+    model, batch = _hf_llama(kv_heads=HEADS)
+    assert not hasattr(model.model.layers[0].self_attn, "num_heads")  # only the config knows the head count
+    ref = model(**batch).logits
+    T.apply_tenslora(model, method="att_qkv_depth", ranks="4_4_4_3_2")
+    (ad,) = T.get_adapters(model)
+    assert ad.dims == (DIM, DIM // HEADS, HEADS, 3, DEPTH)
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=0, atol=0)
+    _perturb(model)
+    model(**batch).logits.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ad.parameters())
+
+
+@pytest.mark.parametrize("method, target", [("att", "qkv"), ("depth", "qkv"), ("att_depth", "qkv"),
+                                            ("att_qkv_depth", "kv"), ("qkv", "kv")])
+def test_llama_grouped_query_attention_where_the_tensor_is_defined(method, target):
+    pytest.importorskip("transformers")
+    kv = 2
+    model, batch = _hf_llama(kv_heads=kv)
+    ref = model(**batch).logits
+    modes, _ = T.METHODS[method]
+    T.apply_tenslora(model, method=method, ranks=3, target=target)
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=0, atol=0)
+    hd = DIM // HEADS
+    for ad in T.get_adapters(model):
+        size = dict(zip(ad.modes, ad.dims, strict=True))
+        assert ad.out_dim in (HEADS * hd, kv * hd)
+        if "heads" in modes:
+            assert size["heads"] * size["head_dim"] == ad.out_dim and size["head_dim"] == hd
+    _perturb(model)
+    attn = model.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(attn, name)
+        if name[0] in target:
+            assert isinstance(layer, T.TensLoRALinear)
+            assert layer.delta_weight().shape == layer.base.weight.shape
+    out = model(**batch).logits
+    assert (out - ref).abs().max() > 0  # the perturbed adapters change the function
+    out.square().sum().backward()
+
+
+@pytest.mark.parametrize("method", ["qkv", "att_qkv", "qkv_depth", "att_qkv_depth"])
+def test_llama_grouped_query_attention_refused_at_apply_time(method):
+    pytest.importorskip("transformers")
+    model, batch = _hf_llama(kv_heads=2)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="grouped-query attention.*'att'"):
+        T.apply_tenslora(model, method=method, target="qkv")
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing changed
+    assert not hasattr(model, "tenslora_adapters")
+    model(**batch)
+
+
 def test_cache_once_per_forward_and_invalidated_by_parameter_change():
     model = T.apply_tenslora(_vit(), method="qkv_depth", ranks=4, target="qv")
     (ad,) = T.get_adapters(model)
@@ -182,7 +245,7 @@ def test_cache_once_per_forward_and_invalidated_by_parameter_change():
 def test_param_groups_tenslora_plus_learning_rates():
     model = T.apply_tenslora(_vit(), method="att_qkv_depth", ranks=4)
     model.head.requires_grad_(True)
-    groups = T.param_groups(model, lr=1e-3, core_mult=8.0, mode_mults={"layers": 0.5})
+    groups = TP.param_groups(model, lr=1e-3, core_mult=8.0, mode_mults={"layers": 0.5})
     by = {g["name"]: g for g in groups}
     (ad,) = T.get_adapters(model)
     assert by["tenslora.core"]["lr"] == pytest.approx(8e-3) and by["tenslora.core"]["params"] == [ad.core]
@@ -193,7 +256,7 @@ def test_param_groups_tenslora_plus_learning_rates():
     assert n == count_parameters(model)
     torch.optim.AdamW(groups)  # accepted as is
     with pytest.raises(ValueError, match="unknown modes"):
-        T.param_groups(model, 1e-3, mode_mults={"rows": 2.0})
+        TP.param_groups(model, 1e-3, mode_mults={"rows": 2.0})
 
 
 def _planted(ranks, true_ranks, seed=0):
@@ -211,13 +274,13 @@ def _planted(ranks, true_ranks, seed=0):
 
 def test_mode_metrics_flag_redundant_mode():
     ad = _planted([4, 4, 4, 3, 4], [4, 4, 1, 3, 4])
-    met = T.mode_metrics(ad)
+    met = TP.mode_metrics(ad)
     assert met["heads"]["top1_energy"] == pytest.approx(1.0, abs=1e-9)
     assert met["heads"]["normalized_entropy"] == pytest.approx(0.0, abs=1e-6)
     assert met["input"]["normalized_entropy"] > 0.3 and met["input"]["top1_energy"] < 0.9
-    fresh = T.mode_metrics(T.TensorAdapter(("input", "output", "qkv"), [8, 8, 3], [2, 2, 2]))
+    fresh = TP.mode_metrics(T.TensorAdapter(("input", "output", "qkv"), [8, 8, 3], [2, 2, 2]))
     assert math.isnan(fresh["input"]["entropy"])
-    cp = T.mode_metrics(T.TensorAdapter(("input", "output", "qkv"), [8, 8, 3], [2], "cp"))
+    cp = TP.mode_metrics(T.TensorAdapter(("input", "output", "qkv"), [8, 8, 3], [2], "cp"))
     assert set(cp) == {"input", "output", "qkv"}
 
 
@@ -228,7 +291,7 @@ def test_mode_metrics_equal_full_tensor_unfolding_spectra(decomposition):
         for p in ad.parameters():
             p.normal_()
     full = ad.full_tensor().detach().double()
-    met = T.mode_metrics(ad)
+    met = TP.mode_metrics(ad)
     for k, m in enumerate(ad.modes):
         e = torch.linalg.svdvals(torch.movedim(full, k, 0).reshape(full.shape[k], -1)).square()
         e = e[: min(3, full.shape[k])] / e.sum()
@@ -240,7 +303,7 @@ def test_allocate_ranks_respects_budget_and_keeps_update():
     ad = _planted([4, 4, 4, 3, 4], [4, 4, 1, 3, 2])
     before = ad.full_tensor().detach()
     budget = ad.num_parameters() + 40
-    ranks, same = T.allocate_ranks(ad, budget)
+    ranks, same = TP.allocate_ranks(ad, budget)
     assert same is ad and ranks == ad.ranks
     assert ranks[2] == 2  # the redundant heads mode is compressed to the minimum
     assert ad.num_parameters() <= budget and ad.num_parameters() == (
@@ -252,12 +315,12 @@ def test_allocate_ranks_respects_budget_and_keeps_update():
 def test_resize_expand_is_exact_and_truncate_is_hosvd():
     ad = _planted([3, 3, 3, 2, 3], [3, 3, 3, 2, 3], seed=1)
     before = ad.full_tensor().detach()
-    T.resize_adapter(ad, [6, 5, 4, 3, 4])  # expand (heads to its full size, qkv to 3)
+    TP.resize_adapter(ad, [6, 5, 4, 3, 4])  # expand (heads to its full size, qkv to 3)
     assert ad.core.shape == (6, 5, 4, 3, 4)
     torch.testing.assert_close(ad.full_tensor().detach(), before, rtol=1e-4, atol=1e-5)
-    T.resize_adapter(ad, [3, 3, 3, 2, 3])  # back to the true multilinear rank: still exact
+    TP.resize_adapter(ad, [3, 3, 3, 2, 3])  # back to the true multilinear rank: still exact
     torch.testing.assert_close(ad.full_tensor().detach(), before, rtol=1e-4, atol=1e-5)
-    T.resize_adapter(ad, [2, 2, 2, 2, 2])  # lossy: HOSVD error, smaller than the update itself
+    TP.resize_adapter(ad, [2, 2, 2, 2, 2])  # lossy: HOSVD error, smaller than the update itself
     err = (ad.full_tensor().detach() - before).norm() / before.norm()
     assert 0 < err < 1
 
@@ -269,7 +332,7 @@ def test_allocate_then_train_in_model():
     with torch.no_grad():
         y = model(x)
     (ad,) = T.get_adapters(model)
-    T.allocate_ranks(ad, budget=ad.num_parameters() + 200)
+    TP.allocate_ranks(ad, budget=ad.num_parameters() + 200)
     with torch.no_grad():
         torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
     model(x).sum().backward()  # the new parameters are wired in
@@ -291,11 +354,11 @@ def test_errors():
         T.apply_tenslora(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     model = T.apply_tenslora(_vit(), decomposition="cp", ranks=2)
     with pytest.raises(ValueError, match="Tucker"):
-        T.allocate_ranks(T.get_adapters(model)[0], 10_000)
+        TP.allocate_ranks(T.get_adapters(model)[0], 10_000)
     with pytest.raises(ValueError, match="already"):
         T.apply_tenslora(model)
     with pytest.raises(ValueError, match="budget"):
-        T.allocate_ranks(_planted([4, 4, 4, 3, 4], [1, 1, 1, 1, 1]), 10)
+        TP.allocate_ranks(_planted([4, 4, 4, 3, 4], [1, 1, 1, 1, 1]), 10)
 
 
 def _finetune_bench():

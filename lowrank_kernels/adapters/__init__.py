@@ -1,8 +1,9 @@
 """Adapters: spectral (heavy-tailed) LoRA rank allocation and TensLoRA tensor adapters."""
 
-from . import spectral, tenslora
+from . import spectral, tenslora, tenslora_plus
 from .spectral import adaptive_lora_config, get_adaptive_lora_config, spectral_table
-from .tenslora import allocate_ranks, apply_tenslora, mode_metrics, param_groups
+from .tenslora import apply_tenslora
+from .tenslora_plus import allocate_ranks, mode_metrics, param_groups, resize_adapter
 
 __all__ = ["adaptive_lora_config", "allocate_ranks", "apply_tenslora", "get_adaptive_lora_config", "mode_metrics",
-           "param_groups", "spectral", "spectral_table", "tenslora"]
+           "param_groups", "resize_adapter", "spectral", "spectral_table", "tenslora", "tenslora_plus"]

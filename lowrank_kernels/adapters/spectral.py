@@ -195,7 +195,7 @@ def hill_alpha(lam: torch.Tensor, method: str = "ks", xmin_position: int = 2) ->
     step = max(1, _KS_CHUNK_ELEMS // max(1, b * n))
     for s in range(0, n - 1, step):
         ks[:, s:s + step] = _ks(lam, alphas, js[s:s + step].expand(b, -1))
-    ks = torch.where(alphas[:, : n - 1] > 1, ks, torch.ones_like(ks))  # the seed's rule: α ≤ 1 is no fit
+    ks = torch.where(alphas[:, : n - 1] > 1, ks, torch.ones_like(ks))  # Adaptive-Rank-LoRA code: α ≤ 1 is no fit
     best = ks.argmin(1, keepdim=True)
     return alphas.gather(1, best)[:, 0], ks.gather(1, best)[:, 0]
 

@@ -21,6 +21,9 @@ Because ``input`` is a mode, every update factors as ``ΔW[l, p] = B[l, p] A`` w
 shared by the tensor: the adapted Linear runs as one :func:`ops.lora_matmul` (base GEMM + adapter in
 one kernel on GPU). ``B`` for all (layer, projection) pairs of a tensor is contracted once per model
 forward and cached; the ``(in × out × ...)`` tensor itself is never materialised in the forward.
+
+TensLoRA+ (learning-rate groups, mode metrics, rank allocation) is in :mod:`.tenslora_plus`, which imports
+this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._modules import set_submodule
 from ..ops.lora_matmul import lora_matmul
 
-__all__ = ["METHODS", "TensLoRALinear", "TensorAdapter", "allocate_ranks", "apply_tenslora", "get_adapters",
-           "mode_metrics", "param_groups", "parse_ranks", "resize_adapter"]
+__all__ = ["METHODS", "TensLoRALinear", "TensorAdapter", "apply_tenslora", "get_adapters", "parse_ranks"]
 
 # method -> (modes, what indexes separate tensors)
 METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -231,29 +234,88 @@ class TensLoRALinear(nn.Module):
         return lora_matmul(x, w, a.to(w.dtype), b.to(w.dtype), self.scaling, bias)
 
 
+def _int_attr(objs, names) -> int | None:
+    """The first ``int`` attribute among ``names`` on the first object that has one."""
+    for obj in objs:
+        for a in names:
+            v = getattr(obj, a, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+    return None
+
+
+def _configs(model: nn.Module, mod: nn.Module) -> list:
+    """Where head counts may live: the attention module, its ``config`` and the model's (text) config.
+
+    transformers keeps ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` on the config; LLaMA-style
+    attention modules carry only ``head_dim`` and ``num_key_value_groups``."""
+    out = [mod]
+    for owner in (mod, model):
+        cfg = getattr(owner, "config", None)
+        if cfg is not None:
+            text = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else cfg
+            out += [c for c in (cfg, text) if c not in out]
+    return out
+
+
 def _attention_blocks(model: nn.Module) -> list[dict]:
-    """Attention modules in forward order: their projections (fused or separate), heads and head dim."""
+    """Attention modules in forward order: their projections (fused or separate) and, per projection
+    (``"q"``, ``"k"``, ``"v"``), its output size and head count (None when unknown), plus the head dim."""
     found = []
     for name, mod in model.named_modules():
-        heads = next((getattr(mod, a) for a in ("heads", "num_heads", "num_attention_heads")
-                      if isinstance(getattr(mod, a, None), int)), None)
         fused = getattr(mod, "qkv", None)
         if isinstance(fused, nn.Linear):
             dim = fused.out_features // 3
             projs = {p: (f"{name}.qkv", fused, i * dim) for i, p in enumerate("qkv")}
+            outs = dict.fromkeys("qkv", dim)
         else:
             trio = next((t for t in _PROJ_NAMES if all(isinstance(getattr(mod, n, None), nn.Linear) for n in t)), None)
             if trio is None:
                 continue
             projs = {p: (f"{name}.{n}", getattr(mod, n), 0) for p, n in zip("qkv", trio, strict=True)}
-            dim = projs["q"][1].out_features
-        hd = next((getattr(mod, a) for a in ("head_dim", "attention_head_size") if isinstance(getattr(mod, a, None),
-                                                                                               int)), None)
+            outs = {p: projs[p][1].out_features for p in "qkv"}
+        where = _configs(model, mod)
+        heads = _int_attr(where, ("heads", "num_heads", "num_attention_heads", "n_head"))
+        hd = _int_attr(where, ("head_dim", "attention_head_size"))
         if hd is None and heads:
-            hd = dim // heads
-        found.append(dict(name=name, projs=projs, dim=dim, heads=heads, head_dim=hd,
+            hd = outs["q"] // heads
+        kv_heads = _int_attr(where, ("num_key_value_heads", "num_kv_heads", "n_kv_heads"))
+        groups = _int_attr([mod], ("num_key_value_groups",))
+        if kv_heads is None and heads and groups:
+            kv_heads = heads // groups
+        if kv_heads is None and heads and hd and outs["k"] == outs["q"]:
+            kv_heads = heads
+        if kv_heads is None and hd and outs["k"] % hd == 0:
+            kv_heads = outs["k"] // hd
+        proj_heads = {"q": heads, "k": kv_heads, "v": kv_heads}
+        found.append(dict(name=name, projs=projs, out=outs, heads=proj_heads, head_dim=hd,
                           in_dim=projs["q"][1].in_features))
     return found
+
+
+def _check_blocks(blocks: list[dict], method: str, modes: tuple[str, ...], target: str) -> None:
+    """One tensor needs equal sizes: across layers, and across projections when ``qkv`` is a mode."""
+    b0 = blocks[0]
+    for b in blocks:
+        for p in target:
+            if (b["in_dim"], b["out"][p], b["heads"][p], b["head_dim"]) != (b0["in_dim"], b0["out"][p],
+                                                                           b0["heads"][p], b0["head_dim"]):
+                raise ValueError(f"attention {b['name']} differs in shape from {b0['name']}: one tensor needs equal "
+                                 "sizes")
+    if "heads" in modes:
+        for p in target:
+            h, hd = b0["heads"][p], b0["head_dim"]
+            if not h or not hd:
+                raise ValueError(f"method {method!r} needs the number of heads, not found on {b0['name']} or its "
+                                 "config (num_attention_heads / num_key_value_heads)")
+            if h * hd != b0["out"][p]:
+                raise ValueError(f"{b0['projs'][p][0]}: {b0['out'][p]} output rows are not {h} heads x head_dim {hd}")
+    if "qkv" in modes and len({b0["out"][p] for p in target}) > 1:
+        sizes = ", ".join(f"{p}: {b0['out'][p]} rows ({b0['heads'][p]} heads)" for p in target)
+        raise ValueError(
+            f"method {method!r} stacks the {target!r} projections into one tensor, but {b0['name']} has grouped-query "
+            f"attention with unequal sizes ({sizes}). Use a method without the qkv mode ('att', 'depth', "
+            "'att_depth': one tensor per projection) or a target whose projections have equal sizes (e.g. 'kv')")
 
 
 def apply_tenslora(model: nn.Module, method: str = "att_qkv_depth", ranks: int | str | Sequence[int] = 8,
@@ -271,7 +333,16 @@ def apply_tenslora(model: nn.Module, method: str = "att_qkv_depth", ranks: int |
             classification head yourself).
 
     Finds attention modules with a fused ``qkv`` Linear (rows ``[Q; K; V]``, timm / our ``TinyViT``) or
-    separate ``query/key/value`` / ``q_proj/k_proj/v_proj`` Linears (``transformers`` RoBERTa, ViT).
+    separate ``query/key/value`` / ``q_proj/k_proj/v_proj`` Linears (transformers BERT, RoBERTa, ViT, LLaMA).
+    Head counts are read from the attention module or, as transformers keeps them, from ``model.config``
+    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``).
+
+    Grouped-query attention (``num_key_value_heads < num_attention_heads``: K and V have fewer rows than Q) is
+    supported by the methods that give each projection its own tensor (``att``, ``depth``, ``att_depth``; each
+    tensor then has its projection's head count) and by any method whose ``target`` projections have equal
+    sizes (e.g. ``target="kv"``). A method with the ``qkv`` mode over projections of unequal sizes has no
+    well-defined tensor and is refused with ``ValueError`` here, before the model is changed.
+
     The adapters are stored in ``model.tenslora_adapters``; a forward pre-hook on ``model`` drops
     their cached contractions so each forward contracts each tensor exactly once.
     """
@@ -285,16 +356,14 @@ def apply_tenslora(model: nn.Module, method: str = "att_qkv_depth", ranks: int |
     blocks = _attention_blocks(model)
     if not blocks:
         raise ValueError("no attention module with fused qkv or separate query/key/value Linears found")
+    _check_blocks(blocks, method, modes, target)
     b0 = blocks[0]
-    for b in blocks:
-        if (b["in_dim"], b["dim"], b["heads"], b["head_dim"]) != (b0["in_dim"], b0["dim"], b0["heads"],
-                                                                 b0["head_dim"]):
-            raise ValueError(f"attention {b['name']} differs in shape from {b0['name']}: one tensor needs equal sizes")
-    if "heads" in modes and not b0["heads"]:
-        raise ValueError(f"method {method!r} needs the number of heads, not found on {b0['name']}")
-    size = {"input": b0["in_dim"], "output": b0["dim"], "heads": b0["heads"], "head_dim": b0["head_dim"],
-            "qkv": len(target), "layers": len(blocks)}
-    dims = [size[m] for m in modes]
+
+    def dims_of(p: str) -> list[int]:
+        size = {"input": b0["in_dim"], "output": b0["out"][p], "heads": b0["heads"][p], "head_dim": b0["head_dim"],
+                "qkv": len(target), "layers": len(blocks)}
+        return [size[m] for m in modes]
+
     r = parse_ranks(ranks, len(modes), decomposition)
     if freeze_base:
         for p in model.parameters():
@@ -306,15 +375,14 @@ def apply_tenslora(model: nn.Module, method: str = "att_qkv_depth", ranks: int |
         for pi, p in enumerate(target):
             key = tuple({"layer": li, "proj": pi}[k] for k in per)
             if key not in adapters:
-                adapters[key] = TensorAdapter(modes, dims, r, decomposition, init).to(b["projs"][p][1].weight.device)
+                adapters[key] = TensorAdapter(modes, dims_of(p), r, decomposition, init).to(
+                    b["projs"][p][1].weight.device)
             lname, lin, start = b["projs"][p]
             slots.setdefault(lname, []).append((start, adapters[key], li if "layers" in modes else 0,
                                                 pi if "qkv" in modes else 0))
             linears[lname] = lin
     for lname, sl in slots.items():
-        parent_name, _, child = lname.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, TensLoRALinear(linears[lname], sl, scaling))
+        set_submodule(model, lname, TensLoRALinear(linears[lname], sl, scaling))
     model.tenslora_adapters = nn.ModuleList(adapters.values())
     model.tenslora_method = method
 
@@ -330,8 +398,3 @@ def get_adapters(model: nn.Module) -> list[TensorAdapter]:
     if not hasattr(model, "tenslora_adapters"):
         raise ValueError("model has no TensLoRA adapters (call apply_tenslora first)")
     return list(model.tenslora_adapters)
-
-
-# TensLoRA+ (learning-rate groups, mode metrics, rank allocation) lives in its own file; re-exported here so
-# ``tenslora.param_groups`` etc. keep working. Imported last: it imports the classes above.
-from .tenslora_plus import allocate_ranks, mode_metrics, param_groups, resize_adapter  # noqa: E402

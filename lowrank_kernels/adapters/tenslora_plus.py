@@ -1,7 +1,8 @@
 """TensLoRA+: heterogeneous learning rates and rank allocation for :mod:`.tenslora` adapters.
 
-``param_groups`` gives the Tucker core and each factor mode its own learning rate (LoRA+'s idea applied
-to the core, seed 002); ``mode_metrics`` measures each mode unfolding of the core (SVD entropy, top-1
+This module imports :mod:`.tenslora`, which never imports it back. ``param_groups`` gives the Tucker core
+and each factor mode its own learning rate (LoRA+'s idea applied to the core, as the TensLoRA+ extension of
+TensLoRA (Marmoret et al.) proposes); ``mode_metrics`` measures each mode unfolding of the core (SVD entropy, top-1
 energy) and ``allocate_ranks`` / ``resize_adapter`` move a parameter budget between modes while keeping
 the adapter's current update (HOSVD truncate / expand).
 """
