@@ -1,11 +1,15 @@
 """Benchmark one ``RankController`` decision over every low-rank layer of a transformer.
 
-Providers: ``ours`` (``RankController``: exact stable ranks of all layers from their ``r x r`` cores in one
-batched call, in-place factored resize + AdamW state remap) and ``seed`` (the seed's approach: per layer form
-``W = U V``, ``||W||_F^2`` and ``SEED_POWER_ITERS`` power iterations on ``W`` for sigma_max; on resize a full SVD
-of ``W`` with a sqrt split, random columns when growing, and a new AdamW). Mode ``step``; ``x`` is how many
-layers the decision resizes: 0 (estimate + decide only, the common case) or all of them (worst case; the
-resize alternates shrink r -> r - 4 and grow back, so the time mixes both).
+Providers: ``ours`` (``RankController.step``: exact stable ranks of all layers from their ``r x r`` cores, a
+fixed number of batched ops per shape group and one host read, in-place factored resize + AdamW state remap)
+and ``seed`` (the per-layer reference, the adaptive low-rank training code's approach: per layer form
+``W = U V``, ``||W||_F^2`` and ``SEED_POWER_ITERS`` power iterations on ``W`` for sigma_max, one host read per
+layer; on resize a full SVD of ``W`` with a sqrt split, random columns when growing, and a new AdamW). Mode
+``step``; ``x`` is how many layers the decision resizes: 0 (a decision that keeps every rank, the common case)
+or all of them (worst case; the resize alternates shrink r -> r - 4 and grow back, so the time mixes both).
+
+Metrics: ``time`` (ms) and, counted on any device by ``lowrank_kernels.testing.count_gpu_cost`` (one call),
+``launches`` and ``syncs``.
 
 Full: 12 layers at d=768 with LowRankLinear ``qkv`` (768 -> 2304), ``proj`` (768 -> 768), ``fc1`` (768 -> 3072),
 ``fc2`` (3072 -> 768) at rank 64 (48 layers), fp32, on CUDA when present else on the CPU. Quick: 2 layers at
@@ -17,12 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.common import make_row, resolve_device, time_fn
+from bench.common import cost_rows, make_row, resolve_device, time_fn
 from lowrank_kernels.nn import LowRankLinear
 from lowrank_kernels.rank import RankController
 
 KERNEL = "rank_controller"
-SEED_POWER_ITERS = 5  # the seed's default ``power_iters``
+SEED_POWER_ITERS = 5  # the adaptive low-rank training code's default ``power_iters``
 
 
 def make_layers(depth: int, dim: int, rank: int, dev: torch.device) -> nn.ModuleDict:
@@ -45,7 +49,8 @@ def _with_adam_state(layers: nn.Module) -> torch.optim.AdamW:
 
 
 def seed_stable_rank(U: torch.Tensor, V: torch.Tensor, iters: int = SEED_POWER_ITERS) -> float:
-    """The seed's estimate: form ``W``, Frobenius norm, power iteration from a random vector (one host sync)."""
+    """The per-layer reference estimate: form ``W``, Frobenius norm, power iteration from a random vector (one
+    host sync)."""
     W = U @ V
     v = torch.randn(W.shape[1], device=W.device, dtype=W.dtype)
     v = v / v.norm()
@@ -60,7 +65,8 @@ def seed_stable_rank(U: torch.Tensor, V: torch.Tensor, iters: int = SEED_POWER_I
 
 
 def seed_resize(layer: LowRankLinear, new_rank: int) -> None:
-    """The seed's resize: full SVD of ``W`` (shrink) or random columns (grow); new Parameter objects."""
+    """The per-layer reference resize: full SVD of ``W`` (shrink) or random columns (grow); new Parameter
+    objects."""
     with torch.no_grad():
         U, V = layer.U.detach(), layer.V.detach()
         if new_rank < U.shape[1]:
@@ -84,29 +90,30 @@ def _seed_fn(layers: nn.ModuleDict, rank: int, resize: bool):
             toggle[0] = rank - 4 if toggle[0] == rank else rank
             for m in layers.values():
                 seed_resize(m, toggle[0])
-            torch.optim.AdamW(layers.parameters(), lr=1e-3)  # the seed rebuilds the optimizer: moments lost
+            torch.optim.AdamW(layers.parameters(), lr=1e-3)  # the reference rebuilds the optimizer: moments lost
         return srs
 
     return step
 
 
 def _ours_fn(layers: nn.ModuleDict, rank: int, resize: bool):
-    ctrl = RankController(layers, _with_adam_state(layers), min_rank=1, interval=1)
+    # A hysteresis band no EMA leaves: every step() takes a full decision and keeps every rank.
+    ctrl = RankController(layers, _with_adam_state(layers), min_rank=1, interval=1, grow_threshold=1e9,
+                          shrink_threshold=0.999)
     toggle = [rank]
 
     def step():
-        sr = ctrl.estimate()
-        decisions = ctrl.decide(sr)
         if not resize:
-            return decisions  # the decision only (not applied, so every call sees the same ranks)
+            return ctrl.step()
         toggle[0] = rank - 4 if toggle[0] == rank else rank
-        return ctrl.apply({name: toggle[0] for name in ctrl.layers}, sr)
+        return ctrl.apply({name: toggle[0] for name in ctrl.layers})  # estimate (for the events) + resize
 
     return step
 
 
 def run(quick: bool = True, device: str | None = None) -> list[dict]:
-    """Rows for ``ours`` and ``seed`` at 0 and all layers resized (see the module docstring)."""
+    """Time, launch and sync rows for ``ours`` and ``seed`` at 0 and all layers resized (see the module
+    docstring)."""
     dev = resolve_device(device)
     depth, dim, rank = (2, 64, 8) if quick else (12, 768, 64)
     config = {"depth": depth, "dim": dim, "rank": rank, "dtype": "float32"}
@@ -120,8 +127,9 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
             # the full seed resize costs seconds per call on a CPU: a few calls are enough
             warmup, rep = (5, 20) if quick else (1, 1) if dev.type == "cpu" else (50, 500)
             p50, p20, p80 = time_fn(fn, dev, warmup=warmup, rep=rep)
-            rows.append(make_row(KERNEL, provider, "step", "time", "ms", "resized_layers",
-                                 n_layers if resize else 0, p50, p20, p80, config))
+            x = n_layers if resize else 0
+            rows.append(make_row(KERNEL, provider, "step", "time", "ms", "resized_layers", x, p50, p20, p80, config))
+            rows += cost_rows(KERNEL, provider, "step", fn, "resized_layers", x, config)
     return rows
 
 
