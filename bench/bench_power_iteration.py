@@ -6,8 +6,9 @@ power iteration ``spectral_norm_ref``, same iterations, no host syncs) and ``mat
 launcher is also timed with each variant forced (``config`` ``variant=fused`` / ``variant=split``) to
 check its automatic choice. Mode ``forward``; ``x`` is ``iters`` (1 = the per-step cost with a warm
 :class:`PowerIterationState`).
-Metrics: ``time`` (ms), ``bandwidth`` / ``hbm_pct`` (weights read once per iteration) and ``rel_err``
-(max over matrices of ``|sigma - sigma_exact| / sigma_exact`` from a cold start with that many iterations).
+Metrics: ``time`` (ms), ``bandwidth`` / ``hbm_pct`` (weights read once per iteration), ``rel_err``
+(max over matrices of ``|sigma - sigma_exact| / sigma_exact`` from a cold start with that many iterations),
+and ``launches`` / ``syncs`` of one call (``lowrank_kernels.testing.count_gpu_cost``, on any device).
 
 Full (GPU): the 72 Linear weights of a 12-layer d=768 transformer (per layer qkv 2304x768, proj 768x768,
 fc1 3072x768, fc2 768x3072), fp32 and bf16. The weights are Gaussian (``1/sqrt(in)``) plus a rank-2 spike,
@@ -23,7 +24,7 @@ from unittest import mock
 
 import torch
 
-from bench.common import bandwidth_rows, make_row, resolve_device, time_fn
+from bench.common import bandwidth_rows, cost_rows, make_row, resolve_device, time_fn
 from lowrank_kernels import backend
 from lowrank_kernels.ops import PowerIterationState, spectral_norm, spectral_norm_ref
 from lowrank_kernels.ops.power_iteration import initial_vectors
@@ -107,6 +108,7 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
                     p50, p20, p80 = cached
                     rows.append(make_row(KERNEL, provider, "forward", "time", "ms", "iters", iters, p50, p20, p80,
                                          config))
+                    rows += cost_rows(KERNEL, provider, "forward", fn, "iters", iters, config)
                     if provider == "matrix_norm" or variant != "auto":
                         sigma = fn() if provider == "matrix_norm" else _cold(mats, iters, variant)
                     else:
