@@ -184,8 +184,10 @@ def test_bad_input(triton_backend, changes, exc, match):
         ops.lora_matmul(**_bad(**changes))
 
 
-def test_1d_input_and_broadcast_grad(triton_backend, device):
+@pytest.mark.parametrize("backend_fixture", ["auto_backend", "triton_backend"])
+def test_1d_input_and_broadcast_grad(backend_fixture, request, device):
     """x of shape (in,), and y.sum().backward() whose dy is an expanded (stride-0) tensor."""
+    request.getfixturevalue(backend_fixture)
     x, W, A, B, b = _inputs((), 50, 30, 4, torch.float32, device, w_grad=True)
     y = ops.lora_matmul(x, W, A, B, 1.5, b)
     assert y.shape == (30,)
