@@ -262,19 +262,24 @@ def test_warm_start_tracks_a_drifting_decaying_spectrum():
 
 def test_warm_start_on_a_flat_spectrum_is_closer_to_exact_than_cold_rebuilds():
     """Randomly initialised weights have flat spectra, where a cold randomized SVD is poor (n_iter=2: sigma_{r+1}
-    several % low). The warm start (exact first rebuild, then one product per rebuild) stays within 1% of the
-    exact sigmas while AdamW-sized steps move the weight, and beats the cold rebuilds by a wide margin."""
+    several % low). Unchecked (rebuild_tol=None), the warm start (exact first rebuild, then one product per rebuild)
+    stays within 1% of the exact sigmas while AdamW-sized steps move the weight, and beats the cold rebuilds by a
+    wide margin; with the check (the default) the cold rebuilds fail it and are refined to the same accuracy."""
     torch.manual_seed(0)
     lin = nn.Linear(192, 192)
-    warm = Q3R({lin: None}, target_rank=38, lmbda=0.1, steps=1, epsilon_schedule="exploration")
-    cold = Q3R({lin: None}, target_rank=38, lmbda=0.1, steps=1, warm_start=False, epsilon_schedule="exploration")
+    kw = dict(target_rank=38, lmbda=0.1, steps=1, epsilon_schedule="exploration")
+    qs = {"warm": Q3R({lin: None}, rebuild_tol=None, **kw), "cold": Q3R({lin: None}, warm_start=False,
+                                                                         rebuild_tol=None, **kw),
+          "cold+check": Q3R({lin: None}, warm_start=False, **kw)}
     g = torch.Generator().manual_seed(1)
-    worst = {"warm": 0.0, "cold": 0.0}
+    worst = dict.fromkeys(qs, 0.0)
+    refined = 0
     for _ in range(6):
-        warm.update()
-        cold.update()
+        for q in qs.values():
+            q.update()
+        refined += qs["cold+check"].last_rebuild["refined"]
         exact = torch.linalg.svdvals(lin.weight.detach())
-        for name, q in (("warm", warm), ("cold", cold)):
+        for name, q in qs.items():
             err = float(((q.ops[0].S[:38] - exact[:38]) / exact[:38]).abs().max())
             eps_err = abs(q.ops[0].eps - float(exact[38])) / float(exact[38])
             worst[name] = max(worst[name], err, eps_err)
@@ -282,6 +287,7 @@ def test_warm_start_on_a_flat_spectrum_is_closer_to_exact_than_cold_rebuilds():
             lin.weight.add_(5e-3 * torch.randn(192, 192, generator=g).sign() / 5 ** 0.5)
     assert worst["warm"] < 1e-2, worst
     assert worst["cold"] > 5 * worst["warm"], worst
+    assert worst["cold+check"] < 1e-2 and refined >= 1, (worst, refined)
 
 
 def test_state_dict_carries_the_warm_start_basis():
@@ -344,7 +350,7 @@ def test_batched_rebuild_matches_one_operator_at_a_time(monkeypatch, warm_start)
     monkeypatch.setattr(q3r_mod, "_sketched_svd", lambda X, *a: calls.append(X.shape[0]) or original(X, *a))
 
     def run():
-        q = Q3R(tm, target_rank=0.2, lmbda=0.1, steps=1, warm_start=warm_start)
+        q = Q3R(tm, target_rank=0.2, lmbda=0.1, steps=1, warm_start=warm_start, rebuild_tol=None)  # no refinement
         q.update()
         if warm_start:
             assert calls == [], "the first warm_start rebuild is the exact SVD"

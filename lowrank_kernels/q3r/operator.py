@@ -86,6 +86,19 @@ def _factors(X: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor, d: torch.Tensor
     return torch.cat([U, Q * d[..., None, :]], dim=-1), torch.cat([Pt, Vh], dim=-2)
 
 
+def _ritz_residuals(X: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    """``||X v_i - s_i u_i||`` per triplet, ``(b, k)``, of the stack ``X (b, m, n)`` and its approximate
+    triplets ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)``: one batched product.
+
+    For a Rayleigh-Ritz result from a left basis ``Q`` (what :func:`ops.truncated_svd` returns) the other
+    residual, ``||X^T u_i - s_i v_i||``, is zero up to roundoff (``X^T u_i = B^T w_i = s_i v_i`` with
+    ``B = Q^T X``), so this one carries all the information: some singular value of ``X`` lies within
+    ``||X v_i - s_i u_i|| / sqrt(2)`` of ``s_i``, and the error of ``s_i`` shrinks like the residual's square
+    where the spectrum has a gap.
+    """
+    return torch.linalg.vector_norm(torch.bmm(X, Vh.transpose(1, 2)) - U * S[:, None, :], dim=1)
+
+
 def _seeded_sketch(seeds: Sequence[int], n: int, width: int, dtype: torch.dtype, device: torch.device,
                    cache: dict | None = None, cache_elements: int = 0) -> torch.Tensor:
     """``(b, n, width)`` Gaussian blocks, block ``j`` drawn with ``seeds[j]`` (its own generator): a matrix's

@@ -45,6 +45,8 @@ from .._checks import finite_flags
 from .._modules import fused_slices, matches_target
 from ..ops.pad_slices import normalize_slices
 from .config import SCHEDULES, Q3RConfig
+from ..ops.truncated_svd import svd_path
+from .operator import _ritz_residuals
 from .operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, resolve_rank
 
 __all__ = ["EPS_START", "Q3R", "extract_linear", "resolve_rank"]
@@ -62,6 +64,11 @@ _SKETCH_CACHE_ELEMENTS = 1 << 22
 _EXACT_COLD_DIM = 1024
 # A kept sigma must exceed eps by more than this many units of roundoff of sigma_1.
 _KEEP_ULPS = 16
+# A rebuild's Ritz residual ||X v_i - s_i u_i|| may exceed rebuild_tol * s_i by this many units of roundoff of
+# sigma_1 (the residual of an exact triplet is roundoff, not zero).
+_RESIDUAL_ULPS = 64
+# Rounds of subspace iterations for the operators whose rebuild failed the check, before the exact SVD.
+_REFINE_ROUNDS = 1
 # Device types whose per-step factors are computed for same-shape operators together (batched products: a
 # few kernels instead of ~8 per operator). Not the CPU: there the stack copy and bmm cost more than they
 # save (ViT-Tiny's 72 operators, 2 cores: 16.7-18.4 ms batched vs 14.2-14.8 ms one by one).
@@ -120,6 +127,49 @@ def _chunks(items: list, elements: int) -> list[list]:
     """``items`` in runs whose stacked weights (``elements`` each) stay within ``_BATCH_ELEMENTS``."""
     per = max(1, _BATCH_ELEMENTS // max(1, elements))
     return [items[c:c + per] for c in range(0, len(items), per)]
+
+
+class _Run:
+    """One batched SVD of a rebuild: ``items`` ``[(index, op, X, k), ...]``, their stacked weights ``Xs (b, m, n)``,
+    the triplets ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)``, the Ritz residual norms ``res (b, k)`` (None when
+    not checked), and, once :func:`_read_back` ran, host copies ``host_s`` and ``host_res`` (lists per matrix)."""
+
+    def __init__(self, items, Xs, k, U, S, Vh, res):
+        self.items, self.Xs, self.k, self.U, self.S, self.Vh, self.res = items, Xs, k, U, S, Vh, res
+        self.host_s: list | None = None
+        self.host_res: list | None = None
+
+    def replace(self, j: int, other: _Run, jj: int) -> None:
+        """Matrix ``j``'s triplets (device and host) <- matrix ``jj`` of ``other`` (same shape and ``k``)."""
+        self.U[j], self.S[j], self.Vh[j] = other.U[jj], other.S[jj], other.Vh[jj]
+        self.host_s[j] = other.host_s[jj]
+        if self.host_res is not None:
+            self.host_res[j] = None if other.host_res is None else other.host_res[jj]
+
+
+def _read_back(runs: list[_Run]) -> None:
+    """Host copies of every run's ``S`` and ``res``: one read per device for all of them."""
+    by_device: dict = {}
+    for run in runs:
+        by_device.setdefault(run.S.device, []).append(run)
+    for group in by_device.values():
+        flat = torch.cat([t.to(torch.float64).flatten() for run in group for t in (run.S, run.res) if t is not None])
+        values, pos = flat.tolist(), 0  # the one host sync
+        for run in group:
+            b, k = run.S.shape
+            rows = [values[pos + j * k:pos + (j + 1) * k] for j in range(b)]
+            run.host_s, pos = rows, pos + b * k
+            if run.res is not None:
+                run.host_res, pos = [values[pos + j * k:pos + (j + 1) * k] for j in range(b)], pos + b * k
+
+
+def _by_shape(pairs: list[tuple[_Run, int]]) -> dict[tuple, list[tuple[_Run, int]]]:
+    """``(run, j)`` pairs grouped by ``(m, n, k, dtype, device)`` of matrix ``j`` of ``run`` (for batched calls)."""
+    out: dict[tuple, list] = {}
+    for run, j in pairs:
+        _, m, n = run.Xs.shape
+        out.setdefault((m, n, run.k, run.Xs.dtype, run.Xs.device), []).append((run, j))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ Q3R
@@ -274,12 +324,81 @@ class Q3R:
         for item in work:
             i, op, X, k = item
             groups.setdefault((op.m, op.n, k, X.dtype, X.device, self._svd_mode(op)), []).append(item)
+        # every SVD first, then one host read of all their sigma and Ritz residuals
+        runs = []
         for (m, n, k, _, _, mode), members in groups.items():
             for chunk in _chunks(members, m * n):  # the stack is a copy of the weights
-                U, S, Vh = self._svd(torch.stack([X for _, _, X, _ in chunk]), k, [i for i, *_ in chunk], mode,
-                                     [op.basis for _, op, _, _ in chunk])
-                for j, ((i, op, X, _), host_s) in enumerate(zip(chunk, S.tolist(), strict=True)):  # one sync
-                    self._settle(i, op, X, k, U[j], S[j], Vh[j], host_s)
+                Xs = torch.stack([X for _, _, X, _ in chunk])
+                U, S, Vh = self._svd(Xs, k, [i for i, *_ in chunk], mode, [op.basis for _, op, _, _ in chunk])
+                res = _ritz_residuals(Xs, U, S, Vh) if self._checked(mode, m, n, k) else None
+                runs.append(_Run(chunk, Xs, k, U, S, Vh, res))
+        _read_back(runs)
+        self.last_rebuild = {"operators": len(work), "checked": sum(len(r.items) for r in runs if r.res is not None),
+                             "refined": 0, "exact": 0, "failed": 0}
+        self._refine(runs)
+        for run in runs:
+            for j, (i, op, X, _) in enumerate(run.items):
+                self._settle(i, op, X, run.k, run.U[j], run.S[j], run.Vh[j], run.host_s[j])
+
+    def _checked(self, mode: str, m: int, n: int, k: int) -> bool:
+        """Whether a rebuild's triplets get the a-posteriori check: randomized ones (warm or cold), not exact SVDs."""
+        return (self.rebuild_tol is not None and mode != "exact"
+                and svd_path((m, n), k, self.oversample) == "randomized")
+
+    def _failing(self, op: _Operator, host_s: list[float], host_res: list[float]) -> bool:
+        """Whether a Ritz residual of a triplet that will be kept, or that sets eps (``sigma_{r+1}``), exceeds
+        ``rebuild_tol * sigma_i`` (plus roundoff of ``sigma_1``)."""
+        eps, _ = self._next_eps(op, host_s[op.rank])
+        cut = eps + _KEEP_ULPS * torch.finfo(op.cdtype).eps * host_s[0]
+        count = max(op.rank + 1, sum(1 for v in host_s if v > cut))
+        slack = _RESIDUAL_ULPS * torch.finfo(op.cdtype).eps * host_s[0]
+        return any(r > self.rebuild_tol * s + slack for s, r in zip(host_s[:count], host_res[:count], strict=True))
+
+    def _refine(self, runs: list[_Run]) -> None:
+        """Refine the operators whose rebuild failed the check (:meth:`_failing`), batched per shape.
+
+        Up to ``_REFINE_ROUNDS`` rounds of ``max(1, n_iter)`` subspace iterations started from the failed
+        rebuild's own right vectors (one host read per round, to learn which still fail), then the exact SVD of
+        those left with ``min(m, n) <= 1024``; beyond that size one still failing is kept as it is, with a
+        ``RuntimeWarning``. The results replace the failed ones in ``runs`` in place."""
+        failed = [(run, j) for run in runs if run.res is not None
+                  for j, (_, op, _, _) in enumerate(run.items) if self._failing(op, run.host_s[j], run.host_res[j])]
+        self.last_rebuild["refined"] = len(failed)
+        for _ in range(_REFINE_ROUNDS):
+            if not failed:
+                return
+            redo = []
+            for (m, n, k, *_), members in _by_shape(failed).items():
+                for part in _chunks(members, m * n):
+                    Xs = torch.stack([run.Xs[j] for run, j in part])
+                    U, S, Vh = _sketched_svd(Xs, k, [self._seed(run.items[j][0]) for run, j in part], self.oversample,
+                                             max(1, self.n_iter), self._sketches, _SKETCH_CACHE_ELEMENTS,
+                                             [run.Vh[j] for run, j in part])
+                    redo.append((part, _Run(None, Xs, k, U, S, Vh, _ritz_residuals(Xs, U, S, Vh))))
+            _read_back([r for _, r in redo])
+            failed = []
+            for part, new in redo:
+                for jj, (run, j) in enumerate(part):
+                    run.replace(j, new, jj)
+                    if self._failing(run.items[j][1], new.host_s[jj], new.host_res[jj]):
+                        failed.append((run, j))
+        exact = [(run, j) for run, j in failed if min(run.items[j][1].m, run.items[j][1].n) <= _EXACT_COLD_DIM]
+        late = [run.items[j][1].name for run, j in failed if min(run.items[j][1].m, run.items[j][1].n) > _EXACT_COLD_DIM]
+        self.last_rebuild["exact"], self.last_rebuild["failed"] = len(exact), len(late)
+        if late:
+            warnings.warn(f"Q3R: the rebuilt triplets of {late} still have Ritz residuals above rebuild_tol="
+                          f"{self.rebuild_tol} after {_REFINE_ROUNDS} refinements; kept as they are", RuntimeWarning,
+                          stacklevel=4)
+        redo = []
+        for (m, n, k, *_), members in _by_shape(exact).items():
+            for part in _chunks(members, m * n):
+                Xs = torch.stack([run.Xs[j] for run, j in part])
+                U, S, Vh = self._svd(Xs, k, [], "exact", [])
+                redo.append((part, _Run(None, Xs, k, U, S, Vh, None)))
+        _read_back([r for _, r in redo])
+        for part, new in redo:
+            for jj, (run, j) in enumerate(part):
+                run.replace(j, new, jj)
 
     def _svd_mode(self, op: _Operator, warm: bool = True) -> str:
         """How ``op``'s next SVD is taken (see :meth:`_svd`); ``warm=False``: a cold one (widening)."""
@@ -300,7 +419,7 @@ class Q3R:
 
     def _settle(self, i: int, op: _Operator, X: torch.Tensor, k: int, U, S, Vh, host_s: list[float]) -> None:
         """Move eps by the schedule, widen the SVD while its last sigma is still above eps, keep the rest."""
-        op.eps = self._next_eps(op, host_s[op.rank])
+        op.eps, op.eps0 = self._next_eps(op, host_s[op.rank])
         # a sigma within rounding of eps is not above it: re-estimating the same sigma_{r+1} one ulp higher (warm
         # rebuilds of an unchanged weight did) must not keep one more triplet (whose d would be ~0 anyway)
         cut = op.eps + _KEEP_ULPS * torch.finfo(op.cdtype).eps * host_s[0]
@@ -314,19 +433,22 @@ class Q3R:
         op.basis = Vh if self.warm_start else None
         op.set_triplets(U[:, :keep], S[:keep], Vh[:keep])
 
-    def _next_eps(self, op: _Operator, sigma: float) -> float:
+    def _next_eps(self, op: _Operator, sigma: float) -> tuple[float, float | None]:
+        """``(eps, eps0)`` of ``op``'s rebuild whose ``sigma_{r+1}`` is ``sigma``: the schedule's new eps and its
+        anchor (set at the first rebuild); nothing is stored here."""
+        eps0 = op.eps0
         if self.schedule == "default":
-            return min(op.eps, sigma)
+            return min(op.eps, sigma), eps0
         if self.schedule == "exploration":
-            return sigma
+            return sigma, eps0
         if self.schedule == "constant":
-            if op.eps0 is None:
-                op.eps0 = float(self.epsilon) if self.epsilon is not None else sigma
-            return op.eps0
-        if op.eps0 is None:
-            op.eps0 = max(sigma, 1e-30)
+            if eps0 is None:
+                eps0 = float(self.epsilon) if self.epsilon is not None else sigma
+            return eps0, eps0
+        if eps0 is None:
+            eps0 = max(sigma, 1e-30)
         frac = min((self.t - self.t0) / self.N, 1.0)
-        return op.eps0 * (self.eps_min / op.eps0) ** frac
+        return eps0 * (self.eps_min / eps0) ** frac, eps0
 
     def _share_states(self, me: int) -> None:
         """Owner -> everyone: sizes and eps first (fp64), then the triplets and the warm-start bases in one
