@@ -306,6 +306,81 @@ def test_non_finite_factor_names_the_layer(value, factor):
     assert ctrl.ranks == ranks
 
 
+def _trained_blocks(dtype):
+    torch.manual_seed(5)
+    layers = _blocks(2, dim=12, rank=6).to(dtype)
+    layers["b0_fc2"] = LowRankLinear(48, 12, 5, dtype=dtype)  # another rank: a group of its own (per-layer path)
+    opt = torch.optim.AdamW(layers.parameters(), lr=1e-2, amsgrad=True)
+    x = torch.randn(16, 12, dtype=dtype)
+    for _ in range(3):
+        loss = sum(m(x if m.in_features == 12 else torch.randn(16, m.in_features, dtype=dtype)).square().mean()
+                   for m in layers.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return layers, opt
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("new", [4, 9])
+def test_resize_many_equals_per_layer_resize(dtype, atol, new):
+    """Batched resizes (groups of one shape and rank change) give the per-layer result: the same factors and
+    maps when shrinking, the same kept part and an exact function when growing, the same optimizer moments;
+    Parameter objects kept, each with storage of its own."""
+    from lowrank_kernels.rank import resize_many, resize_with_state
+
+    layers, opt = _trained_blocks(dtype)
+    ref_layers, ref_opt = copy.deepcopy((layers, opt))
+    names = list(layers)
+    ids = [id(p) for p in layers.parameters()]
+    products = {n: _product(m) for n, m in layers.items()}
+    infos = resize_many([layers[n] for n in names], [new] * len(names), opt, "carry")
+    ref_infos = [resize_with_state(ref_layers[n], new, ref_opt, "carry") for n in names]
+    assert [id(p) for p in layers.parameters()] == ids
+    ptrs = [p.untyped_storage().data_ptr() for p in layers.parameters()]
+    assert len(set(ptrs)) == len(ptrs), "resized parameters must not share storage"
+    for n, info, ref in zip(names, infos, ref_infos, strict=True):
+        m, r = layers[n], ref_layers[n]
+        k = min(info.old_rank, new)
+        assert m.rank == new and m.U.dtype == dtype
+        assert_verbose_allclose(m.U[:, :k], r.U[:, :k], atol=atol, name=f"{n}.U")
+        assert_verbose_allclose(m.V[:k], r.V[:k], atol=atol, name=f"{n}.V")
+        for field in ("left", "right", "singular_values"):
+            assert_verbose_allclose(getattr(info, field), getattr(ref, field), atol=atol, name=f"{n}.{field}")
+        for p, q in ((m.U, r.U), (m.V, r.V)):
+            for key, value in opt.state[p].items():
+                want = ref_opt.state[q][key]
+                if value.dim() and new > info.old_rank and p is m.V:  # added rows: zero in both
+                    value, want = value[:k], want[:k]
+                assert_verbose_allclose(value, want, atol=atol, name=f"{n} {key}")
+        if new > info.old_rank:  # growing keeps U V; the added rows are orthogonal to the kept ones
+            assert_verbose_allclose(_product(m), products[n], atol=atol * 10, name=f"{n} U V after grow")
+            added = m.V.detach().double()[k:]
+            assert torch.linalg.matrix_norm(added @ m.V.detach().double()[:k].t()) < atol * 100
+
+
+def test_resize_gpu_cost_does_not_grow_with_layers():
+    """Resizing every layer (estimate + batched resize + batched moment remap): the launch count is set by
+    the number of shape groups, not of layers."""
+    from lowrank_kernels.testing import count_gpu_cost
+
+    costs = []
+    for depth in (3, 12):
+        torch.manual_seed(0)
+        layers = _blocks(depth)
+        opt = torch.optim.AdamW(layers.parameters(), lr=1e-3)
+        for p in layers.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        ctrl = RankController(layers, opt, min_rank=1)
+        with count_gpu_cost() as cost:
+            events = ctrl.apply({name: 6 for name in ctrl.layers})
+        assert len(events) == 4 * depth
+        costs.append(cost)
+    print([(c.launches, c.syncs) for c in costs])
+    assert costs[1].launches <= 1.05 * costs[0].launches and costs[1].syncs <= costs[0].syncs
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_controller_on_cuda(dtype, atol):

@@ -1,10 +1,10 @@
 """Adaptive rank: stable-rank estimation, RankController, resize with optimizer-state remap."""
 
 from .controller import RankController, ResizeEvent, rewrap_ddp, stable_ranks_of
-from .resize import remap_lowrank_state, reset_state, resize_with_state
+from .resize import remap_lowrank_state, reset_state, resize_many, resize_with_state
 
 __all__ = ["RankController", "RankControllerCallback", "ResizeEvent", "remap_lowrank_state", "reset_state",
-           "resize_with_state", "rewrap_ddp", "stable_ranks_of"]
+           "resize_many", "resize_with_state", "rewrap_ddp", "stable_ranks_of"]
 
 
 def __getattr__(name):

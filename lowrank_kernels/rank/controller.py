@@ -15,7 +15,8 @@ Cost of a decision (what a GPU sees): the stable ranks of all layers come from a
 ops per group of layers of one ``(out, in, dtype, device)`` (see :func:`lowrank_kernels.ops.stable_rank_factored`),
 not from ops per layer; the host reads them once (the one sync needed to learn which layers resize, plus the
 batched eigensolver's own error check) and takes the decision in Python, so a decision that resizes nothing
-costs the same at 12 and at 48 layers. Each resize is a per-layer ``LowRankLinear.resize``.
+costs the same at 12 and at 48 layers. Layers of one shape moving between the same two ranks are resized
+together (:func:`.resize.resize_many`: batched factorisations, one multi-tensor copy per group).
 
 Under ``torch.distributed`` the decision is taken on the group's first rank and broadcast, and the
 resized factors and their optimizer state are broadcast too (growing draws random directions; one flat
@@ -39,7 +40,7 @@ from torch import nn
 from .. import distributed, ops
 from .._checks import check_positive_int
 from ..nn.lowrank_linear import LowRankLinear
-from .resize import STATE_POLICIES, resize_with_state, unwrap_optimizer
+from .resize import STATE_POLICIES, resize_many, resize_with_state, unwrap_optimizer
 
 
 @dataclass
@@ -232,16 +233,13 @@ class RankController:
             stable_ranks = self._estimate_list()
         if not isinstance(stable_ranks, dict):
             stable_ranks = dict(zip(self.layers, _as_floats(stable_ranks), strict=True))
-        events = []
-        for name, new in new_ranks.items():
-            m = self.layers[name]
-            old = m.rank
-            new = int(new)
-            if new == old:
-                continue
-            resize_with_state(m, new, self.optimizer, self.state_policy)
-            events.append(ResizeEvent(name, old, new, float(stable_ranks.get(name, float("nan"))),
-                                      float(self.ema[name]), self.num_steps))
+        changes = [(name, self.layers[name].rank, int(new)) for name, new in new_ranks.items()
+                   if int(new) != self.layers[name].rank]
+        # layers of one shape and rank change are resized together (a fixed number of batched ops per group)
+        resize_many([self.layers[name] for name, _, _ in changes], [new for _, _, new in changes], self.optimizer,
+                    self.state_policy)
+        events = [ResizeEvent(name, old, new, float(stable_ranks.get(name, float("nan"))), float(self.ema[name]),
+                              self.num_steps) for name, old, new in changes]
         active = distributed.is_distributed(self.process_group)
         if active and events:
             self._broadcast_layers([e.layer for e in events])
