@@ -90,8 +90,51 @@ def test_bad_backend_value(monkeypatch):
 
 def test_describe_reports_extension():
     info = backend.describe()
-    assert set(info) >= {"requested", "triton", "ext", "cuda_ext", "ext_error", "cuda"}
+    assert set(info) >= {"requested", "triton", "ext", "cuda_ext", "ext_error", "cuda", "table_entries"}
+    assert info["table_entries"] == len(backend.TABLE)
     assert info["ext"] is True, info["ext_error"]
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"lora_matmul/cuda/bfloat16": "triton"}, "is not 'op/device/dtype/shape class'"),
+    ({"spectral_norm/cuda/bfloat16/large-r16": "triton"}, "is not 'op/device/dtype/shape class'"),
+    ({"lora_matmul/cuda/bfloat16/large-r16": "torch"}, "is not 'composed' or 'triton'"),
+])
+def test_table_entries_are_checked(table, match):
+    with pytest.raises(ValueError, match=match):
+        backend._check_table(table)
+    backend._check_table({"lora_matmul/cuda/bfloat16/large-r16": "triton"})
+
+
+@pytest.mark.parametrize("args, cls", [((8192, 4096, 4096, 16), "large-r16"), ((8192, 4096, 4096, 17), "large-r32"),
+                                       ((64, 96, 96, 1), "small-r16"), ((64, 96, 96, 256), "small-r256"),
+                                       ((64, 96, 96, 257), "small-rgt256")])
+def test_shape_class(args, cls):
+    assert backend.shape_class(*args) == cls
+
+
+def test_pick_forced_triton(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("LOWRANK_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.ones(2, 2)
+    assert backend.pick("lora_matmul", x, None) == "triton"
+    assert backend.pick("lora_matmul", x.double()) == "composed"  # the kernel has no fp64
+    assert backend.pick("lora_matmul", x.bfloat16()) == "torch"  # the interpreter's bf16 dot is wrong
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend.pick("lowrank_matmul", x)
+    assert backend.pick("lowrank_matmul", x.bfloat16()) == "torch"  # decided before the interpreter check
+
+
+@pytest.mark.gpu
+def test_pick_auto_on_cuda_follows_table(monkeypatch):
+    monkeypatch.delenv("LOWRANK_KERNELS_BACKEND", raising=False)
+    x = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(backend, "TABLE", {"lora_matmul/cuda/bfloat16/small-r16": "triton"})
+    assert backend.pick("lora_matmul", x, shape="small-r16") == "triton"
+    assert backend.pick("lora_matmul", x, shape="large-r16") == "composed"
+    assert backend.pick("lowrank_matmul", x, shape="small-r16") == "composed"
 
 
 @pytest.mark.gpu
