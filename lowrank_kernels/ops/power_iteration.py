@@ -25,7 +25,9 @@ shapes, and on a slowly changing matrix (a weight during training) one iteration
 ``sigma_max`` converged, as ``torch.nn.utils.parametrizations.spectral_norm`` does.
 
 For factored weights ``W = U V`` the factored variants get ``sigma_max`` exactly from an ``r x r`` core
-built from the Gram matrices ``U^T U`` and ``V V^T`` (never forming ``U V``).
+``R (V V^T) R^T`` with ``U = Q R`` (never forming ``U V``), batched per ``(out, in, dtype, device)`` group with
+ranks zero-padded, and one batched eigensolver over all pairs: a fixed number of ops per group, whatever
+the number of pairs (the rank controller's decision rests on this).
 """
 
 from __future__ import annotations
@@ -397,7 +399,8 @@ def _factored_stats(U, V) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
 
 
 def spectral_norm_factored(U, V) -> torch.Tensor:
-    """Exact ``sigma_max(U V)`` without forming ``U V``.
+    """Exact ``sigma_max(U V)`` without forming ``U V`` (see :func:`_factored_cores`; NaN for a pair with a NaN or
+    Inf factor; ``ValueError`` for an empty factor, ``r = 0`` included).
 
     Args:
         U: ``(out, r)``, ``(b, out, r)``, or a list of ``(out_i, r_i)``.

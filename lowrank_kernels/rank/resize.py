@@ -1,8 +1,9 @@
 """Optimizer-state remap for a resized :class:`~lowrank_kernels.nn.LowRankLinear`.
 
 When ``layer.resize(k)`` changes ``U (out, r) -> (out, k)`` and ``V (r, in) -> (k, in)`` in place, the
-optimizer's per-parameter state still has the old shapes. The seed rebuilt AdamW and lost every moment,
-which spikes the loss (Adam's first step from empty state moves each weight by about ``lr * sign(g)``).
+optimizer's per-parameter state still has the old shapes. The adaptive low-rank training code rebuilt AdamW
+and lost every moment, which spikes the loss (Adam's first step from empty state moves each weight by about
+``lr * sign(g)``).
 Here the state follows the change of basis described by the layer's :class:`~lowrank_kernels.nn.ResizeInfo`:
 
 * **first moments** (``exp_avg``, ``momentum_buffer``): averages of gradients, so they are mapped exactly as
