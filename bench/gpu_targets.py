@@ -36,7 +36,8 @@ from bench.common import DEFAULT_OUT, add_run_args, resolve_device, results_path
 
 LORA_RANKS = (16, 64)
 LORA_PROVIDERS = ("dense", "composed", "triton", "peft")
-SCRIPTS = ("bench_q3r", "bench_lora_matmul", "bench_rank_controller")
+# the quickest first, so a spent --budget costs the fewest targets
+SCRIPTS = ("bench_rank_controller", "bench_q3r", "bench_lora_matmul")
 
 
 @dataclass
