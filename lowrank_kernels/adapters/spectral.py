@@ -320,7 +320,8 @@ def spectral_analysis(model: nn.Module, *, fit_method: str = "ks", sigma_mp: str
         shapes.append(tuple(m.shape[1:]) if m.shape[0] == 1 else tuple(m.shape))
         mats.append(m)
     if not mats:
-        raise ValueError("no Linear (or Conv2d with include_conv=True) layer matched in the model")
+        raise ValueError(f"no Linear or Conv1D layer (or Conv2d with include_conv=True) of {type(model).__name__} "
+                         f"matched target_modules={target_modules!r}, exclude_modules={exclude_modules!r}")
     lams = eigenvalues(mats)
     rows: list[LayerSpectrum | None] = [None] * len(mats)
     # second batching level: identical (m, n, #eigs) share the Hill and MP calls
