@@ -227,6 +227,9 @@ def test_invalid_arguments():
         RankController(model, None).decide([1.0])
     with pytest.raises(ValueError, match="unknown layers"):
         RankController(model, None).apply({"1": 3})
+    with pytest.raises(ValueError, match=r"layer '2' \(16 -> 10\) cannot take rank 11"):
+        RankController(model, None).apply({"0": 3, "2": 11})
+    assert model[0].rank == 6  # checked before anything is resized
 
 
 def _blocks(depth, dim=32, rank=8, mixed=False):
@@ -495,6 +498,37 @@ def test_ddp_gloo_two_processes_identical():
         assert torch.equal(a, b)
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+def _ddp_nan_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = _mlp()
+    if rank == 0:  # only the deciding rank sees it: the others must not wait for a broadcast that never comes
+        with torch.no_grad():
+            model[2].V[0, 0] = float("nan")
+    ctrl = RankController(model, None, min_rank=2, interval=1)
+    try:
+        ctrl.step()
+        outcome = "no error"
+    except ValueError as exc:
+        outcome = f"ValueError: {exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w", encoding="utf-8") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+def test_ddp_non_finite_factor_raises_on_every_rank():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_ddp_nan_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")
+        outcomes = [open(os.path.join(out, f"rank{i}.txt"), encoding="utf-8").read() for i in range(2)]
+    for outcome in outcomes:
+        assert outcome.startswith("ValueError:") and "['2']" in outcome, outcome
 
 
 def _fsdp2_worker(rank, world, port, out_dir):

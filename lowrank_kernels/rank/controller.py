@@ -235,6 +235,11 @@ class RankController:
             stable_ranks = dict(zip(self.layers, _as_floats(stable_ranks), strict=True))
         changes = [(name, self.layers[name].rank, int(new)) for name, new in new_ranks.items()
                    if int(new) != self.layers[name].rank]
+        for name, _, new in changes:
+            m = self.layers[name]
+            if not 1 <= new <= min(m.in_features, m.out_features):
+                raise ValueError(f"layer {name!r} ({m.in_features} -> {m.out_features}) cannot take rank {new}: "
+                                 f"it must lie in [1, {min(m.in_features, m.out_features)}]")
         # layers of one shape and rank change are resized together (a fixed number of batched ops per group)
         resize_many([self.layers[name] for name, _, _ in changes], [new for _, _, new in changes], self.optimizer,
                     self.state_policy)
@@ -261,9 +266,15 @@ class RankController:
         # The group's first rank estimates and decides; the others take its floats as they are (exact).
         decision = None
         if distributed.rank(group) == 0:
-            sr = self._estimate_list()
-            decision = {"sr": sr, "decisions": self.decide(sr), "ema": dict(self.ema)}
+            try:
+                sr = self._estimate_list()
+            except ValueError as exc:  # every rank raises it, instead of the others waiting for a broadcast
+                decision = {"error": str(exc)}
+            else:
+                decision = {"sr": sr, "decisions": self.decide(sr), "ema": dict(self.ema)}
         decision = distributed.broadcast_object(decision, distributed.group_src(group), group)
+        if "error" in decision:
+            raise ValueError(decision["error"])
         self.ema = dict(decision["ema"])
         return self.apply(decision["decisions"], decision["sr"])
 
