@@ -331,7 +331,8 @@ from lowrank_kernels.kernels import power_iteration as K
 
 common = {"table_ptr": "*i64", "v_ptr": "*fp32", "z_ptr": "*fp32", "CONTIG_N": "constexpr",
           "ONE_BLOCK_N": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "VEC": "constexpr"}
-fused = {"w0_ptr": "*bf16", "inv_ptr": "*fp32", **common, "sigma_ptr": "*fp32", "fro_ptr": "*fp32", "iters": "i32", "tol": "fp32"}
+fused = {"w0_ptr": "*bf16", "inv_ptr": "*fp32", **common, "sigma_ptr": "*fp32", "fro_ptr": "*fp32", "iters": "i32",
+         "tol": "fp32"}
 partial = {"w0_ptr": "*fp32", "inv_ptr": "*fp32", **common, "work_ptr": "*i64", "fro_ptr": "*fp32", "done_ptr": "*i32",
            "FIRST": "constexpr"}
 norm = {"table_ptr": "*i64", "v_ptr": "*fp32", "z_ptr": "*fp32", "sigma_ptr": "*fp32", "s_prev_ptr": "*fp32",

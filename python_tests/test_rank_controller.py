@@ -531,6 +531,17 @@ def test_ddp_non_finite_factor_raises_on_every_rank():
         assert outcome.startswith("ValueError:") and "['2']" in outcome, outcome
 
 
+def test_distributed_helpers_are_single_process_noops():
+    from lowrank_kernels import distributed
+
+    t = torch.arange(4.0)
+    distributed.flat_broadcast([t], src=0)
+    assert torch.equal(t, torch.arange(4.0))
+    assert distributed.group_src() == 0 and distributed.rank() == 0 and not distributed.is_distributed()
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.dtensor_params(_mlp()) == []
+
+
 def _fsdp2_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
