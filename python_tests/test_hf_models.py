@@ -284,6 +284,15 @@ def test_fused_peft_model_saves_and_reloads_its_adapter(kind, targets, fan_in_fa
     torch.testing.assert_close(_out(fused2, x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_replace_linear_leaves_peft_layers_alone():
+    pm = _peft_lora(_llama(), ["q_proj", "v_proj"])
+    replace_linear(pm, 4)
+    attn = pm.base_model.model.model.layers[0].self_attn
+    assert isinstance(attn.k_proj, LowRankLinear) and isinstance(attn.o_proj, LowRankLinear)
+    assert type(attn.q_proj).__module__.startswith("peft") and isinstance(attn.q_proj.base_layer, nn.Linear)
+    assert isinstance(attn.q_proj.lora_A["default"], nn.Linear)
+
+
 def test_fused_gpt2_lora_gradients_match_peft():
     torch.manual_seed(0)
     pm = _peft_lora(_gpt2(), ["c_attn"], fan_in_fan_out=True)

@@ -66,7 +66,8 @@ def replace_linear(model: nn.Module, rank: int, target_modules: str | Iterable[s
     converted once and the new layer is set under every name (the sharing is kept).
 
     Returns:
-        the model. ``nn.Linear`` layers inside a :class:`LoRALinear` (its frozen base) are never touched.
+        the model. Layers inside a :class:`LoRALinear` (its frozen base) or a PEFT tuner layer (``base_layer``,
+        ``lora_A``, ``lora_B``) are never touched.
 
     Raises:
         ValueError: no layer matched ``target_modules``, a named layer is tied, or ``rank`` is too large
@@ -88,6 +89,8 @@ def replace_linear(model: nn.Module, rank: int, target_modules: str | Iterable[s
     for name, mod in model.named_modules(remove_duplicate=False):
         if not name or not is_linear_like(mod) or id(mod) in skip or not matches_target(name, targets):
             continue
+        if any(part.startswith("lora_") or part == "base_layer" for part in name.split(".")):
+            continue  # inside a PEFT tuner layer: its frozen base and its adapter are PEFT's
         if id(mod) in tied_ids:
             tied_hits.append(name)
             continue
