@@ -114,7 +114,10 @@ class _CostDispatch(TorchDispatchMode):
         self.cost, self.min_numel, self.state = cost, min_numel, state
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        triton_before = self.cost.triton_launches
         out = func(*args, **(kwargs or {}))
+        if self.cost.triton_launches != triton_before:
+            return out  # a custom op that launched Triton kernels: those launches are its cost, counted already
         if func in _SYNC_OPS:
             if self.state["host_read_depth"] == 0:
                 self.cost.syncs += 1
@@ -153,8 +156,14 @@ class _CostFunction(TorchFunctionMode):
 
 
 def _triton_run_methods() -> list:
-    """The ``run`` methods of Triton's launchable classes, where triton is already imported (never imports it)."""
-    if "triton" not in sys.modules:
+    """The classes whose ``run`` launches a Triton kernel (compiled or interpreted); empty without triton.
+
+    Imports triton when it is installed (a kernel module imported later would otherwise escape the count);
+    ``TRITON_INTERPRET`` is read at that import exactly as at any other first import."""
+    try:
+        import triton.runtime.interpreter  # noqa: F401
+        import triton.runtime.jit  # noqa: F401
+    except Exception:  # triton missing or unusable: nothing of it can launch
         return []
     found = []
     for mod_name, cls_name in (("triton.runtime.jit", "JITFunction"),

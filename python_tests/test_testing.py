@@ -88,5 +88,5 @@ def test_triton_launches_are_counted(triton_backend):
     x, U, V = torch.randn(16, 8), torch.randn(8, 4), torch.randn(4, 8)
     with count_gpu_cost() as cost:
         ops.lowrank_matmul(x, U, V)
-    assert cost.triton_launches >= 1
-    assert cost.launches >= cost.triton_launches
+    # the kernel is the whole cost of a forward call: the custom op around it is not counted again
+    assert cost.triton_launches == 1 and cost.launches == 1, cost
