@@ -78,9 +78,11 @@ def _header(rows: Sequence[dict]) -> str:
     commits = sorted({r["commit"] for r in rows if r["commit"]})
     dates = sorted({r["timestamp"][:10] for r in rows if r["timestamp"]})
     when = dates[0] if len(dates) <= 1 else f"{dates[0]} to {dates[-1]}"
-    commit = newest["commit"] + (f" (+{len(commits) - 1} older)" if len(commits) > 1 else "")
+    commit = newest["commit"] or (commits[-1] if commits else "")
+    commit = (f"commit `{commit}`" + (f" (+{len(commits) - 1} older)" if len(commits) > 1 else "")
+              if commit else "commit not recorded")
     return (f"**{newest['device']}** — torch {newest['torch']}, triton {newest['triton'] or 'n/a'}, "
-            f"commit `{commit}`, measured {when or 'n/a'}.")
+            f"{commit}, measured {when or 'n/a'}.")
 
 
 def device_table(rows: Sequence[dict]) -> str:
