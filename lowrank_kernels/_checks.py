@@ -2,6 +2,14 @@
 
 Errors follow DESIGN.md: ``ValueError`` for shapes, ranks and arguments, ``TypeError`` for dtype and
 device, with the offending value in the message, raised before any kernel launches.
+
+Size limit: no public op takes an input or makes an output of more than :data:`MAX_NUMEL` elements
+(``2**34``: 64 GiB in fp32, 128 GiB in fp64, about the memory of the largest single GPU). A larger tensor is
+almost always a mistake, typically an ``expand``-ed view (``torch.randn(1, 8).expand(2**40, 8)`` costs no
+memory but would need 32 TiB once materialised); it is refused with a ``ValueError`` before anything is
+allocated, instead of a multi-terabyte allocation attempt, a ``MemoryError`` or the OOM killer. The limit is
+read at each call, so a program that needs more can raise ``lowrank_kernels._checks.MAX_NUMEL``; the compiled
+``pad_slices`` op keeps its own fixed copy of it (``kMaxNumel`` in ``csrc/slice_pad/slice_pad.h``).
 """
 
 from __future__ import annotations
@@ -11,6 +19,18 @@ from collections.abc import Iterable
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_NUMEL = 2**34
+
+
+def check_output_size(numel: int, dtype: torch.dtype, what: str) -> None:
+    """Refuse (``ValueError``) a tensor of ``numel`` elements above :data:`MAX_NUMEL`, before allocating it.
+
+    ``numel`` is an exact Python int (compute it with ``math.prod`` of the shape, which cannot overflow);
+    ``what`` names the tensor and the op in the message.
+    """
+    if numel > MAX_NUMEL:
+        raise ValueError(f"{what}: {numel} elements ({numel * dtype.itemsize / 2**30:.4g} GiB of {dtype}) exceed the "
+                         f"limit of {MAX_NUMEL} (lowrank_kernels._checks.MAX_NUMEL); an expand()-ed input?")
 
 
 def check_tensor(t, name: str, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
@@ -23,7 +43,23 @@ def check_tensor(t, name: str, *, ndim: int | None = None, min_ndim: int | None 
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    check_output_size(t.numel(), t.dtype, f"{name} of shape {tuple(t.shape)}")
     return t
+
+
+def check_layer_input(x, weight: torch.Tensor, layer: str) -> None:
+    """A module's input: a tensor on ``weight``'s device, of ``weight``'s dtype unless autocast is on there.
+
+    ``TypeError`` naming ``layer`` otherwise (``F.linear`` would raise a ``RuntimeError`` about ``mat1``).
+    Metadata only: no sync, no kernel.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer}: the input must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != weight.device:
+        raise TypeError(f"{layer}: the input is on {x.device} but the layer's weight is on {weight.device}")
+    if x.dtype != weight.dtype and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{layer}: the input has dtype {x.dtype} but the layer's weight has {weight.dtype} "
+                        f"(cast the input, or run under torch.autocast)")
 
 
 def check_same_device_dtype(named: dict[str, torch.Tensor | None]) -> tuple[torch.device, torch.dtype]:

@@ -167,18 +167,19 @@ _CPP_CHECKS = """
 import torch, lowrank_kernels
 op = torch.ops.lowrank_kernels.pad_slices
 cases = [
-    ("overlap", lambda: op([torch.ones(4, 2), torch.ones(4, 2)], [0, 2], [4, 6], 8, 0)),
-    ("outside", lambda: op([torch.ones(4, 2)], [6], [10], 8, 0)),
-    ("dtype", lambda: op([torch.ones(4, 2), torch.ones(4, 2, dtype=torch.float64)], [0, 4], [4, 8], 8, 0)),
-    ("size 3 along dim 0", lambda: op([torch.ones(3, 2)], [0], [4], 8, 0)),
-    ("out of range", lambda: op([torch.ones(4, 2)], [0], [4], 8, 5)),
-    ("outside", lambda: torch.ops.lowrank_kernels.gather_slices(torch.ones(8, 2), [0], [9], 0)),
+    ("overlap", ValueError, lambda: op([torch.ones(4, 2), torch.ones(4, 2)], [0, 2], [4, 6], 8, 0)),
+    ("outside", ValueError, lambda: op([torch.ones(4, 2)], [6], [10], 8, 0)),
+    ("dtype", TypeError, lambda: op([torch.ones(4, 2), torch.ones(4, 2, dtype=torch.float64)], [0, 4], [4, 8], 8, 0)),
+    ("size 3 along dim 0", ValueError, lambda: op([torch.ones(3, 2)], [0], [4], 8, 0)),
+    ("out of range", ValueError, lambda: op([torch.ones(4, 2)], [0], [4], 8, 5)),
+    ("outside", ValueError, lambda: torch.ops.lowrank_kernels.gather_slices(torch.ones(8, 2), [0], [9], 0)),
 ]
-for want, call in cases:
+for want, kind, call in cases:
     try:
         call()
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
         assert want in str(exc), (want, str(exc))
+        assert type(exc) is kind, (want, type(exc).__name__)  # TORCH_CHECK_VALUE / TORCH_CHECK_TYPE
         print("raised:", want)
     else:
         raise AssertionError("no error for " + want)
@@ -186,7 +187,8 @@ for want, call in cases:
 
 
 def test_cpp_op_checks_directly():
-    """The C++ op validates on its own (TORCH_CHECK), for callers that bypass the Python wrapper.
+    """The C++ op validates on its own (ValueError for slices and shapes, TypeError for dtype and device, as
+    the Python API), for callers that bypass the Python wrapper.
 
     Run in a subprocess: should a TORCH_CHECK failure crash the process (as it did on one GPU image,
     see README), this test fails instead of taking the whole test session down.

@@ -8,10 +8,11 @@
 
 namespace lowrank_kernels {
 
-#define LK_CHECK_SAME_DEVICE(a, b) \
-  TORCH_CHECK((a).device() == (b).device(), #a " is on ", (a).device(), " but " #b " is on ", (b).device())
-#define LK_CHECK_SAME_DTYPE(a, b) \
-  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), #a " has dtype ", (a).scalar_type(), " but " #b " has ", (b).scalar_type())
+// Error types follow the Python API: TORCH_CHECK_TYPE -> TypeError (dtype, device), TORCH_CHECK_VALUE ->
+// ValueError (slices, shapes, sizes). The fake (meta) kernels in ops/pad_slices.py raise the same.
+
+// Largest output (elements) the op allocates, and largest full_size: the MAX_NUMEL of lowrank_kernels/_checks.py.
+constexpr int64_t kMaxNumel = int64_t{1} << 34;
 
 // Geometry of a padded tensor viewed as (outer, full_size, inner) around `dim`.
 struct SliceGeometry {

@@ -32,45 +32,56 @@ PyObject* PyInit__C(void) {
 namespace lowrank_kernels {
 
 static void check_slice_list(at::IntArrayRef starts, at::IntArrayRef stops, int64_t full_size, size_t n) {
-  TORCH_CHECK(starts.size() == n && stops.size() == n, "expected ", n, " slices, got ", starts.size(),
-              " starts and ", stops.size(), " stops");
+  TORCH_CHECK_VALUE(starts.size() == n && stops.size() == n, "expected ", n, " slices, got ", starts.size(),
+                    " starts and ", stops.size(), " stops");
   std::vector<size_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(0 <= starts[i] && starts[i] < stops[i] && stops[i] <= full_size, "slice ", i, " = (", starts[i],
-                ", ", stops[i], ") is empty, reversed or outside [0, ", full_size, ")");
+    TORCH_CHECK_VALUE(0 <= starts[i] && starts[i] < stops[i] && stops[i] <= full_size, "slice ", i, " = (",
+                      starts[i], ", ", stops[i], ") is empty, reversed or outside [0, ", full_size, ")");
   }
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return starts[a] < starts[b]; });
   for (size_t k = 1; k < n; ++k) {
     const size_t prev = order[k - 1], cur = order[k];
-    TORCH_CHECK(starts[cur] >= stops[prev], "slices ", prev, " = (", starts[prev], ", ", stops[prev], ") and ", cur,
-                " = (", starts[cur], ", ", stops[cur], ") overlap");
+    TORCH_CHECK_VALUE(starts[cur] >= stops[prev], "slices ", prev, " = (", starts[prev], ", ", stops[prev],
+                      ") and ", cur, " = (", starts[cur], ", ", stops[cur], ") overlap");
   }
 }
 
 SliceGeometry check_pad_args(const std::vector<at::Tensor>& grads, at::IntArrayRef starts, at::IntArrayRef stops,
                              int64_t full_size, int64_t dim) {
-  TORCH_CHECK(!grads.empty(), "pad_slices needs at least one grad");
-  TORCH_CHECK(full_size > 0, "full_size must be positive, got ", full_size);
+  TORCH_CHECK_VALUE(!grads.empty(), "pad_slices needs at least one grad");
+  TORCH_CHECK_VALUE(full_size > 0, "full_size must be positive, got ", full_size);
+  TORCH_CHECK_VALUE(full_size <= kMaxNumel, "full_size=", full_size, " exceeds the limit of ", kMaxNumel);
   const auto& g0 = grads[0];
   const int64_t ndim = g0.dim();
-  TORCH_CHECK(ndim >= 1, "grads must have at least 1 dim");
-  TORCH_CHECK(0 <= dim && dim < ndim, "dim ", dim, " out of range for ", ndim, "-D grads");
+  TORCH_CHECK_VALUE(ndim >= 1, "grads must have at least 1 dim");
+  TORCH_CHECK_VALUE(0 <= dim && dim < ndim, "dim ", dim, " out of range for ", ndim, "-D grads");
   check_slice_list(starts, stops, full_size, grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     const auto& g = grads[i];
-    LK_CHECK_SAME_DEVICE(g, g0);
-    LK_CHECK_SAME_DTYPE(g, g0);
-    TORCH_CHECK(g.dim() == ndim, "grads[", i, "] has ", g.dim(), " dims, grads[0] has ", ndim);
+    TORCH_CHECK_TYPE(g.device() == g0.device(), "grads[", i, "] is on ", g.device(), " but grads[0] is on ",
+                     g0.device());
+    TORCH_CHECK_TYPE(g.scalar_type() == g0.scalar_type(), "grads[", i, "] has dtype ", g.scalar_type(),
+                     " but grads[0] has ", g0.scalar_type());
+    TORCH_CHECK_VALUE(g.dim() == ndim, "grads[", i, "] has ", g.dim(), " dims, grads[0] has ", ndim);
     for (int64_t d = 0; d < ndim; ++d) {
       if (d == dim) {
-        TORCH_CHECK(g.size(d) == stops[i] - starts[i], "grads[", i, "] has size ", g.size(d), " along dim ", dim,
-                    " but its slice (", starts[i], ", ", stops[i], ") has ", stops[i] - starts[i]);
+        TORCH_CHECK_VALUE(g.size(d) == stops[i] - starts[i], "grads[", i, "] has size ", g.size(d), " along dim ",
+                          dim, " but its slice (", starts[i], ", ", stops[i], ") has ", stops[i] - starts[i]);
       } else {
-        TORCH_CHECK(g.size(d) == g0.size(d), "grads[", i, "] has size ", g.size(d), " along dim ", d,
-                    " but grads[0] has ", g0.size(d));
+        TORCH_CHECK_VALUE(g.size(d) == g0.size(d), "grads[", i, "] has size ", g.size(d), " along dim ", d,
+                          " but grads[0] has ", g0.size(d));
       }
     }
+  }
+  int64_t numel = full_size;  // the output's, checked without overflow before anything is allocated
+  for (int64_t d = 0; d < ndim; ++d) {
+    if (d == dim) continue;
+    const int64_t s = g0.size(d);
+    TORCH_CHECK_VALUE(s == 0 || numel <= kMaxNumel / s, "pad_slices output of shape ", g0.sizes(), " with ",
+                      full_size, " along dim ", dim, " exceeds the limit of ", kMaxNumel, " elements");
+    numel *= s;
   }
   SliceGeometry geo;
   geo.dim = dim;
@@ -84,9 +95,9 @@ SliceGeometry check_pad_args(const std::vector<at::Tensor>& grads, at::IntArrayR
 }
 
 int64_t check_gather_args(const at::Tensor& full, at::IntArrayRef starts, at::IntArrayRef stops, int64_t dim) {
-  TORCH_CHECK(full.dim() >= 1, "full must have at least 1 dim");
-  TORCH_CHECK(0 <= dim && dim < full.dim(), "dim ", dim, " out of range for a ", full.dim(), "-D tensor");
-  TORCH_CHECK(!starts.empty(), "gather_slices needs at least one slice");
+  TORCH_CHECK_VALUE(full.dim() >= 1, "full must have at least 1 dim");
+  TORCH_CHECK_VALUE(0 <= dim && dim < full.dim(), "dim ", dim, " out of range for a ", full.dim(), "-D tensor");
+  TORCH_CHECK_VALUE(!starts.empty(), "gather_slices needs at least one slice");
   check_slice_list(starts, stops, full.size(dim), starts.size());
   return dim;
 }
@@ -95,11 +106,11 @@ int64_t check_gather_args(const at::Tensor& full, at::IntArrayRef starts, at::In
 // so the output is written exactly once and any dtype works (the copy is by bytes).
 static at::Tensor pad_slices_cpu(at::TensorList grads_in, at::IntArrayRef starts, at::IntArrayRef stops,
                                  int64_t full_size, int64_t dim) {
-  std::vector<at::Tensor> grads;
-  grads.reserve(grads_in.size());
-  for (const auto& g : grads_in) grads.push_back(g.contiguous());
+  // Checked before the contiguous copies: a huge expand()-ed grad is refused, not materialised.
+  std::vector<at::Tensor> grads(grads_in.begin(), grads_in.end());
   const SliceGeometry geo = check_pad_args(grads, starts, stops, full_size, dim);
-  TORCH_CHECK(grads[0].device().is_cpu(), "pad_slices CPU kernel got a tensor on ", grads[0].device());
+  for (auto& g : grads) g = g.contiguous();
+  TORCH_CHECK_TYPE(grads[0].device().is_cpu(), "pad_slices CPU kernel got a tensor on ", grads[0].device());
   auto out = at::empty(geo.out_shape, grads[0].options());
   std::vector<int64_t> row_slice(full_size, -1);
   for (size_t i = 0; i < grads.size(); ++i)

@@ -33,11 +33,11 @@ __global__ void pad_slices_kernel(T* __restrict__ out, const int64_t* __restrict
 
 at::Tensor pad_slices_cuda(const std::vector<at::Tensor>& grads_in, at::IntArrayRef starts, at::IntArrayRef stops,
                            int64_t full_size, int64_t dim) {
-  std::vector<at::Tensor> grads;
-  grads.reserve(grads_in.size());
-  for (const auto& g : grads_in) grads.push_back(g.contiguous());
+  // Checked before the contiguous copies: a huge expand()-ed grad is refused, not materialised.
+  std::vector<at::Tensor> grads(grads_in.begin(), grads_in.end());
   const SliceGeometry geo = check_pad_args(grads, starts, stops, full_size, dim);
-  TORCH_CHECK(grads[0].is_cuda(), "pad_slices CUDA kernel got a tensor on ", grads[0].device());
+  for (auto& g : grads) g = g.contiguous();
+  TORCH_CHECK_TYPE(grads[0].is_cuda(), "pad_slices CUDA kernel got a tensor on ", grads[0].device());
   const c10::cuda::CUDAGuard guard(grads[0].device());
   auto out = at::empty(geo.out_shape, grads[0].options());
   const int64_t n = static_cast<int64_t>(grads.size());

@@ -7,14 +7,16 @@ when the extension loaded; otherwise the PyTorch reference below runs. Both are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from .. import _ext, backend
-from .._checks import as_list, check_tensor, normalize_dim
+from .._checks import as_list, check_output_size, check_tensor, normalize_dim
 
 Slice = tuple[int, int]
+CPP_MAX_NUMEL = 2**34  # kMaxNumel of csrc/slice_pad/slice_pad.h: the compiled op's own, fixed size limit
 
 
 def normalize_slices(slices: Sequence[Sequence[int]], full_size: int, n: int | None = None) -> list[Slice]:
@@ -100,17 +102,79 @@ def gather_slices_ref(full: torch.Tensor, slices: Sequence[Slice], dim: int = 0)
     return [full.narrow(dim, start, stop - start).clone() for start, stop in slices]
 
 
+# ------------------------------------------------------------- the compiled op's checks, for its fakes
+# The same checks, messages and error types as check_slice_list / check_pad_args / check_gather_args in
+# csrc/slice_pad/slice_pad_api.cpp (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError), so that
+# meta tensors and torch.compile tracing refuse what the real op refuses.
+def _cpp_check_slice_list(starts, stops, full_size, n: int) -> None:
+    if len(starts) != n or len(stops) != n:
+        raise ValueError(f"expected {n} slices, got {len(starts)} starts and {len(stops)} stops")
+    for i in range(n):
+        if not (0 <= starts[i] and starts[i] < stops[i] and stops[i] <= full_size):
+            raise ValueError(f"slice {i} = ({starts[i]}, {stops[i]}) is empty, reversed or outside [0, {full_size})")
+    order = sorted(range(n), key=lambda i: starts[i])
+    for prev, cur in zip(order, order[1:], strict=False):
+        if starts[cur] < stops[prev]:
+            raise ValueError(f"slices {prev} = ({starts[prev]}, {stops[prev]}) and {cur} = ({starts[cur]}, "
+                             f"{stops[cur]}) overlap")
+
+
+def _cpp_check_pad_args(grads, starts, stops, full_size, dim) -> None:
+    if not grads:
+        raise ValueError("pad_slices needs at least one grad")
+    if full_size <= 0:
+        raise ValueError(f"full_size must be positive, got {full_size}")
+    if full_size > CPP_MAX_NUMEL:
+        raise ValueError(f"full_size={full_size} exceeds the limit of {CPP_MAX_NUMEL}")
+    g0 = grads[0]
+    ndim = g0.dim()
+    if ndim < 1:
+        raise ValueError("grads must have at least 1 dim")
+    if not 0 <= dim < ndim:
+        raise ValueError(f"dim {dim} out of range for {ndim}-D grads")
+    _cpp_check_slice_list(starts, stops, full_size, len(grads))
+    for i, g in enumerate(grads):
+        if g.device != g0.device:
+            raise TypeError(f"grads[{i}] is on {g.device} but grads[0] is on {g0.device}")
+        if g.dtype != g0.dtype:
+            raise TypeError(f"grads[{i}] has dtype {g.dtype} but grads[0] has {g0.dtype}")
+        if g.dim() != ndim:
+            raise ValueError(f"grads[{i}] has {g.dim()} dims, grads[0] has {ndim}")
+        for d in range(ndim):
+            if d == dim and g.shape[d] != stops[i] - starts[i]:
+                raise ValueError(f"grads[{i}] has size {g.shape[d]} along dim {dim} but its slice ({starts[i]}, "
+                                 f"{stops[i]}) has {stops[i] - starts[i]}")
+            if d != dim and g.shape[d] != g0.shape[d]:
+                raise ValueError(f"grads[{i}] has size {g.shape[d]} along dim {d} but grads[0] has {g0.shape[d]}")
+    numel = full_size * math.prod([g0.shape[d] for d in range(ndim) if d != dim])
+    if numel > CPP_MAX_NUMEL:
+        raise ValueError(f"pad_slices output of shape {list(g0.shape)} with {full_size} along dim {dim} exceeds "
+                         f"the limit of {CPP_MAX_NUMEL} elements")
+
+
+def _cpp_check_gather_args(full, starts, stops, dim) -> None:
+    if full.dim() < 1:
+        raise ValueError("full must have at least 1 dim")
+    if not 0 <= dim < full.dim():
+        raise ValueError(f"dim {dim} out of range for a {full.dim()}-D tensor")
+    if not starts:
+        raise ValueError("gather_slices needs at least one slice")
+    _cpp_check_slice_list(starts, stops, full.shape[dim], len(starts))
+
+
 # ---------------------------------------------------------------------------- compiled op: fake + grad
 if _ext.HAS_EXT:
 
     @torch.library.register_fake("lowrank_kernels::pad_slices")
     def _pad_slices_fake(grads, starts, stops, full_size, dim):
+        _cpp_check_pad_args(grads, starts, stops, full_size, dim)
         shape = list(grads[0].shape)
         shape[dim] = full_size
         return grads[0].new_empty(shape)
 
     @torch.library.register_fake("lowrank_kernels::gather_slices")
     def _gather_slices_fake(full, starts, stops, dim):
+        _cpp_check_gather_args(full, starts, stops, dim)
         outs = []
         for start, stop in zip(starts, stops, strict=True):
             shape = list(full.shape)
@@ -162,6 +226,8 @@ def pad_slices(grads: Sequence[torch.Tensor], slices: Sequence[Sequence[int]], f
     d = normalize_dim(dim, grads[0].dim())
     norm = normalize_slices(slices, full_size, n=len(grads))
     _check_grads(grads, norm, d)
+    check_output_size(full_size * math.prod([n for i, n in enumerate(grads[0].shape) if i != d]), grads[0].dtype,
+                      "pad_slices output")
     if backend.use_extension(*grads):
         return torch.ops.lowrank_kernels.pad_slices(grads, [s for s, _ in norm], [e for _, e in norm], full_size, d)
     return pad_slices_ref(grads, norm, full_size, d)
