@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_positive_int
+from .._checks import check_layer_input, check_positive_int
 from ..ops.lora_matmul import lora_matmul
 
 
@@ -108,6 +108,7 @@ class LoRALinear(nn.Module):
 
     # --------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_layer_input(x, self.weight, "LoRALinear")
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         same_dtype = x.dtype == self.weight.dtype == self.lora_A.dtype == self.lora_B.dtype

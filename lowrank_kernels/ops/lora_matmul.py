@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from .._checks import check_same_device_dtype, check_tensor
+from .._checks import check_output_size, check_same_device_dtype, check_tensor
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -221,6 +221,7 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
         TypeError: non-tensor input, non-float dtype, mixed dtypes/devices, or a non-float ``scaling``.
     """
     _check_inputs(x, W, A, B, scaling, bias)
+    check_output_size(math.prod(x.shape[:-1]) * W.shape[0], x.dtype, "lora_matmul output (..., out)")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     m = math.prod(x.shape[:-1])

@@ -29,7 +29,7 @@ import math
 import torch
 
 from .. import backend
-from .._checks import check_same_device_dtype, check_tensor
+from .._checks import check_output_size, check_same_device_dtype, check_tensor
 
 #: Largest rank the Triton kernel serves (the ``(BLOCK_M, r)`` fp32 accumulator must fit in registers);
 #: larger ranks take the composed path.
@@ -186,6 +186,7 @@ def lowrank_matmul(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
     """
     x, U, V, bias = _autocast(x, U, V, bias)
     _check_inputs(x, U, V, bias)
+    check_output_size(math.prod(x.shape[:-1]) * U.shape[0], x.dtype, "lowrank_matmul output (..., out)")
     shape = backend.shape_class(math.prod(x.shape[:-1]), V.shape[1], U.shape[0], V.shape[0])
     impl = backend.pick("lowrank_matmul", x, U, V, bias, shape=shape, triton_dtypes=_TRITON_DTYPES)
     if impl == "torch":

@@ -36,6 +36,8 @@ def _check(p, grad, exp_avg, exp_avg_sq, factors, step, lr, betas, eps, weight_d
             raise ValueError(f"{name} has shape {tuple(t.shape)}, p has {tuple(p.shape)}")
         if t.device != p.device:
             raise TypeError(f"{name} is on {t.device} but p is on {p.device}")
+        if t.dtype != p.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but p has {p.dtype}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
     b1, b2 = betas
