@@ -605,3 +605,95 @@ def test_rebuilds_stay_within_2_percent_of_the_exact_svd_while_training():
     assert max(checked) <= 0.02, checked
     assert all(log["checked"] == 6 for log in logs[1:]), logs  # every warm rebuild checked
     assert sum(log["refined"] for log in logs) >= 6, logs  # and the failing ones refined
+
+
+# ----------------------------------------------------------------------------------------------------- stats
+def test_stats_one_dict_per_operator():
+    model = vit_tiny(depth=1)
+    tm = extract_linear(model, ["qkv", "fc1"], fused={"qkv": 3})
+    q = Q3R(tm, target_rank=[2, 3, 4, 5], lmbda=0.1)
+    before = q.stats()
+    assert [s["kept"] for s in before] == [0, 0, 0, 0] and all(s["sigma"] == [] for s in before)
+    q.update()
+    stats = q.stats()
+    qkv, fc1 = model.blocks[0].attn.qkv, model.blocks[0].mlp.fc1
+    d = qkv.in_features
+    assert [s["name"] for s in stats] == ["blocks.0.attn.qkv"] * 3 + ["blocks.0.mlp.fc1"]
+    assert [s["rows"] for s in stats] == [(0, d), (d, 2 * d), (2 * d, 3 * d), None]
+    assert stats[0]["weight"] is qkv.weight and stats[3]["weight"] is fc1.weight
+    assert [s["target_rank"] for s in stats] == [2, 3, 4, 5]
+    for s, op in zip(stats, q.ops, strict=True):
+        X = op.view(op.weight).detach().double()
+        exact = torch.linalg.svdvals(X)
+        assert s["shape"] == tuple(X.shape) and s["eps"] == op.eps
+        assert s["kept"] == op.k == int((exact > s["eps"] * (1 + 1e-6)).sum())
+        assert isinstance(s["sigma"], list) and len(s["sigma"]) == s["kept"]
+        assert s["sigma"] == pytest.approx(exact[:s["kept"]].tolist(), rel=1e-5)
+    # without extract_linear's names: "op<i>"; through AdamQ3R as well
+    from lowrank_kernels import AdamQ3R
+
+    opt = AdamQ3R(model.parameters(), {fc1: None}, target_rank=3, lmbda=0.1)
+    assert [s["name"] for s in opt.stats()] == ["op0"] and opt.stats()[0]["kept"] == 0
+
+
+def test_stats_host_read_only_when_called():
+    from lowrank_kernels.testing import count_gpu_cost
+
+    model = vit_tiny(depth=1)
+    q = Q3R(extract_linear(model, ["qkv", "proj", "fc1", "fc2"], fused={"qkv": 3}), target_rank=3, lmbda=0.1)
+    q.update()
+    with count_gpu_cost() as cost:
+        q.stats()
+    assert cost.syncs == 1, cost  # one read for every operator's sigma
+
+
+# ----------------------------------------------------------------------------------------- GPT-2's Conv1D
+def _gpt2(dtype=torch.float64):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=24, n_head=2, vocab_size=40, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype)
+
+
+def test_extract_linear_splits_gpt2_c_attn_by_output_columns():
+    model = _gpt2()
+    tm = extract_linear(model, ["c_attn"], fused={"c_attn": 3})
+    attn = model.transformer.h[0].attn.c_attn  # Conv1D, weight (in=24, out=72)
+    assert tuple(attn.weight.shape) == (24, 72)
+    assert tm[attn] == [(0, 24), (24, 48), (48, 72)]
+    assert tm.names[attn] == "transformer.h.0.attn.c_attn"
+    q = Q3R(tm, target_rank=2, lmbda=0.1)
+    assert len(q.ops) == 6
+    for j, op in enumerate(q.ops[:3]):
+        assert (op.m, op.n) == (24, 24) and op.transposed
+        # Q, K, V are column blocks of the stored (in, out) weight, read as (out, in)
+        assert torch.equal(op.view(attn.weight), attn.weight[:, 24 * j:24 * (j + 1)].T)
+    every = extract_linear(model)  # None: Linear and Conv1D
+    names = set(every.names.values())
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"} <= names
+    with pytest.raises(ValueError, match="c_fc"):
+        extract_linear(model, ["c_fc"], fused={"c_fc": 5})  # 96 output features do not split into 5
+    explicit = extract_linear(model, ["c_fc"], fused={"c_fc": [(0, 90)]})
+    fc = model.transformer.h[0].mlp.c_fc
+    assert explicit[fc] == [(0, 90)]  # output features: 96 columns of the (24, 96) weight, not its 24 rows
+
+
+def test_q3r_on_gpt2_conv1d_gradient_is_autograd_of_value():
+    model = _gpt2()
+    tm = extract_linear(model, ["c_attn", "c_fc"], fused={"c_attn": 3})
+    q = Q3R(tm, target_rank=3, lmbda=0.7, steps=1, epsilon_schedule="exploration")
+    for _ in range(2):
+        q.update()
+        assert all(k == 3 for k in q.effective_ranks())
+        model.zero_grad()
+        q.val.backward()
+        grads = q.grad
+        for w in q.params:
+            assert grads[w].shape == w.shape
+            assert_verbose_allclose(grads[w], w.grad, rtol=1e-10, atol=1e-12, name="Q3R.grad on Conv1D")
+        # the operator is that of the (out, in) block: sigma of the Q slice = sigma of the weight's first columns
+        attn = model.transformer.h[0].attn.c_attn.weight
+        exact = torch.linalg.svdvals(attn.detach()[:, :24])
+        assert_verbose_allclose(q.ops[0].S, exact[:3], rtol=1e-8, name="sigma of Q")
+        _jiggle(model, scale=0.05)

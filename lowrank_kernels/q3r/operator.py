@@ -31,12 +31,20 @@ def resolve_rank(spec: Rank, m: int, n: int, where: str = "target_rank") -> int:
 
 
 class _Operator:
-    """State of one reweighting operator: the kept triplets, eps and the schedule's anchor eps0."""
+    """State of one reweighting operator: the kept triplets, eps and the schedule's anchor eps0.
 
-    def __init__(self, weight: torch.Tensor, rows: tuple[int, int] | None, rank: int, name: str):
+    ``weight`` is the parameter itself; ``transposed`` says it is stored ``(in, out)`` (transformers' ``Conv1D``),
+    in which case :meth:`view` reads it through its transpose, so that ``X (m, n)`` is always in ``nn.Linear``'s
+    orientation and ``rows`` are output features. ``module_name`` is the module's name in its model where known
+    (:func:`extract_linear`), else None; ``name`` describes the operator in messages.
+    """
+
+    def __init__(self, weight: torch.Tensor, rows: tuple[int, int] | None, rank: int, name: str,
+                 transposed: bool = False, module_name: str | None = None):
         self.weight, self.rows, self.rank, self.name = weight, rows, rank, name
-        self.m = weight.shape[0] if rows is None else rows[1] - rows[0]
-        self.n = weight.shape[1]
+        self.transposed, self.module_name = transposed, module_name
+        out_features, self.n = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
+        self.m = out_features if rows is None else rows[1] - rows[0]
         self.cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.eps, self.eps0 = EPS_START, None
         # right singular vectors (k_b, n) of the last rebuild, all it computed (kept or not): the next rebuild's
@@ -57,6 +65,9 @@ class _Operator:
         return self.S.numel()
 
     def view(self, w: torch.Tensor) -> torch.Tensor:
+        """The operator's ``(m, n)`` block of ``w`` (this operator's weight or a tensor of its shape), a view."""
+        if self.transposed:
+            w = w.t()
         return w if self.rows is None else w[self.rows[0]:self.rows[1]]
 
     def factors(self, X: torch.Tensor):

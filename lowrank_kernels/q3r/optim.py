@@ -152,6 +152,11 @@ class AdamQ3R(torch.optim.Optimizer):
                                 amsgrad=False, maximize=False)
         return loss
 
+    def stats(self) -> list[dict]:
+        """:meth:`Q3R.stats` of this optimizer's regulariser: one dict per operator (name, weight, rows,
+        target rank, kept count, eps, kept sigma)."""
+        return self.q3r.stats()
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["q3r"] = self.q3r.state_dict(param_index=self._param_index)

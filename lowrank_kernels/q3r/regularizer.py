@@ -42,14 +42,14 @@ from torch import nn
 from .. import distributed as _dist
 from .. import ops
 from .._checks import finite_flags
-from .._modules import fused_slices, matches_target
+from .._modules import fused_slices, is_conv1d, is_linear_like, linear_weight, matches_target
 from ..ops.pad_slices import normalize_slices
 from .config import SCHEDULES, Q3RConfig
 from ..ops.truncated_svd import svd_path
 from .operator import _ritz_residuals
 from .operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, resolve_rank
 
-__all__ = ["EPS_START", "Q3R", "extract_linear", "resolve_rank"]
+__all__ = ["EPS_START", "Q3R", "TargetMap", "extract_linear", "resolve_rank"]
 
 _WIDEN_MARGIN = 4
 # Sketch ranks are rounded up to a multiple of this (4 rather than 8: ViT-Tiny's 72 operators still make 3 calls,
@@ -76,21 +76,35 @@ _BATCHED_FACTORS = {"cuda"}
 
 
 # ------------------------------------------------------------------------------------------ extract_linear
+class TargetMap(dict):
+    """What :func:`extract_linear` returns: a dict ``{module: slices or None}`` that also knows each module's
+    name in its model (``names``), which :class:`Q3R` uses in messages and :meth:`Q3R.stats`."""
+
+    def __init__(self, *args, names: Mapping[nn.Module, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.names: dict[nn.Module, str] = dict(names or {})
+
+
 def extract_linear(model: nn.Module, target_modules: str | Sequence[str] | None = None,
-                   fused: Mapping[str, int | Sequence[Sequence[int]]] | None = None) -> dict:
+                   fused: Mapping[str, int | Sequence[Sequence[int]]] | None = None) -> TargetMap:
     """The ``{module: slices or None}`` mapping that :class:`Q3R` and ``AdamQ3R`` take.
 
     Args:
-        model: any module; only submodules with a 2-D ``weight`` (``nn.Linear`` and subclasses) qualify.
-        target_modules: ``None`` selects every ``nn.Linear``; a string is a regex matched against the full
-            module name; a list of strings matches names equal to or ending in ``"." + item`` (as PEFT).
-        fused: ``{name: n}`` splits the output rows of the matching modules into ``n`` equal slices
-            (``{"qkv": 3}``), ``{name: [(start, stop), ...]}`` gives the slices explicitly. Names match as in
-            a ``target_modules`` list; each key must match at least one selected module.
+        model: any module. Selected submodules must have a 2-D ``weight``: ``nn.Linear`` (and subclasses),
+            stored ``(out, in)``, or transformers' ``Conv1D`` (GPT-2 family), stored ``(in, out)``; Q3R reads
+            the latter through its transpose, so ranks, slices and operators always refer to the ``(out, in)``
+            orientation.
+        target_modules: ``None`` selects every ``nn.Linear`` and ``Conv1D``; a string is a regex matched against
+            the full module name; a list of strings matches names equal to or ending in ``"." + item`` (as PEFT).
+        fused: ``{name: n}`` splits the output features of the matching modules into ``n`` equal slices
+            (``{"qkv": 3}``, or GPT-2's ``{"c_attn": 3}``: Q, K and V), ``{name: [(start, stop), ...]}`` gives the
+            slices of output features explicitly (rows of an ``nn.Linear`` weight, columns of a ``Conv1D`` one).
+            Names match as in a ``target_modules`` list; each key must match at least one selected module.
 
     Returns:
-        an ordered dict (module order of ``model.named_modules()``) of module -> ``None`` (regularise the
-        whole weight) or a list of ``(start, stop)`` row slices (one operator per slice).
+        a :class:`TargetMap` (an ordered dict, module order of ``model.named_modules()``) of module -> ``None``
+        (regularise the whole weight) or a list of ``(start, stop)`` output-feature slices (one operator per
+        slice); its ``names`` map each module to its name in ``model``.
     """
     if target_modules is not None and not isinstance(target_modules, str):
         target_modules = list(target_modules)
@@ -98,11 +112,11 @@ def extract_linear(model: nn.Module, target_modules: str | Sequence[str] | None 
             raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got "
                              f"{target_modules!r}")
     fused = dict(fused or {})
-    out: dict[nn.Module, list[tuple[int, int]] | None] = {}
+    out = TargetMap()
     used_keys: set[str] = set()
     for name, module in model.named_modules():
         if target_modules is None:
-            if not isinstance(module, nn.Linear):
+            if not is_linear_like(module):
                 continue
         elif not name or not matches_target(name, target_modules):
             continue
@@ -113,8 +127,9 @@ def extract_linear(model: nn.Module, target_modules: str | Sequence[str] | None 
         for key, spec in fused.items():
             if matches_target(name, [key]):
                 used_keys.add(key)
-                slices = fused_slices(name, spec, weight.shape[0])
+                slices = fused_slices(name, spec, linear_weight(module).shape[0])
         out[module] = slices
+        out.names[module] = name
     if not out:
         raise ValueError(f"no module of {type(model).__name__} matches target_modules={target_modules!r}")
     unused = sorted(set(fused) - used_keys)
@@ -236,16 +251,21 @@ class Q3R:
         self._sketches: dict = {}
 
     def _build(self, modules, target_rank) -> None:
+        names = getattr(modules, "names", {})  # extract_linear's mapping knows the module names
         entries = []
         for i, (module, slices) in enumerate(modules.items()):
             w = getattr(module, "weight", module)
             if not isinstance(w, torch.Tensor) or w.dim() != 2:
                 raise ValueError(f"trainable module {i} ({type(module).__name__}) has no 2-D weight")
+            flip = is_conv1d(module)  # weight (in, out): operators on its transpose, slices of output features
+            module_name = names.get(module)
+            label = (f"{module_name!r}" if module_name else f"module {i}") + f" {type(module).__name__} {tuple(w.shape)}"
             if slices is None:
-                entries.append((w, None, f"module {i} {type(module).__name__} {tuple(w.shape)}"))
+                entries.append((w, None, label, flip, module_name))
             else:
-                for s in normalize_slices(slices, w.shape[0]):
-                    entries.append((w, s, f"module {i} {type(module).__name__} {tuple(w.shape)} rows {s[0]}:{s[1]}"))
+                axis = "columns" if flip else "rows"
+                for s in normalize_slices(slices, w.shape[1] if flip else w.shape[0]):
+                    entries.append((w, s, f"{label} {axis} {s[0]}:{s[1]}", flip, module_name))
         if isinstance(target_rank, (list, tuple)):
             if len(target_rank) != len(entries):
                 raise ValueError(f"target_rank has {len(target_rank)} entries for {len(entries)} operators "
@@ -253,9 +273,11 @@ class Q3R:
             specs = list(target_rank)
         else:
             specs = [target_rank] * len(entries)
-        for j, ((w, rows, name), spec) in enumerate(zip(entries, specs, strict=True)):
-            m = w.shape[0] if rows is None else rows[1] - rows[0]
-            self.ops.append(_Operator(w, rows, resolve_rank(spec, m, w.shape[1], f"target_rank[{j}]"), name))
+        for j, ((w, rows, name, flip, module_name), spec) in enumerate(zip(entries, specs, strict=True)):
+            m, n = (w.shape[1], w.shape[0]) if flip else w.shape
+            m = m if rows is None else rows[1] - rows[0]
+            rank = resolve_rank(spec, m, n, f"target_rank[{j}]")
+            self.ops.append(_Operator(w, rows, rank, name, transposed=flip, module_name=module_name))
         full = [op.name for op in self.ops if op.rank >= min(op.m, op.n)]
         if full:
             warnings.warn(f"Q3R: target rank >= number of singular values for {full}; these operators keep no "
@@ -505,7 +527,7 @@ class Q3R:
                 found[id(op)] = (A[j], B[j])
         out: dict = {}
         for op in self.ops:
-            rows = op.rows or (0, op.weight.shape[0])
+            rows = op.rows or (0, op.m)  # output features (rows of the transpose of a Conv1D weight)
             A, B = found.get(id(op), (None, None))
             out.setdefault(op.weight, []).append((rows[0], rows[1], A, B))
         return out
@@ -574,21 +596,49 @@ class Q3R:
     def grad(self) -> dict[torch.Tensor, torch.Tensor]:
         """``{weight: dQ/dweight}`` (full weight shape, weight dtype); slices assembled by ``ops.pad_slices``."""
         out = {}
-        for w, parts in self.factors().items():
+        flipped = {id(op.weight) for op in self.ops if op.transposed}
+        for weight, parts in self.factors().items():
+            w = weight.t() if id(weight) in flipped else weight  # Conv1D: the (out, in) view
             blocks = []
             for start, stop, A, B in parts:
                 X = w[start:stop].to(A.dtype if A is not None else torch.promote_types(w.dtype, torch.float32))
                 G = X if A is None else torch.addmm(X, A, B)
                 blocks.append((2.0 * self.lmbda * G).to(w.dtype))
             if len(parts) == 1 and parts[0][:2] == (0, w.shape[0]):
-                out[w] = blocks[0]
+                G = blocks[0]
             else:
-                out[w] = ops.pad_slices(blocks, [p[:2] for p in parts], w.shape[0], dim=0)
+                G = ops.pad_slices(blocks, [p[:2] for p in parts], w.shape[0], dim=0)
+            out[weight] = G.t().contiguous() if w is not weight else G
         return out
 
     def effective_ranks(self) -> list[int]:
         """Number of kept triplets (``sigma_i > eps``) per operator."""
         return [op.k for op in self.ops]
+
+    def stats(self) -> list[dict]:
+        """One dict per operator (operator order), for monitoring ranks:
+
+        * ``name``: the module's name in its model when the mapping came from :func:`extract_linear`, else
+          ``"op<i>"``;
+        * ``weight``: the regularised parameter itself; ``rows``: the ``(start, stop)`` output-feature slice, or
+          None for the whole weight; ``shape``: ``(m, n)`` of the operator (``nn.Linear`` orientation);
+        * ``target_rank`` (resolved to an int), ``kept`` (triplets with ``sigma_i > eps``), ``eps`` (float);
+        * ``sigma``: the kept singular values, a list of floats (descending).
+
+        The host copies are made here, in one read of all operators' sigma, and nowhere else.
+        """
+        by_device: dict = {}
+        for op in self.ops:
+            by_device.setdefault(op.S.device, []).append(op)
+        sigma = {}
+        for members in by_device.values():  # one read per device
+            flat = torch.cat([op.S.detach().to(torch.float64) for op in members]).tolist()
+            pos = 0
+            for op in members:
+                sigma[id(op)], pos = flat[pos:pos + op.k], pos + op.k
+        return [{"name": op.module_name or f"op{i}", "weight": op.weight, "rows": op.rows, "shape": (op.m, op.n),
+                 "target_rank": op.rank, "kept": op.k, "eps": float(op.eps), "sigma": sigma[id(op)]}
+                for i, op in enumerate(self.ops)]
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self, param_index: Callable[[torch.Tensor], int] | None = None) -> dict:
