@@ -319,3 +319,19 @@ def test_analysis_on_cuda_matches_cpu():
     for c, g in zip(cpu, gpu, strict=True):
         assert c.name == g.name and c.spikes == g.spikes
         assert g.alpha == pytest.approx(c.alpha, rel=1e-3)
+
+
+def test_host_syncs_do_not_grow_with_the_number_of_equal_layers():
+    from lowrank_kernels.testing import count_gpu_cost
+
+    torch.manual_seed(0)
+    S.mp_quantile(16 / 48, 0.75)  # cached per aspect ratio: computed once, on the first call
+    syncs = []
+    for n in (2, 8):  # (48, 16) noise: no eigenvalue near zero, so every layer keeps all 16 for the fit
+        model = nn.Sequential(*[nn.Linear(16, 48) if i % 2 == 0 else nn.Linear(48, 16) for i in range(n)])
+        for sigma_mp in ("quantile", "mean"):
+            with count_gpu_cost() as cost:
+                rows = S.spectral_analysis(model, sigma_mp=sigma_mp)
+            assert len(rows) == n
+            syncs.append(cost.syncs)
+    assert syncs[:2] == syncs[2:], syncs  # one batched pass per shape group, one host read per statistic

@@ -341,10 +341,12 @@ def spectral_analysis(model: nn.Module, *, fit_method: str = "ks", sigma_mp: str
                 sel = [j for j, cj in enumerate(counts) if cj == c]
                 a, d = hill_alpha(lam[sel, lam.shape[1] - c:], fit_method, xmin_position)
                 alpha[sel], ks[sel] = a.cpu(), d.cpu()
-        for j, i in enumerate(idx):
-            rows[i] = LayerSpectrum(name=names[i], shape=shapes[i], num_eigs=int(counts[j]), alpha=float(alpha[j]),
-                                    ks_distance=float(ks[j]), spikes=int(spikes[j]), mp_edge=float(edge[j]),
-                                    spectral_norm=float(lam[j, -1].sqrt()))
+        # one host read per statistic and group, not one per layer
+        stats = zip(counts, alpha.tolist(), ks.tolist(), spikes.tolist(), edge.tolist(), lam[:, -1].sqrt().tolist(),
+                    strict=True)
+        for i, (c, a, d, k, e, norm) in zip(idx, stats, strict=True):
+            rows[i] = LayerSpectrum(name=names[i], shape=shapes[i], num_eigs=int(c), alpha=float(a),
+                                    ks_distance=float(d), spikes=int(k), mp_edge=float(e), spectral_norm=float(norm))
     return rows  # type: ignore[return-value]
 
 
