@@ -197,30 +197,3 @@ def test_techniques_listing(capsys):
     rc, out, _ = _run(capsys, ["techniques"])
     assert rc == 0
     assert [line.split()[0] for line in out.splitlines()] == list(TECHNIQUES)
-
-
-
-@pytest.mark.parametrize("depth", [1, 3])
-def test_lorita_q3r_gradient_is_the_chain_rule_through_the_product(depth):
-    """lorita-q3r: d/dfactors of the surrogate equals autograd of Q3R evaluated on the composed weight."""
-    import torch
-    from torch import nn
-
-    from lowrank_kernels.q3r import ComposedQ3R, LoRITaLinear
-    from lowrank_kernels.q3r import Q3R
-
-    torch.manual_seed(0)
-    layer = LoRITaLinear(nn.Linear(12, 18).double(), depth)
-    with torch.no_grad():
-        for f in layer.factors:
-            f.add_(0.1 * torch.randn_like(f))
-    reg = ComposedQ3R({"qkv": layer}, {"qkv": 3}, target_rank=2, lmbda=0.7, steps=1)
-    got = torch.autograd.grad(reg.loss(), list(layer.factors))
-    holder = nn.Module()
-    holder.weight = layer.composed_weight()  # differentiable in the factors
-    ref_q3r = Q3R({holder: [(0, 6), (6, 12), (12, 18)]}, target_rank=2, lmbda=0.7, steps=1)
-    ref_q3r.load_state_dict(reg.state_dict())  # the same operators (triplets, eps)
-    want = torch.autograd.grad(ref_q3r.val, list(layer.factors))
-    assert reg.value == pytest.approx(float(ref_q3r.val.detach()), rel=1e-9)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)

@@ -697,3 +697,52 @@ def test_q3r_on_gpt2_conv1d_gradient_is_autograd_of_value():
         exact = torch.linalg.svdvals(attn.detach()[:, :24])
         assert_verbose_allclose(q.ops[0].S, exact[:3], rtol=1e-8, name="sigma of Q")
         _jiggle(model, scale=0.05)
+
+
+
+# ------------------------------------------------------------------------------------------------- LoRITa
+@pytest.mark.parametrize("depth", [1, 3])
+def test_lorita_q3r_gradient_is_the_chain_rule_through_the_product(depth):
+    """lorita-q3r: d/dfactors of the surrogate equals autograd of Q3R evaluated on the composed weight."""
+    from lowrank_kernels.q3r import ComposedQ3R, LoRITaLinear
+
+    torch.manual_seed(0)
+    layer = LoRITaLinear(nn.Linear(12, 18).double(), depth)
+    with torch.no_grad():
+        for f in layer.factors:
+            f.add_(0.1 * torch.randn_like(f))
+    reg = ComposedQ3R({"qkv": layer}, {"qkv": 3}, target_rank=2, lmbda=0.7, steps=1)
+    got = torch.autograd.grad(reg.loss(), list(layer.factors))
+    holder = nn.Module()
+    holder.weight = layer.composed_weight()  # differentiable in the factors
+    ref_q3r = Q3R({holder: [(0, 6), (6, 12), (12, 18)]}, target_rank=2, lmbda=0.7, steps=1)
+    ref_q3r.load_state_dict(reg.state_dict())  # the same operators (triplets, eps)
+    want = torch.autograd.grad(ref_q3r.val, list(layer.factors))
+    assert reg.value == pytest.approx(float(ref_q3r.val.detach()), rel=1e-9)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_lorita_linear_starts_as_its_base_and_composes_back():
+    from lowrank_kernels.q3r import LoRITaLinear, apply_lorita, compose_lorita
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    before = model(x)
+    layers = apply_lorita(model, ["0", "2"], depth=3)
+    assert isinstance(model[0], LoRITaLinear) and len(model[0].factors) == 3
+    assert [tuple(f.shape) for f in model[2].factors] == [(4, 8), (8, 8), (8, 8)]
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for layer in layers.values():
+            for f in layer.factors:
+                f.add_(0.05 * torch.randn_like(f))
+    trained = model(x)
+    compose_lorita(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), trained, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="depth"):
+        LoRITaLinear(nn.Linear(3, 3), 0)
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        apply_lorita(nn.Sequential(nn.ReLU()), ["0"], depth=2)
