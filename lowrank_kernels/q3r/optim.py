@@ -15,6 +15,7 @@ from ..ops.q3r_apply import _can_fuse_adam
 from .operator import Rank
 from .config import Q3RConfig
 from .regularizer import Q3R
+from . import sharded as _sharded
 
 
 class AdamQ3R(torch.optim.Optimizer):
@@ -81,7 +82,7 @@ class AdamQ3R(torch.optim.Optimizer):
         tensors = [p.grad for _, p in active]
         # a non-finite weight only breaks the operator rebuild (the SVD); between rebuilds it stays in its own rows
         weights = self.q3r.params if self.q3r.t % self.q3r.steps == 0 else []
-        flags = finite_flags(tensors + weights)
+        flags = _sharded.finite_flags(tensors + weights)  # agreed over FSDP2 processes
         if all(flags):
             return None
         bad = flags.index(False)  # names are formed only here, not on every step

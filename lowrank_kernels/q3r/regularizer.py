@@ -45,6 +45,7 @@ from .._checks import finite_flags
 from .._modules import fused_slices, is_conv1d, is_linear_like, linear_weight, matches_target
 from ..ops.pad_slices import normalize_slices
 from .config import SCHEDULES, Q3RConfig
+from . import sharded as _sharded
 from ..ops.truncated_svd import svd_path
 from .operator import _ritz_residuals
 from .operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, resolve_rank
@@ -309,9 +310,11 @@ class Q3R:
         if dist_on and self._owners is None:
             costs = [op.m * op.n * (op.rank + 1) for op in self.ops]
             self._owners = _dist.balanced_assignment(costs, _dist.world_size(self.group))
-        self._refresh_ops([(i, op) for i, op in enumerate(self.ops) if not dist_on or self._owners[i] == me])
+        # FSDP2 (DTensor) weights: every process rebuilds its rows of each of their operators (q3r/sharded.py)
+        self._refresh_ops(_sharded.refresh(self, [(i, op) for i, op in enumerate(self.ops)
+                                                  if not dist_on or self._owners[i] == me]))
         if dist_on:
-            self._share_states(me)
+            _sharded.share_states(self, me)
         self.n_refresh += 1
         self._stacks = self._batches = None
 
@@ -502,6 +505,7 @@ class Q3R:
     @property
     def val(self) -> torch.Tensor:
         """``sum_ops lmbda <X, L X R>``, a differentiable scalar (fp32, or fp64 for fp64 weights)."""
+        _sharded.refuse(self.ops, "val")
         total = None
         for op in self.ops:
             v = op.value(op.view(op.weight).to(op.cdtype))
@@ -515,6 +519,7 @@ class Q3R:
         ``A (stop - start, 2k)`` and ``B (2k, n)`` (compute dtype) are ``None`` when no triplet is kept; rows
         outside every slice get no Q3R term. This is what :func:`ops.q3r_apply` consumes.
         """
+        _sharded.refuse(self.ops, "factors")
         found = {}
         for op in self.ops:
             if op.weight.device.type not in _BATCHED_FACTORS:
@@ -568,6 +573,8 @@ class Q3R:
         CPU a GEMM that also scales its output measured ~8% slower on these shapes). It is not deferred (and
         1.0 is returned) when ``s < 0.5``, where dividing by ``s`` would cost accuracy.
         """
+        if _sharded.is_sharded(weight):  # FSDP2: this process's rows (q3r/sharded.py)
+            return _sharded.decoupled_step_(self, weight, lr, weight_decay, defer_scale)
         if self._batches is None:
             self._batches = {}
         plan = self._batches.get(id(weight))
@@ -643,11 +650,12 @@ class Q3R:
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self, param_index: Callable[[torch.Tensor], int] | None = None) -> dict:
         """Counters, eps, triplets and warm-start basis of every operator (tensors cloned); ``param_index`` names
-        weights."""
+        weights. With FSDP2 (DTensor) weights a collective: their whole ``U`` is gathered (q3r/sharded.py)."""
+        whole = _sharded.gathered_U(self.ops)
         return {
             "t": self.t, "t0": self.t0, "n_refresh": self.n_refresh,
             "ops": [{"shape": tuple(op.weight.shape), "rows": op.rows, "rank": op.rank, "eps": op.eps,
-                     "eps0": op.eps0, "U": op.U.clone(), "S": op.S.clone(), "Vh": op.Vh.clone(),
+                     "eps0": op.eps0, "U": whole.get(id(op), op.U).clone(), "S": op.S.clone(), "Vh": op.Vh.clone(),
                      "basis": None if op.basis is None else op.basis.clone(),
                      "param": None if param_index is None else param_index(op.weight)} for op in self.ops],
         }
@@ -658,7 +666,7 @@ class Q3R:
         for s, op in zip(state["ops"], self.ops, strict=True):
             kw = dict(dtype=op.cdtype, device=op.weight.device)
             op.eps, op.eps0 = float(s["eps"]), s["eps0"]
-            op.set_triplets(s["U"].to(**kw), s["S"].to(**kw), s["Vh"].to(**kw))
+            op.set_triplets(_sharded.local_rows(op, s["U"]).to(**kw), s["S"].to(**kw), s["Vh"].to(**kw))
             # states saved before the warm start existed have no basis: that operator's next rebuild is cold
             basis = s.get("basis")
             op.basis = None if basis is None else basis.to(**kw)

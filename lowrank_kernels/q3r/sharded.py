@@ -1,0 +1,525 @@
+"""Q3R on weights sharded by rows (FSDP2's ``fully_shard``: ``DTensor`` parameters with ``Shard(0)``).
+
+A weight ``X (M, n)`` is held as ``X = [X_1; ...; X_p]``: process ``i`` has the rows ``X_i`` (its local tensor,
+``DTensor.to_local()``), starting at global row ``o_i``. An operator covers rows ``[s, e)`` of ``X`` (all of them,
+or one slice of a fused QKV weight); its local part is the intersection of ``[s, e)`` with the shard, which may
+be empty, and a slice may straddle a shard boundary. Nothing here gathers a whole weight; the maths is that of
+:mod:`lowrank_kernels.q3r.regularizer` (see its docstring), with ``U`` held by rows like ``X``:
+
+* **Rebuild** (:func:`refresh_ops`). ``sigma``, ``V (n, k)`` (and the warm-start basis) end up on every process,
+  ``U`` only as the local rows ``U_i = X_i V diag(1 / sigma)`` (up to the Rayleigh-Ritz rotation below).
+
+  - Randomized (warm or cold sketch, the path :func:`ops.truncated_svd` takes for these shapes): the same
+    seeded sketch ``Omega (n, l)`` as one process (first columns the previous right vectors on a warm
+    rebuild); ``Y_i = X_i Omega`` is local, its columns are orthonormalised by a distributed CholeskyQR2 (two
+    all-reduces of the ``(l, l)`` Gram ``sum_i Y_i^T Y_i``, fp64); each subspace iteration all-reduces
+    ``Z = sum_i X_i^T Q_i (n, l)``; Rayleigh-Ritz all-reduces ``B = sum_i Q_i^T X_i (l, n)`` and takes the SVD
+    of that small matrix on every process: ``B = W S V^T``, ``U_i = Q_i W``.
+  - Exact (an operator's first rebuild with ``warm_start``, and shapes that :func:`ops.truncated_svd` answers
+    with the full SVD): when the operator has at most ``n`` rows its rows are summed into one ``(m, n)``
+    buffer (each process contributes its own, the rest zero) and every process takes the same full SVD; a
+    taller one all-reduces its Gram ``X^T X = sum_i X_i^T X_i (n, n)`` (fp64) and takes ``eigh``:
+    ``sigma = sqrt(lambda)``, ``U_i = X_i V / sigma``. Either moves at most ``min(m, n) n`` numbers, never more
+    than the operator's own rows, once per operator.
+
+  Every all-reduce carries all operators of the rebuild that are in the same phase (one flat buffer per
+  dtype). The kept count, eps and the widening decisions come from the all-reduced (hence identical) sigmas,
+  so every process takes the same decisions.
+
+* **Step** (:func:`decoupled_step_`). ``G(X) = 2 lmbda L X R`` on the local rows, with
+  ``L X R - X = U D P + (Q + U D C) D V^T``, ``P = U^T X = sum_i U_i^T X_i (k, n)``, ``Q_i = X_i V`` (local),
+  ``C = P V``. The ``P`` of every sharded operator are formed at the old weights and summed in ONE flat
+  all-reduce per optimizer step (the first sharded :func:`decoupled_step_` of a step does it for all weights),
+  i.e. ``sum_ops k n`` numbers per step against ``M n`` per weight to gather the weights.
+
+* **State** (:func:`gathered_U`, :func:`local_rows`): :meth:`Q3R.state_dict` holds the whole ``U (m, k)`` of
+  every operator (one flat all-reduce of the zero-padded rows; a collective: call it on every process), so a
+  state saved under FSDP2 is the single-process state and loads into either.
+
+Limits: the shard dimension must be 0 (``fully_shard``'s default) over one mesh dimension (other mesh
+dimensions may replicate, as in HSDP; a wholly replicated ``DTensor`` is refused); ``Q3R.val``, ``Q3R.grad`` and ``Q3R.factors`` (which assemble whole
+weights) refuse sharded weights with a ``TypeError``; ``AdamQ3R`` needs none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import distributed as _dist
+
+try:  # torch built without distributed: nothing is ever sharded
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Replicate = Shard = None
+
+# Smallest Cholesky pivot of the distributed CholeskyQR2 (fp64 Gram), relative to the largest, that is trusted;
+# below it (nearly dependent sketch columns) the operator is rebuilt by the exact path instead.
+_CHOL_MIN_PIVOT = 1e-7
+
+
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a weight this module handles)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+class _Shard:
+    """Where one operator's rows lie in this process's shard of its weight.
+
+    ``local (a, b)``: rows of the local tensor; ``within (a', b')``: the same rows counted from the operator's
+    first row; ``group``: the process group over which the weight's rows are split.
+    """
+
+    __slots__ = ("group", "local", "within", "offset", "nrows")
+
+    def __init__(self, group, local, within, offset, nrows):
+        self.group, self.local, self.within, self.offset, self.nrows = group, local, within, offset, nrows
+
+
+def weight_shard(w) -> tuple:
+    """``(group, offset, nrows)`` of a row-sharded ``DTensor`` weight: the process group over which dim 0 is
+    split, the global index of this process's first row and its number of rows.
+
+    Raises ``TypeError`` for a placement other than ``Shard(0)`` over one mesh dimension (plus ``Replicate``).
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = w.device_mesh, tuple(w.placements)
+    dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
+    bad = [pl for pl in placements if not isinstance(pl, (Shard, Replicate))]
+    if bad or len(dims) > 1 or any(placements[i].dim != 0 for i in dims):
+        raise TypeError(f"Q3R supports weights sharded by rows (Shard(0) on one mesh dimension, as fully_shard "
+                        f"does), got placements {placements} for a weight of shape {tuple(w.shape)}")
+    if not dims:
+        raise TypeError(f"Q3R supports weights sharded by rows (Shard(0)); a DTensor weight of shape "
+                        f"{tuple(w.shape)} with placements {placements} is not sharded")
+    shape, offset = compute_local_shape_and_global_offset(w.shape, mesh, placements)
+    return mesh.get_group(dims[0]), int(offset[0]), int(shape[0])
+
+
+def shard_of(op) -> _Shard:
+    """The :class:`_Shard` of a Q3R operator on a sharded weight (computed once, kept on the operator)."""
+    sh = getattr(op, "_shard", None)
+    if sh is None:
+        if getattr(op, "transposed", False):
+            raise TypeError(f"Q3R {op.name}: a Conv1D-style (in, out) weight sharded by FSDP2 splits the operator's "
+                            "columns, not its rows; only nn.Linear-style (out, in) weights are supported sharded")
+        group, offset, nrows = weight_shard(op.weight)
+        s, e = op.rows if op.rows is not None else (0, op.weight.shape[0])
+        a, b = max(s, offset), min(e, offset + nrows)
+        b = max(a, b)
+        sh = op._shard = _Shard(group, (a - offset, b - offset), (a - s, b - s), offset, nrows)
+    return sh
+
+
+def local_view(op, w: torch.Tensor | None = None) -> torch.Tensor:
+    """The operator's rows of this process's shard, ``(m_i, n)``, a view of the local tensor (maybe 0 rows)."""
+    a, b = shard_of(op).local
+    return (op.weight if w is None else w).to_local()[a:b]
+
+
+def _groups(items: Sequence) -> list[tuple[object, list]]:
+    """``items`` (whose first field is an operator) by process group, in first-seen order (same on every process)."""
+    out: dict[int, tuple[object, list]] = {}
+    for item in items:
+        g = shard_of(item[0] if isinstance(item, tuple) else item).group
+        out.setdefault(id(g), (g, []))[1].append(item)
+    return list(out.values())
+
+
+def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Per tensor, whether every element is finite on EVERY process, for a list that may hold ``DTensor``s.
+
+    Local tensors of ``DTensor``s are checked locally and the flags combined by one all-reduce (MIN) over the
+    default group when any tensor is sharded, so that every process skips (or raises for) the same step.
+    """
+    from .._checks import finite_flags as _local_flags
+
+    local = [t.to_local() if is_sharded(t) else t for t in tensors]
+    flags = _local_flags(local)
+    if any(is_sharded(t) for t in tensors) and _dist.is_distributed():
+        f = torch.tensor([1.0 if x else 0.0 for x in flags], dtype=torch.float64)
+        if local:
+            f = f.to(local[0].device)
+        _dist.flat_all_reduce([f], op=torch.distributed.ReduceOp.MIN)
+        flags = [bool(x) for x in f.cpu().tolist()]
+    return flags
+
+
+# ------------------------------------------------------------------------------------------------ rebuild
+class _Job:
+    """One operator's rebuild in flight: ``X`` its local rows (compute dtype), ``k`` the triplets asked for,
+    ``mode`` how (``"exact"``, ``"sketch"``, ``"warm"``), ``basis`` the warm start (``(k_b, n)`` or None)."""
+
+    def __init__(self, i, op, X, k, mode, basis=None):
+        self.i, self.op, self.X, self.k, self.mode, self.basis = i, op, X, k, mode, basis
+        self.Q = self.U = self.S = self.Vh = None
+        self.host_s = self.host_res = None
+
+
+def _sketch_of(q3r, job: _Job, width: int) -> torch.Tensor:
+    """The ``(n, width)`` starting block one process uses for this operator (``operator._sketched_svd``): the
+    operator's seeded Gaussian block, its first columns replaced by ``job.basis`` on a warm start."""
+    from . import regularizer
+    from .operator import _seeded_sketch
+
+    op = job.op
+    sketch = _seeded_sketch([q3r._seed(job.i)], op.n, width, job.X.dtype, job.X.device, q3r._sketches,
+                            getattr(regularizer, "_SKETCH_CACHE_ELEMENTS", 0))[0]
+    if job.mode == "warm" and job.basis is not None:
+        sketch = sketch.clone()
+        c = min(job.basis.shape[0], width)
+        sketch[:, :c] = job.basis[:c].T
+    return sketch
+
+
+def _dist_orth(Ys: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[bool]]:
+    """CholeskyQR2 of the row-sharded ``Ys`` (``(m_i, l)`` each): two flat all-reduces of the fp64 Grams.
+    Returns the orthonormal local rows and, per matrix, whether both factorisations were trusted (the same on
+    every process: the Grams are all-reduced)."""
+    ok = [True] * len(Ys)
+    Ys = list(Ys)
+    for _ in range(2):
+        grams = [Y.to(torch.float64).T @ Y.to(torch.float64) for Y in Ys]
+        _dist.flat_all_reduce(grams, group=group)
+        for j, (Y, G) in enumerate(zip(Ys, grams, strict=True)):
+            L, info = torch.linalg.cholesky_ex(G)
+            piv = L.diagonal()
+            if int(info) != 0 or not bool(piv.amin() > _CHOL_MIN_PIVOT * piv.amax()):
+                ok[j] = False
+                continue
+            eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+            Ys[j] = Y @ torch.linalg.solve_triangular(L.T, eye, upper=True).to(Y.dtype)
+    return Ys, ok
+
+
+def _randomized(q3r, jobs: list[_Job], n_iter: int, group) -> list[_Job]:
+    """Sketch, ``n_iter`` subspace iterations and Rayleigh-Ritz for ``jobs`` (as ``ops.truncated_svd``);
+    returns the jobs whose orthonormalisation was not trusted (to be rebuilt exactly)."""
+    from ..ops.truncated_svd import sketch_width
+
+    Ys = [job.X @ _sketch_of(q3r, job, sketch_width((job.op.m, job.op.n), job.k, q3r.oversample)) for job in jobs]
+    Qs, ok = _dist_orth(Ys, group)
+    for _ in range(n_iter):
+        Zs = [job.X.T @ Q for job, Q in zip(jobs, Qs, strict=True)]  # (n, l) partial sums
+        _dist.flat_all_reduce(Zs, group=group)
+        Qs, ok2 = _dist_orth([job.X @ torch.linalg.qr(Z).Q for job, Z in zip(jobs, Zs, strict=True)], group)
+        ok = [a and b for a, b in zip(ok, ok2, strict=True)]
+    good = [(job, Q) for job, Q, flag in zip(jobs, Qs, ok, strict=True) if flag]
+    Bs = [Q.T @ job.X for job, Q in good]  # (l, n) partial sums
+    _dist.flat_all_reduce(Bs, group=group)
+    for (job, Q), B in zip(good, Bs, strict=True):
+        W, S, Vh = torch.linalg.svd(B, full_matrices=False)
+        job.U, job.S, job.Vh = Q @ W[:, :job.k], S[:job.k], Vh[:job.k]
+    return [job for job, flag in zip(jobs, ok, strict=True) if not flag]
+
+
+def _exact(jobs: list[_Job], group) -> None:
+    """Top-``k`` triplets from the operator's gathered rows (``m <= n``) or its all-reduced Gram (``m > n``)."""
+    rows = [job for job in jobs if job.op.m <= job.op.n]
+    tall = [job for job in jobs if job.op.m > job.op.n]
+    bufs = []
+    for job in rows:
+        full = torch.zeros(job.op.m, job.op.n, dtype=job.X.dtype, device=job.X.device)
+        a, b = shard_of(job.op).within
+        full[a:b] = job.X
+        bufs.append(full)
+    grams = [job.X.to(torch.float64).T @ job.X.to(torch.float64) for job in tall]
+    _dist.flat_all_reduce(bufs + grams, group=group)
+    for job, full in zip(rows, bufs, strict=True):
+        U, S, Vh = torch.linalg.svd(full, full_matrices=False)
+        a, b = shard_of(job.op).within
+        job.U, job.S, job.Vh = U[a:b, :job.k].clone(), S[:job.k].clone(), Vh[:job.k].clone()
+    for job, G in zip(tall, grams, strict=True):
+        ev, V = torch.linalg.eigh(G)
+        ev, V = ev.flip(0)[:job.k], V.flip(1)[:, :job.k].to(job.X.dtype)
+        job.S, job.Vh = ev.clamp_min(0).sqrt().to(job.X.dtype), V.T.contiguous()
+        job.U = (job.X @ V) / job.S.clamp_min(torch.finfo(job.X.dtype).tiny)
+
+
+def _randomized_path(q3r, job: _Job) -> bool:
+    from ..ops.truncated_svd import svd_path
+
+    return job.mode != "exact" and svd_path((job.op.m, job.op.n), job.k, q3r.oversample) == "randomized"
+
+
+def _svds(q3r, jobs: list[_Job], group, n_iter: int | None = None) -> None:
+    """Fill ``U`` (local rows), ``S``, ``Vh`` of every job, in lockstep over the processes of ``group``
+    (``n_iter``: the subspace iterations of every randomized job; default 0 warm, ``q3r.n_iter`` cold)."""
+    exact, by_iter = [], {}
+    for job in jobs:
+        if _randomized_path(q3r, job):
+            it = n_iter if n_iter is not None else (0 if job.mode == "warm" else q3r.n_iter)
+            by_iter.setdefault(it, []).append(job)
+        else:
+            exact.append(job)
+    for it in sorted(by_iter):
+        exact += _randomized(q3r, by_iter[it], it, group)
+    if exact:
+        _exact(exact, group)
+
+
+def _read_back(jobs: list[_Job], group, residuals: bool) -> None:
+    """Host copies of the jobs' sigmas and, with ``residuals``, of their Ritz residuals ``||X v_i - s_i u_i||``
+    (squared norms of the local rows summed by one flat all-reduce)."""
+    res = []
+    if residuals:
+        res = [(job.X @ job.Vh.T - job.U * job.S).square().sum(0) for job in jobs]
+        _dist.flat_all_reduce(res, group=group)
+    for j, job in enumerate(jobs):
+        job.host_s = job.S.tolist()
+        job.host_res = res[j].sqrt().tolist() if residuals else None
+
+
+def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
+    """``Q3R._refine`` for sharded jobs: the randomized rebuilds whose Ritz residuals fail ``Q3R._failing`` get
+    ``_REFINE_ROUNDS`` rounds of ``max(1, n_iter)`` subspace iterations from their own right vectors, then the
+    exact SVD where ``min(m, n) <= _EXACT_COLD_DIM`` (a ``RuntimeWarning`` for those left as they are)."""
+    import warnings
+
+    from . import regularizer as R
+
+    tol = getattr(q3r, "rebuild_tol", None)
+    checked = [job for job in jobs if tol is not None and hasattr(q3r, "_failing") and _randomized_path(q3r, job)]
+    _read_back([job for job in jobs if job not in checked], group, False)
+    _read_back(checked, group, True)
+    failed = [job for job in checked if q3r._failing(job.op, job.host_s, job.host_res)]
+    for _ in range(getattr(R, "_REFINE_ROUNDS", 1)):
+        if not failed:
+            return
+        for job in failed:
+            job.mode, job.basis = "warm", job.Vh
+        _svds(q3r, failed, group, n_iter=max(1, q3r.n_iter))
+        _read_back(failed, group, True)
+        failed = [job for job in failed if q3r._failing(job.op, job.host_s, job.host_res)]
+    exact = [job for job in failed if min(job.op.m, job.op.n) <= R._EXACT_COLD_DIM]
+    late = [job.op.name for job in failed if min(job.op.m, job.op.n) > R._EXACT_COLD_DIM]
+    if late:
+        warnings.warn(f"Q3R: the rebuilt triplets of {late} still have Ritz residuals above rebuild_tol={tol}; "
+                      "kept as they are", RuntimeWarning, stacklevel=4)
+    for job in exact:
+        job.mode = "exact"
+    if exact:
+        _exact(exact, group)
+        _read_back(exact, group, False)
+
+
+def _move_eps(q3r, op, sigma: float) -> None:
+    out = q3r._next_eps(op, sigma)
+    if isinstance(out, tuple):  # (eps, eps0): the schedule stores nothing itself
+        op.eps, op.eps0 = out
+    else:
+        op.eps = out
+
+
+@torch.no_grad()
+def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
+    """Rebuild the operators ``items`` (index, operator) of sharded weights; every process calls it with the same
+    items (they are not split over ranks: each process works on its rows of all of them).
+
+    Mirrors ``Q3R._refresh_ops``, ``Q3R._refine`` and ``Q3R._settle``: the same number of triplets asked for,
+    the same SVD mode per operator (``Q3R._svd_mode``) and sketch, the same a-posteriori check, eps moved by
+    ``Q3R._next_eps``, widening (a cold SVD of twice the width) while the last sigma is above eps.
+    """
+    from . import regularizer as R
+
+    work = []
+    for i, op in items:
+        kmax = min(op.m, op.n)
+        if op.rank < kmax:
+            k = min(kmax, -(-(max(op.rank, op.k) + 1 + R._WIDEN_MARGIN) // R._K_ROUND) * R._K_ROUND)
+            X = local_view(op, op.weight.detach()).to(op.cdtype)
+            work.append(_Job(i, op, X, k, q3r._svd_mode(op), op.basis))
+    if not work:
+        return
+    finite = finite_flags([job.op.weight for job in work])  # all-reduced: every process raises alike
+    if not all(finite):
+        raise ValueError(f"Q3R: the weight of {work[finite.index(False)].op.name} contains NaN or Inf")
+    for group, jobs in _groups([(job.op, job) for job in work]):
+        jobs = [job for _, job in jobs]
+        _svds(q3r, jobs, group)
+        _check_and_refine(q3r, jobs, group)
+        for job in jobs:
+            _move_eps(q3r, job.op, job.host_s[job.op.rank])
+        while jobs:
+            widen = []
+            for job in jobs:
+                op, host_s = job.op, job.host_s
+                cut = op.eps + R._KEEP_ULPS * torch.finfo(op.cdtype).eps * host_s[0]
+                if job.k < min(op.m, op.n) and host_s[-1] > cut:
+                    job.k = min(2 * job.k, min(op.m, op.n))
+                    job.mode, job.basis = q3r._svd_mode(op, warm=False), None
+                    widen.append(job)
+                    continue
+                keep = sum(1 for v in host_s if v > cut)
+                op.basis = job.Vh if q3r.warm_start else None
+                op.set_triplets(job.U[:, :keep], job.S[:keep], job.Vh[:keep])
+            if widen:
+                _svds(q3r, widen, group)
+                _read_back(widen, group, False)
+            jobs = widen
+    invalidate(q3r)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def invalidate(q3r) -> None:
+    """Forget the per-step products (after a rebuild or a state load)."""
+    q3r.__dict__.pop("_sharded_products", None)
+
+
+def _products(q3r, weight) -> dict:
+    """``{id(op): P}`` with ``P = U^T X (k, n)`` summed over the processes, for the operators of ``weight``.
+
+    All sharded weights' products are formed together, at the weights of the first call in this step, and
+    summed in one flat all-reduce (per group and dtype); each weight's are handed out once, so a second call
+    for the same weight in the same step forms them anew.
+    """
+    key = (q3r.t, tuple(id(op.U) for op in q3r.ops))  # a rebuild or a loaded state replaces every U
+    cache = q3r.__dict__.get("_sharded_products")
+    if cache is None or cache[0] != key or id(weight) not in cache[1]:
+        cache = q3r._sharded_products = (key, _all_products(q3r))
+    return cache[1].pop(id(weight))
+
+
+def _all_products(q3r) -> dict[int, dict[int, torch.Tensor]]:
+    """``{id(weight): {id(op): P}}`` for every sharded weight (one flat all-reduce per group)."""
+    prods: dict[int, dict] = {id(op.weight): {} for op in q3r.ops if is_sharded(op.weight)}
+    for group, members in _groups([op for op in q3r.ops if is_sharded(op.weight) and op.k]):
+        Ps = [op.U.T @ local_view(op).to(op.cdtype) for op in members]
+        _dist.flat_all_reduce(Ps, group=group)
+        for op, P in zip(members, Ps, strict=True):
+            prods[id(op.weight)][id(op)] = P
+    return prods
+
+
+def _step_weight(q3r, weight, P: dict, beta: float, alpha: float, rest: float, keep=None) -> None:
+    """Covered rows ``X <- beta X + alpha (L X R - X)``, the other local rows ``X <- rest X`` (``keep``: a 0-d
+    tensor, 1 apply / 0 leave the weight as it is)."""
+    ops_w = [op for op in q3r.ops if op.weight is weight]
+    local = weight.to_local()
+    cdtype = ops_w[0].cdtype
+    X_all = local.to(cdtype, copy=True) if keep is not None or local.dtype != cdtype or not local.is_contiguous() \
+        else local
+    covered = torch.zeros(local.shape[0], dtype=torch.bool)
+    for op in ops_w:
+        a, b = shard_of(op).local
+        covered[a:b] = True
+        X = X_all[a:b]
+        if not op.k or a == b:
+            if beta != 1.0:
+                X.mul_(beta)
+            continue
+        Ud, V, Pk = op.U * op.d, op.Vh.T, P[id(op)]
+        T = (X @ V + Ud @ (Pk @ V)) * op.d  # (Q + U D C) D, (m_i, k)
+        delta = Ud @ Pk + T @ op.Vh
+        X.mul_(beta).add_(delta, alpha=alpha)
+    if rest != 1.0 and not bool(covered.all()):
+        X_all[~covered.to(X_all.device)] *= rest
+    if keep is not None:
+        local.lerp_(X_all.to(local.dtype), keep.to(local.dtype))  # exact for keep in {0, 1}
+    elif X_all is not local:
+        local.copy_(X_all)
+
+
+@torch.no_grad()
+def decoupled_step_(q3r, weight, lr: float, weight_decay: float = 0.0, defer_scale: bool = False) -> float:
+    """``Q3R.decoupled_step_`` for a sharded ``weight`` (same contract, applied to this process's rows).
+
+    ``weight`` is a ``DTensor`` regularised by ``q3r``; its local tensor is updated in place (a weight of
+    another dtype than the compute dtype is updated through a copy). A collective the first time in a step.
+    """
+    if not any(op.weight is weight for op in q3r.ops):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} is not regularised by this Q3R")
+    P = _products(q3r, weight)
+    c, base = 2.0 * q3r.lmbda * lr, 1.0 - lr * weight_decay
+    scale = base - c if defer_scale and base - c >= 0.5 else 1.0
+    _step_weight(q3r, weight, P, (base - c) / scale, -c / scale, base / scale)
+    return scale
+
+
+@torch.no_grad()
+def decoupled_steps_(q3r, settings, key=None, keep=None) -> None:
+    """``Q3R.decoupled_steps_`` for every sharded weight of ``q3r``: ``(lr, wd) = settings[key(w)]`` (``key=None``:
+    ``settings[None]``); one flat all-reduce of all thin products ``P``, then each weight's local rows.
+    Every process must call it (a collective); nothing happens when no weight is sharded."""
+    if not any(is_sharded(op.weight) for op in q3r.ops):
+        return
+    prods = _all_products(q3r)
+    for w in {id(op.weight): op.weight for op in q3r.ops if is_sharded(op.weight)}.values():
+        lr, wd = settings[None if key is None else key(w)]
+        c, base = 2.0 * q3r.lmbda * lr, 1.0 - lr * wd
+        _step_weight(q3r, w, prods[id(w)], base - c, -c, base, keep)
+
+
+# ---------------------------------------------------------------------------------------------- the state
+def gathered_U(ops: Sequence) -> dict[int, torch.Tensor]:
+    """``{id(op): U (m, k)}``, the whole left vectors of every sharded operator, on every process (one flat
+    all-reduce of the zero-padded rows per group). A collective: every process must call it."""
+    out = {}
+    for group, members in _groups([op for op in ops if is_sharded(op.weight)]):
+        bufs = []
+        for op in members:
+            full = torch.zeros(op.m, op.k, dtype=op.U.dtype, device=op.U.device)
+            a, b = shard_of(op).within
+            full[a:b] = op.U
+            bufs.append(full)
+        _dist.flat_all_reduce(bufs, group=group)
+        out.update({id(op): U for op, U in zip(members, bufs, strict=True)})
+    return out
+
+
+def local_rows(op, U: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a whole ``U (m, k)`` for ``op`` (``U`` itself when ``op``'s weight is not sharded)."""
+    if not is_sharded(op.weight):
+        return U
+    a, b = shard_of(op).within
+    return U[a:b]
+
+
+def refuse(ops: Sequence, what: str) -> None:
+    """``TypeError`` when any of ``ops`` regularises a sharded weight (for ``val``, ``grad``, ``factors``)."""
+    names = [op.name for op in ops if is_sharded(op.weight)]
+    if names:
+        raise TypeError(f"Q3R.{what} assembles whole weights and does not support weights sharded by FSDP2 "
+                        f"(DTensor): {names}; use AdamQ3R (or decoupled_step_), which works on the shards")
+
+
+# ------------------------------------------------------------------------------------ hooks for Q3R itself
+def refresh(q3r, items: list[tuple[int, object]]) -> list[tuple[int, object]]:
+    """Rebuild every operator of ``q3r`` on a sharded weight (on every process, whatever ``items`` holds) and
+    return the operators of ``items`` that are not sharded (for ``Q3R._refresh_ops``)."""
+    sharded = [(i, op) for i, op in enumerate(q3r.ops) if is_sharded(op.weight)]
+    if not sharded:
+        return items
+    refresh_ops(q3r, sharded)
+    return [(i, op) for i, op in items if not is_sharded(op.weight)]
+
+
+def share_states(q3r, me: int) -> None:
+    """``Q3R._share_states`` over the operators of unsharded weights only (the sharded ones were rebuilt by every
+    process and hold only their own rows of ``U``)."""
+    keep = [i for i, op in enumerate(q3r.ops) if not is_sharded(op.weight)]
+    if len(keep) == len(q3r.ops):
+        q3r._share_states(me)
+        return
+    if not keep:
+        return
+    ops, owners = q3r.ops, q3r._owners
+    try:
+        q3r.ops, q3r._owners = [ops[i] for i in keep], [owners[i] for i in keep]
+        q3r._share_states(me)
+    finally:
+        q3r.ops, q3r._owners = ops, owners
+
+
+def plain(ops: Sequence) -> list:
+    """The operators (or weights) of ``ops`` that are not sharded."""
+    return [op for op in ops if not is_sharded(getattr(op, "weight", op))]
+
+
+def agree_found(found: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """``found`` (a 0-d non-finite flag computed from local shards) <- its maximum over the processes when any of
+    ``tensors`` is sharded, so that every process skips the same steps (one tiny all-reduce)."""
+    if any(is_sharded(t) for t in tensors) and _dist.is_distributed():
+        _dist.flat_all_reduce([found.view(1)], op=torch.distributed.ReduceOp.MAX)
