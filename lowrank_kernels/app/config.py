@@ -9,17 +9,26 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from ..q3r.config import SCHEDULES as Q3R_SCHEDULES
+from ..q3r.config import Q3RConfig
 from .errors import ConfigError
 from .techniques import TECHNIQUES
 
 MODELS = ("vit-tiny", "gpt-tiny")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SCHEDULES = ("cosine", "constant")
-EPS_SCHEDULES = ("default", "linear", "constant", "exploration")
+EPS_SCHEDULES = Q3R_SCHEDULES
 
 
 def _f(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _q3r(name: str, prefix: str = "", choices=None, default=dataclasses.MISSING):
+    """A field whose help (and default, unless ``default`` is given) are those of the library's ``Q3RConfig``
+    field ``name``: one source for the library and the command line."""
+    spec = {f.name: f for f in dataclasses.fields(Q3RConfig)}[name]
+    return _f(spec.default if default is dataclasses.MISSING else default, prefix + spec.metadata["help"], choices)
 
 
 @dataclass
@@ -50,12 +59,12 @@ class TrainConfig:
     warmup_frac: float = _f(0.1, "fraction of steps for linear LR warm-up")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
     # Q3R (adamq3r, q3r, lorita-q3r) and truncation
-    target_rank: float = _f(0.25, "Q3R / truncation rank: float in (0,1) = fraction of min(m,n), int = absolute")
-    lmbda: float = _f(0.1, "Q3R strength lambda")
-    q3r_steps: int = _f(5, "rebuild the Q3R operators every N steps")
-    epsilon_schedule: str = _f("default", "Q3R epsilon schedule", EPS_SCHEDULES)
+    target_rank: float = _q3r("target_rank", prefix="Q3R and truncation: ")
+    lmbda: float = _q3r("lmbda")
+    q3r_steps: int = _q3r("steps")
+    epsilon_schedule: str = _q3r("epsilon_schedule", choices=EPS_SCHEDULES)
     q3r_N: int = _f(0, "steps of the 'linear' epsilon decay (0: the whole run)")
-    eps_min: float = _f(1e-6, "final epsilon of the 'linear' schedule")
+    eps_min: float = _q3r("eps_min")
     lorita_depth: int = _f(2, "lorita-q3r: factors per target Linear")
     # low rank / LoRA / controller
     rank: int = _f(16, "initial rank (controller), LoRA rank, spectral-lora maximum rank")
