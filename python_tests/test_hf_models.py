@@ -161,6 +161,8 @@ def test_save_and_load_lowrank_pretrained_round_trip(kind, tmp_path):
     config = model.config
     again = load_lowrank_pretrained(lambda: type(model)(config), tmp_path)
     torch.testing.assert_close(_out(again, x), ref, rtol=0, atol=0)
+    half = load_lowrank_pretrained(type(model), tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
 def test_model_load_state_dict_across_ranks_keeps_parameter_objects():

@@ -119,14 +119,16 @@ def _build(model_cls_or_factory, directory: str) -> nn.Module:
                     f"got {model_cls_or_factory!r}")
 
 
-def load_lowrank_pretrained(model_cls_or_factory: type | Callable[[], nn.Module],
-                            directory: str | os.PathLike) -> nn.Module:
+def load_lowrank_pretrained(model_cls_or_factory: type | Callable[[], nn.Module], directory: str | os.PathLike,
+                            *, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_lowrank_pretrained`; returned in eval mode, as ``from_pretrained`` does.
 
     Args:
         model_cls_or_factory: a transformers model class (built as ``cls(cls.config_class.from_pretrained(dir))``)
             or a callable returning the dense model (``lambda: GPT2LMHeadModel(config)``).
         directory: the saved directory (``config.json`` for a class, ``lowrank_config.json``, safetensors weights).
+        dtype: the model is cast to it before loading (default: as built, i.e. ``torch.get_default_dtype()``
+            for a class); the saved tensors are converted to the parameters' dtype.
 
     Raises:
         ValueError: ``lowrank_config.json`` is missing while the weights hold low-rank factors (``.U``/``.V``) or
@@ -145,6 +147,8 @@ def load_lowrank_pretrained(model_cls_or_factory: type | Callable[[], nn.Module]
                              "layer ranks are unknown")
         layers = {}
     model = _build(model_cls_or_factory, directory)
+    if dtype is not None:
+        model.to(dtype)
     all_names: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         all_names.setdefault(id(mod), []).append(name)
