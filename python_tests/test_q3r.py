@@ -141,7 +141,8 @@ def test_schedules():
     (0.2, 576, 192, 38), (0.2, 192, 768, 38), (0.5, 10, 30, 5), (0.01, 10, 30, 1), (7, 100, 50, 7), (1, 5, 5, 1),
 ])
 def test_target_rank_semantics(spec, m, n, want):
-    """float = fraction of min(m, n) (the seed: of max(m, n)); int = absolute (the seed scales by max/min)."""
+    """float = fraction of min(m, n) (the upstream Q3R code: of max(m, n)); int = absolute (the upstream code scales
+    by max/min)."""
     assert resolve_rank(spec, m, n) == want
     q = Q3R({nn.Linear(n, m): None}, target_rank=spec, lmbda=0.1)
     assert q.ops[0].rank == want

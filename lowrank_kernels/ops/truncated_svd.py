@@ -10,12 +10,11 @@ twice: "CholeskyQR2"), because batched ``torch.linalg.qr`` runs a loop of small 
 Cholesky-QR is two matmuls and a tiny batched factorisation. It runs without host syncs; when the Gram
 matrix was not positive definite or too ill-conditioned (rank-deficient ``W``, exact zeros) the final check
 (finite, orthonormal ``U``) fails and the run is repeated with Householder ``torch.linalg.qr``.
-On the CPU LAPACK's Householder QR is faster than CholeskyQR2 with its fp64 Gram (3072x72 fp32, 2 cores:
-1.3 vs 2.5 ms), but the inner steps of the iteration only need a well-conditioned basis of the right span,
-not an orthonormal one: the CPU's ``"hybrid"`` method takes one Cholesky-QR pass with a Gram in the input's
-precision there (about half the cost; Householder when that Gram is not positive definite), and two such
-passes for the last basis, the one ``W`` is projected on (the final orthonormality check sends a poor one to
-the Householder run; ViT-Tiny's 72 Q3R operators: 104 vs 135 ms per rebuild with Householder last)
+On the CPU LAPACK's Householder QR is faster than CholeskyQR2 with its fp64 Gram, but the inner steps of the
+iteration only need a well-conditioned basis of the right span, not an orthonormal one: the CPU's ``"hybrid"``
+method takes one Cholesky-QR pass with a Gram in the input's precision there (about half the cost of
+Householder; Householder when that Gram is not positive definite), and two such passes for the last basis, the
+one ``W`` is projected on (the final orthonormality check sends a poor one to the Householder run)
 (see :data:`ORTHO_METHOD`). The final ``k x k`` SVD on the CPU comes
 from ``eigh`` of the Gram of the projection, fp32 when the kept spectrum allows it, else fp64
 (:func:`_small_svd_gram`).
@@ -30,10 +29,8 @@ import torch
 from .._checks import check_finite, check_positive_int, check_tensor
 
 # Up to this many rows/columns, or when rank + oversample covers this fraction of min(m, n), the
-# randomized method saves nothing: LAPACK's SVD of the whole matrix is as fast and exact. Measured
-# 2026-11-25 (median, 2 CPU cores of an AMD EPYC, fp32, full SVD vs randomized with the defaults
-# oversample=16, n_iter=4): 96^2 rank 8: 1.07 vs 1.35 ms; 128^2 rank 16: 1.90 vs 1.85 ms; 192^2 rank 16:
-# 3.2 vs 1.9 ms; 384^2 rank 32: 16.6 vs 3.9 ms.
+# randomized method saves nothing: LAPACK's SVD of the whole matrix is as fast there, and exact (the
+# crossover of the CPU benchmark bench/bench_truncated_svd.py with the defaults oversample=16, n_iter=4).
 SMALL_DIM = 128
 DENSE_FRACTION = 0.5
 # Smallest pivot of the one-pass Cholesky-QR relative to the largest (about 1 / cond(Y)) that its Gram,
@@ -83,8 +80,7 @@ def _cholesky_qr1(Y: torch.Tensor) -> torch.Tensor:
     inverse formed explicitly, then one GEMM) spans the same space as ``Y`` but is orthonormal only to
     ``~eps cond(Y)^2``, which the next product with ``W`` does not mind. When the factorisation fails or a
     pivot of ``L`` is below :data:`_CHOL_MIN_PIVOT` of the largest (``cond(Y)`` beyond what the Gram holds:
-    dependent columns) it falls back to Householder. 2 CPU cores, fp32: 192x47 0.07 vs 0.15 ms,
-    768x47 0.11 vs 0.21 ms, 3072x72 0.45 vs 1.4 ms.
+    dependent columns) it falls back to Householder, which costs about twice as much on the CPU.
     """
     L, info = torch.linalg.cholesky_ex(Y.transpose(-1, -2) @ Y)
     pivots = L.diagonal(dim1=-2, dim2=-1)
@@ -180,8 +176,8 @@ def project_svd(Q: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tens
         if small is not None:
             W, S, Vh = small
             return Q @ W, S, Vh
-    # SVD of the tall column-major view B^T, not of B: LAPACK then needs no copy and takes its tall path
-    # (80x3072 on 2 CPU cores: 2.7 ms vs 20.9 ms best of 7).
+    # SVD of the tall column-major view B^T, not of B: LAPACK then needs no copy and takes its (much faster)
+    # tall path.
     Ut, S, Vth = torch.linalg.svd(B.transpose(-1, -2), full_matrices=False)
     U = Q @ Vth.transpose(-1, -2)[..., :rank]
     return U, S[..., :rank], Ut.transpose(-1, -2)[..., :rank, :]
@@ -192,11 +188,11 @@ def _small_svd_gram(B: torch.Tensor, rank: int):
 
     Returns ``(W (..., k, rank), S, Vh (..., rank, n))`` with ``B ~= W diag(S) Vh`` in ``B``'s dtype, or
     ``None`` when a kept singular value is below ``1e-4 sigma_1`` (squaring would cost it its accuracy: the
-    caller then runs the SVD). On the CPU a k x k ``eigh`` is ~4x cheaper than LAPACK's SVD of ``B`` (k=47,
-    n=192: 0.12 vs 0.45 ms). Squaring doubles the condition number, so the Gram is formed in fp32 only while
-    every kept sigma is above :data:`_GRAM32_MIN_RATIO` ``sigma_1`` (errors below ~1e-4 relative there; half the
-    time of the fp64 step: ViT-Tiny's 48 192x192 Q3R operators, 2 cores, 11 vs 21 ms), otherwise in fp64,
-    where the squared condition number (<= 1e8 above the cut-off) leaves the triplets accurate to ~1e-8.
+    caller then runs the SVD). On the CPU a k x k ``eigh`` is several times cheaper than LAPACK's SVD of ``B``.
+    Squaring doubles the condition number, so the Gram is formed in fp32 (about half the cost of fp64) only
+    while every kept sigma is above :data:`_GRAM32_MIN_RATIO` ``sigma_1`` (errors below ~1e-4 relative there),
+    otherwise in fp64, where the squared condition number (<= 1e8 above the cut-off) leaves the triplets
+    accurate to ~1e-8.
     """
     if B.dtype == torch.float32:
         out = _gram_eigh(B, rank, _GRAM32_MIN_RATIO)
@@ -288,7 +284,7 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
         except torch.linalg.LinAlgError:
             pass
     # NaN/Inf in W always reaches the result (W is multiplied by a dense Gaussian block), so a finite W
-    # pays no extra pass for this check (~8% of the run time at 768x3072 rank 64 on the CPU).
+    # pays no extra pass over W for this check.
     check_finite(W, "W")
     warnings.warn(f"truncated_svd: randomized subspace iteration did not converge for W of shape "
                   f"{tuple(W.shape)} at rank {rank}; falling back to torch.linalg.svd", RuntimeWarning, stacklevel=2)

@@ -114,8 +114,8 @@ def _seeded_sketch(seeds: Sequence[int], n: int, width: int, dtype: torch.dtype,
                    cache: dict | None = None, cache_elements: int = 0) -> torch.Tensor:
     """``(b, n, width)`` Gaussian blocks, block ``j`` drawn with ``seeds[j]`` (its own generator): a matrix's
     sketch does not depend on what it is stacked with (one process vs DDP). With a ``cache`` dict the stack is
-    kept there while the cache holds at most ``cache_elements`` elements (72 seeded draws cost ~4 ms per
-    ViT-Tiny rebuild on 2 CPU cores)."""
+    kept there while the cache holds at most ``cache_elements`` elements, since the same draws serve every
+    rebuild and drawing them is a per-operator loop."""
     key = (tuple(seeds), n, width, dtype, device)
     sketch = cache.get(key) if cache is not None else None
     if sketch is None:
@@ -135,9 +135,9 @@ def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int
                   bases: Sequence[torch.Tensor] | None = None):
     """Top-``k`` triplets of each ``X[j] (m, n)`` of a same-shape stack ``X (b, m, n)``.
 
-    One batched :func:`ops.truncated_svd` call (one set of kernels for the whole stack on a GPU; 2 CPU
-    cores, ViT-Tiny's 72 operators: ~105 vs ~150 ms looped), each matrix from its own seeded sketch
-    (:func:`_seeded_sketch`; ``cache``, ``cache_elements`` as there).
+    One batched :func:`ops.truncated_svd` call (one set of kernels for the whole stack), each matrix from its
+    own seeded sketch (:func:`_seeded_sketch`; ``cache``, ``cache_elements`` as there), so that its result does
+    not depend on the stack.
 
     Warm start: ``bases[j] (k_j, n)``, the right singular vectors of ``X[j]``'s previous rebuild, replace the
     first ``k_j`` columns of its sketch; the seeded columns after them are the oversampling. Weights move

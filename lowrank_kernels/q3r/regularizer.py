@@ -1,35 +1,50 @@
-"""Q3R: quadratic reweighted rank regularizer (Nguyen, Ghosh, Kuemmerle 2025, arXiv:2511.04485).
+"""Q3R: quadratic reweighted rank regularizer (Nguyen, Ghosh and Kümmerle, arXiv:2511.04485).
 
-One *operator* per regularised weight matrix, or per slice of a fused one (QKV). Every ``steps`` calls of
-:meth:`Q3R.update` the operator is rebuilt from the current weight ``X (m, n)``: the top singular triplets
-come from :func:`ops.truncated_svd` (rank ``r + 1`` plus oversampling, warm-started from the previous rebuild's
-vectors; see ``warm_start`` of :class:`Q3R` for the one exception, the first rebuild), ``eps`` moves by its
+One *operator* per regularised weight matrix, or per slice of output features of a fused one (QKV). Weights
+are read in ``nn.Linear``'s orientation ``X (m, n) = (out, in)``; transformers' ``Conv1D`` (stored
+``(in, out)``) through its transpose. Every ``steps`` calls of :meth:`Q3R.update` each operator is rebuilt from
+the current weight: its top singular triplets are computed (:meth:`Q3R.refresh`, below), ``eps`` moves by its
 schedule, and the triplets with ``sigma_i > eps`` (beyond rounding) are kept as ``U (m, k)``, ``sigma (k,)``,
-``V (n, k)``.
-With ``d_i = min(eps / sigma_i, 1) - 1``, ``L = I + U diag(d) U^T`` and ``R = I + V diag(d) V^T``:
+``V (n, k)``. With ``d_i = min(eps / sigma_i, 1) - 1``, ``L = I + U diag(d) U^T`` and ``R = I + V diag(d) V^T``:
 
 * value ``Q(X) = lmbda <X, L X R>`` (differentiable in ``X``: :attr:`Q3R.val` can be added to a loss);
 * gradient ``G(X) = 2 lmbda L X R = 2 lmbda (X + A B)`` with the rank-``2k`` factors
   ``A = [U, Q D]`` and ``B = [D (P + C D V^T); V^T]``, ``P = U^T X``, ``Q = X V``, ``C = U^T X V``,
   so no ``m x m`` or ``n x n`` matrix is ever formed.
 
-Differences from the seed (the authors' research code), on purpose:
+Rebuilds. Same-shape operators share batched calls. An operator's first rebuild is the exact SVD where
+``min(m, n) <= 1024`` (a cold randomized estimate of ``sigma_{r+1}`` is several % low on the flat spectra of
+freshly initialised weights, and the default schedule keeps that low ``eps`` for the whole run), a randomized
+truncated SVD (:func:`ops.truncated_svd`) beyond. Later rebuilds are warm: one product with the previous
+rebuild's right singular vectors plus seeded oversampling columns and the Rayleigh-Ritz projection, i.e. one
+step of a subspace iteration that runs across rebuilds. That step is accurate while the weights move little
+between rebuilds and can be far off when they move a lot (early training at a large learning rate), so every
+randomized result is checked a posteriori: the Ritz residuals ``||X v_i - s_i u_i||`` (one batched product;
+``X^T u_i = s_i v_i`` holds by construction) of the triplets that are kept or set ``eps`` must stay within
+``rebuild_tol * s_i``. The operators that fail get ``max(1, n_iter)`` more subspace iterations from their own
+vectors, and those still failing the exact SVD (``min(m, n) <= 1024``; larger ones are kept with a warning).
+All sigma and residuals of a rebuild reach the host in one read, plus one per refinement round.
 
-* ``target_rank`` as a float is a fraction of ``min(m, n)`` (the seed takes it of ``max(m, n)``, contrary
-  to its own documentation) and an int is an absolute rank (the seed scales it by ``max/min``).
-* ``val`` is differentiable (the seed's is detached, so adding it to the loss did nothing).
-* :func:`extract_linear` selects only the named targets and keeps fused slices (the seed regularises
-  every ``nn.Linear`` and drops the slices).
-* Singular vectors come from a randomized truncated SVD with one seeded sketch per operator, so results are
-  reproducible, independent of the global RNG and identical between one process and DDP; after the first
-  rebuild that sketch starts from the previous vectors (a subspace iteration across rebuilds), which is
-  cheaper and far more accurate on the flat spectra of freshly initialised weights than a cold sketch.
-* An operator's first rebuild is an exact SVD where ``min(m, n) <= 1024`` (the issue asks for no full SVD:
-  this one-off, ~0.2 s for 1024 x 1024 on 2 CPU cores, is the exception, because a cold randomized estimate of
-  ``sigma_{r+1}`` is several % low on flat spectra and the default schedule keeps that low ``eps`` for the
-  whole run).
+Differences from the upstream Q3R code (the authors' research code), on purpose:
+
+* ``target_rank`` as a float is a fraction of ``min(m, n)`` (the upstream code takes it of ``max(m, n)``,
+  contrary to its own documentation) and an int is an absolute rank (the upstream code scales it by
+  ``max/min``).
+* The ``linear`` eps schedule decays over ``N`` *optimizer steps* (calls of :meth:`Q3R.update`); the upstream
+  code's ``N`` counts rebuilds, so its decay is ``steps`` times slower for the same ``N``.
+* ``val`` is differentiable (the upstream code's is detached, so adding it to the loss did nothing).
+* :func:`extract_linear` selects only the named targets (``nn.Linear`` and ``Conv1D``) and keeps fused
+  slices as separate operators (the upstream code regularises every ``nn.Linear`` and drops the slices).
+* The gradient is applied through thin factors (above) or, in :class:`~lowrank_kernels.q3r.AdamQ3R`, as a
+  decoupled step like weight decay; the upstream code forms ``L`` and ``R`` densely.
+* Singular triplets come from the exact first rebuild and then warm-started randomized rebuilds with the
+  a-posteriori check (above), instead of a full SVD at every rebuild; one seeded sketch per operator makes
+  the results reproducible, independent of the global RNG and identical between one process and DDP.
+* LoRITa (:mod:`lowrank_kernels.q3r.lorita`): the operators act on the composed weight ``W_1 ... W_depth`` and
+  their gradient reaches every factor through the chain rule; the upstream LoRITa+Q3R passes a
+  non-differentiable value to the loss, so its training is plain Adam on the factors.
+* Under ``torch.distributed`` the operators are split over the ranks by cost and their states shared.
 """
-
 from __future__ import annotations
 
 import math
@@ -52,16 +67,18 @@ from .operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slic
 
 __all__ = ["EPS_START", "Q3R", "TargetMap", "extract_linear", "resolve_rank"]
 
+# Triplets computed beyond max(r, last kept count) + 1, so that sigma_{r+1} is not the sketch's last (least
+# accurate) place and a lagging eps rarely needs a second, wider SVD.
 _WIDEN_MARGIN = 4
-# Sketch ranks are rounded up to a multiple of this (4 rather than 8: ViT-Tiny's 72 operators still make 3 calls,
-# and the 4 fewer columns made a rebuild ~10% faster on 2 CPU cores: 102 vs 113 ms, same kept counts).
+# Triplet counts are rounded up to a multiple of this, so that operators whose kept counts differ a little still
+# share a batched call (larger multiples cost columns in every product).
 _K_ROUND = 4
 # Most weight elements stacked into one batched SVD call during a rebuild (the stack is a copy).
 _BATCH_ELEMENTS = 1 << 25
-# Most elements of the seeded sketches kept between rebuilds (16 MB in fp32; ViT-Tiny needs 0.8M).
+# Most elements of the seeded sketches kept between rebuilds (16 MB in fp32).
 _SKETCH_CACHE_ELEMENTS = 1 << 22
-# With warm_start, an operator's first rebuild takes the exact SVD up to this min(m, n) (one-off; a 1024x1024
-# fp32 SVD takes ~0.2 s on 2 CPU cores), the randomized one beyond.
+# Up to this min(m, n) an operator's first rebuild (with warm_start) and a refinement of last resort take the exact
+# SVD; beyond it the randomized one (the full SVD's cost grows with min(m, n)^2 max(m, n)).
 _EXACT_COLD_DIM = 1024
 # A kept sigma must exceed eps by more than this many units of roundoff of sigma_1.
 _KEEP_ULPS = 16
@@ -190,34 +207,25 @@ def _by_shape(pairs: list[tuple[_Run, int]]) -> dict[tuple, list[tuple[_Run, int
 
 # ------------------------------------------------------------------------------------------------ Q3R
 class Q3R:
-    """The Q3R regularizer over a set of weights (see the module docstring for the maths).
+    """The Q3R regularizer over a set of weights (see the module docstring for the maths and the rebuilds).
 
     Args:
         trainable_modules: ``{module: None | [(start, stop), ...]}`` as returned by :func:`extract_linear`
-            (an iterable of modules means ``None`` for each). Each whole weight or each row slice gets one
-            operator.
-        target_rank: float in (0, 1) = fraction of ``min(m, n)``; int >= 1 = absolute rank; or a list with
-            one entry per operator (modules in order, slices in order within a module).
-        lmbda: regularisation strength (>= 0).
-        steps: rebuild the operators every ``steps`` calls of :meth:`update` (the first call rebuilds).
-        epsilon_schedule: ``"default"`` eps <- min(eps, sigma_{r+1}) starting from 1e8; ``"linear"``
-            geometric decay from sigma_{r+1} at the first rebuild to ``eps_min`` over ``N`` update calls;
-            ``"constant"`` eps = ``epsilon`` (or sigma_{r+1} of the first rebuild when ``epsilon`` is None);
-            ``"exploration"`` eps = sigma_{r+1} at every rebuild.
-        oversample, n_iter: passed to :func:`ops.truncated_svd` (``n_iter``: cold rebuilds only; a warm one takes 0).
-        seed: base seed of the randomized SVD sketches.
-        warm_start: (default) an operator's first rebuild takes the exact SVD (``torch.linalg.svd``) when
-            ``min(m, n) <= 1024``, else :func:`ops.truncated_svd` with ``n_iter``; every later rebuild is one
-            product with the previous right singular vectors (plus ``oversample`` seeded columns) and the
-            Rayleigh-Ritz projection, i.e. one step of a subspace iteration that runs across rebuilds. On
-            flat spectra (randomly initialised weights) a cold randomized SVD is poor: ViT-Tiny's 72 operators
-            (192-wide) under AdamW-sized random steps (lr 1e-3), rebuilt every 5 steps, had their worst kept
-            sigma 6.6-7.3% low with cold rebuilds (``n_iter=2``) and 0.5-1.3% off with warm ones, which make a
-            third of the passes over each weight (2 instead of 6): 40-45 ms per warm rebuild vs 79-94 ms cold on
-            2 CPU cores, the first (exact) one 350-475 ms once. ``False``: every rebuild is a cold
-            :func:`ops.truncated_svd` from the operator's seeded sketch.
+            (an iterable of modules means ``None`` for each). Each whole weight or each slice of output features
+            gets one operator.
+        target_rank, lmbda: see :class:`Q3RConfig`; required unless ``config`` is given.
+        config: a :class:`Q3RConfig` (or a mapping of its fields) holding every setting below.
         group: process group; when ``torch.distributed`` is initialised the operators are split over its
             ranks by cost ``m * n * r`` and their states shared after every rebuild (two all-reduces).
+        **settings: any other :class:`Q3RConfig` field (``steps``, ``epsilon_schedule``, ``N``, ``eps_min``,
+            ``epsilon``, ``oversample``, ``n_iter``, ``warm_start``, ``rebuild_tol``, ``seed``); these and
+            ``target_rank``/``lmbda`` override the fields of ``config``. An unknown name raises ``TypeError``, a
+            bad value ``ValueError`` naming it (:class:`Q3RConfig` validates).
+
+    ``warm_start=False`` makes every rebuild a cold :func:`ops.truncated_svd` from the operator's seeded sketch
+    with ``n_iter`` iterations (then checked like a warm one); ``rebuild_tol=None`` turns the a-posteriori check
+    off. :attr:`last_rebuild` counts what the last rebuild did (``operators``, ``checked``, ``refined``,
+    ``exact``, ``failed``); :meth:`stats` reports each operator's kept triplets.
 
     Before the first rebuild (and for an operator whose rank r >= min(m, n), which is warned about once)
     no triplet is kept and Q3R reduces to weight decay ``lmbda ||X||^2``.
@@ -246,6 +254,7 @@ class Q3R:
         self.ops: list[_Operator] = []
         self._build(trainable_modules, target_rank)
         self.t, self.t0, self.n_refresh = 0, None, 0
+        self.last_rebuild: dict[str, int] = {}
         self._owners: list[int] | None = None
         self._stacks: list | None = None
         self._batches: dict | None = None
@@ -320,8 +329,8 @@ class Q3R:
 
     def _seed(self, i: int) -> int:
         # one sketch per operator for the whole run: with a new draw per rebuild, the default schedule's
-        # eps = min(eps, sigma_{r+1}) ratcheted down on the estimation noise alone (ViT-Tiny, weights held
-        # fixed, r = 38: 38 kept at the first rebuild, 38-42 at the fourth; 38 throughout with one sketch).
+        # eps = min(eps, sigma_{r+1}) would ratchet down on the estimation noise alone (the kept count of a weight
+        # held fixed would creep up from rebuild to rebuild)
         return (self.seed * 1_000_003 + i * 7919) % (2**63)
 
     def _refresh_ops(self, items: list[tuple[int, _Operator]]) -> None:
@@ -333,14 +342,12 @@ class Q3R:
         for i, op in items:
             kmax = min(op.m, op.n)
             if op.rank < kmax:  # else: no triplet is ever kept (warned at construction)
-                # start from the last kept count (+ margin): eps lagging sigma_{r+1} keeps more than r
-                # triplets, and a second, wider SVD per rebuild doubled the rebuild time in the ViT-Tiny
-                # benchmark. The margin also keeps sigma_{r+1} off the last place of the sketch, the least
-                # accurate one. Rounded up to a multiple of _K_ROUND so that operators whose kept counts differ
-                # a little still share a batched call (ViT-Tiny: 3 calls per rebuild instead of 7-10).
+                # start from the last kept count (+ margin): eps lagging sigma_{r+1} keeps more than r triplets,
+                # and a second, wider SVD per rebuild would cost as much again (see _WIDEN_MARGIN, _K_ROUND)
                 k = min(kmax, -(-(max(op.rank, op.k) + 1 + _WIDEN_MARGIN) // _K_ROUND) * _K_ROUND)
                 work.append((i, op, op.view(op.weight.detach()).to(op.cdtype), k))
         if not work:
+            self.last_rebuild = {"operators": 0, "checked": 0, "refined": 0, "exact": 0, "failed": 0}
             return
         finite = finite_flags([X for _, _, X, _ in work])
         if not all(finite):
