@@ -312,6 +312,25 @@ def test_fused_gpt2_lora_gradients_match_peft():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_fused_layers_follow_peft_adapter_switches():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _gpt2()
+    x = {"input_ids": _ids()}
+    dense = _out(base, x)
+    pm = fuse_peft_lora(_peft_lora(base, ["c_attn", "c_fc"], fan_in_fan_out=True))
+    adapted = _out(pm, x)
+    assert (adapted - dense).abs().max() > 1e-3
+    with pm.disable_adapter():
+        torch.testing.assert_close(_out(pm, x), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_out(pm, x), adapted, rtol=0, atol=0)
+    assert all(s.enabled for s in pm.get_layer_status()) and len(pm.get_layer_status()) == 4
+    state = peft.get_peft_model_state_dict(pm)
+    zeros = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}
+    assert not peft.set_peft_model_state_dict(pm, zeros).unexpected_keys
+    torch.testing.assert_close(_out(pm, x), dense, rtol=1e-5, atol=1e-5)  # B = 0: the base function again
+
+
 def test_fuse_refuses_conv1d_without_fan_in_fan_out():
     pm = _peft_lora(_gpt2(), ["c_attn"], fan_in_fan_out=True)
     layer = pm.base_model.model.transformer.h[0].attn.c_attn

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
@@ -180,13 +182,15 @@ class PeftFusedLoRALinear(LoRALinear):
     Its ``state_dict`` uses the keys of the PEFT layer it replaced (``base_layer.weight``, ``base_layer.bias``,
     ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``; a Conv1D base weight as ``(in, out)``) and it loads
     from them. The class is registered as a virtual subclass of PEFT's ``BaseTunerLayer`` so that PEFT's
-    structural adapter discovery (``save_pretrained``, ``get_peft_model_state_dict``, ``load_adapter``) finds its
-    ``lora_A``/``lora_B``. PEFT's adapter switching is not implemented: :meth:`set_adapter` and
-    :meth:`enable_adapters` raise ``RuntimeError``.
+    structural adapter discovery (``save_pretrained``, ``get_peft_model_state_dict``, ``set_peft_model_state_dict``)
+    finds its ``lora_A``/``lora_B``, and ``peft_model.disable_adapter()`` / ``get_model_status()`` work. Switching
+    among several adapters is not: :meth:`set_adapter` raises ``RuntimeError``.
     """
 
     adapter_name: str = "default"
     fan_in_fan_out: bool = False
+    adapter_layer_names = ("lora_A", "lora_B")  # what PEFT's BaseTunerLayer protocol reads
+    other_param_names = ("r", "scaling")
 
     def _peft_keys(self) -> dict[str, str]:
         a = self.adapter_name
@@ -204,14 +208,32 @@ class PeftFusedLoRALinear(LoRALinear):
 
     @property
     def disable_adapters(self) -> bool:
-        return False
+        return getattr(self, "_adapters_off", False)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return [self.adapter_name] if self.merged else []
+
+    def _get_available_adapters(self) -> set[str]:
+        return {self.adapter_name}
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch (``with peft_model.disable_adapter():``): while disabled the layer is its base layer and
+        the adapter gets no gradient (``requires_grad`` off, as PEFT does; back on when enabled again)."""
+        self._adapters_off = not enabled
+        self.lora_A.requires_grad_(enabled)
+        self.lora_B.requires_grad_(enabled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
 
     def set_adapter(self, *args, **kwargs):
         raise RuntimeError("a layer fused by fuse_peft_lora has one fixed adapter; switch adapters on the unfused "
                            "PEFT model")
-
-    def enable_adapters(self, *args, **kwargs):
-        raise RuntimeError("a layer fused by fuse_peft_lora cannot disable its adapter; use the unfused PEFT model")
 
 
 def _to_peft_names(module: PeftFusedLoRALinear, state_dict, prefix, local_metadata) -> None:
