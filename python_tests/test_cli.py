@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lowrank_kernels.app.techniques import TECHNIQUES, availability
+from lowrank_kernels.app.techniques import ADAPTERS, DESCRIPTIONS, TECHNIQUES, availability
 from lowrank_kernels.app.cli import main
 
 # a tiny model on synthetic data: every run below takes well under a second of training
@@ -103,8 +103,16 @@ def test_train_each_technique_few_steps(capsys, tmp_path, technique):
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "final_model.pt").is_file()
     if technique in ("q3r", "lorita-q3r"):
         assert all("reg" in r for r in steps if "loss" in r)
+    # truncating to the target rank never needs more storage than the trained model itself
+    assert final["truncated_params"] <= final["params"], (final["truncated_params"], final["params"])
+    assert 0 < final["params_trainable_frac"] <= 1 and final["params_trainable"] > 0
+    assert f"trainable {final['params_trainable']:,} = " in out
+    assert ".png" not in out  # --no-plots: no plot is announced
+    assert f"{tmp_path}/final.json" in out and f"{tmp_path}/checkpoint.pt" in out
     if technique == "controller":
         assert final["params"] < 2762  # factored layers: fewer parameters than the dense tiny model
+        factor = [r["factor_ranks"] for r in steps if "factor_ranks" in r]
+        assert factor and factor[-1] == final["controller_ranks"]
     if technique == "lorita-q3r":
         assert final["params"] == 2762  # composed back into plain Linear layers for inference
 
@@ -133,6 +141,7 @@ def test_train_text_file_lm_with_plots_and_config(capsys, tmp_path):
         assert final["test_ppl"] > 1.0 and "ppl" in out
     for png in ("loss.png", "ranks.png", "spectra.png"):
         assert (tmp_path / "char" / png).stat().st_size > 1000
+        assert str(tmp_path / "char" / png) in out or tok == "word"
 
 
 def test_init_from_a_finished_run(capsys, tmp_path):
@@ -163,6 +172,11 @@ def test_sweep_skips_finished_runs_on_restart(capsys, tmp_path):
     assert main(["sweep", str(grid)]) == 0
     second = capsys.readouterr().out
     assert "3 runs, 1 already finished, 2 to run" in second
+    # a progress line per finished job: i/N, the run, its result and the time
+    progress = [line for line in second.splitlines() if line.strip().startswith("[")]
+    assert [line.split()[0] for line in progress] == ["[1/2]", "[2/2]"], second
+    assert {line.split()[1] for line in progress} == {"technique=adamw:", "technique=q3r:"}
+    assert all("test acc 0." in line and " s, elapsed " in line for line in progress), progress
     assert (out / "technique=adamq3r" / "final.json").stat().st_mtime_ns == stamps[0]
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -196,4 +210,71 @@ def test_bench_delegates_to_the_repo_runner(tmp_path, monkeypatch):
 def test_techniques_listing(capsys):
     rc, out, _ = _run(capsys, ["techniques"])
     assert rc == 0
-    assert [line.split()[0] for line in out.splitlines()] == list(TECHNIQUES)
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == list(TECHNIQUES)  # one line each
+    for t, line in zip(TECHNIQUES, lines, strict=True):
+        assert DESCRIPTIONS[t] in line and len(DESCRIPTIONS[t]) > 30
+        assert ("UNAVAILABLE" in line) == (availability()[t] is not None)
+
+
+def test_technique_defaults_apply_only_where_not_given():
+    from lowrank_kernels.app.config import TrainConfig, from_dict
+
+    assert from_dict({"technique": "q3r"}).lmbda == 1e-3  # its own default
+    assert from_dict({"technique": "q3r", "lmbda": 0.5}).lmbda == 0.5  # the user's value wins
+    assert from_dict({"technique": "adamq3r"}).lmbda == TrainConfig.lmbda
+    assert from_dict({"technique": "lora"}).lr != TrainConfig.lr
+
+
+def test_plots_colours_and_labels(tmp_path, monkeypatch):
+    """ranks.png: a distinct (colour, style) per line, the controller's factor ranks labelled as such;
+    spectra.png: axis labels."""
+    from lowrank_kernels.app import report
+
+    for n in (12, 24):
+        styles = report.line_styles(n)
+        assert len(set(styles)) == n
+    figs = {}
+    save = report._save
+
+    def capture(fig, out, name):
+        figs[name] = [(a.get_xlabel(), a.get_ylabel(), [(str(ln.get_color()), ln.get_linestyle())
+                                                         for ln in a.get_lines()]) for a in fig.axes]
+        return save(fig, out, name)
+
+    monkeypatch.setattr(report, "_save", capture)
+    labels = [f"blocks.{b}.{m}" for b in range(2) for m in ("q", "k", "v", "proj", "fc1", "fc2")]
+    recs = [{"step": s, "loss": 1.0, "ranks": {k: 60 for k in labels}, "factor_ranks": {k: 16 - s for k in labels}}
+            for s in range(3)]
+    sv = {k: [3.0, 2.0, 1.0] for k in labels}
+    report.write_plots(tmp_path, recs, sv, sv, "t", "controller")
+    [(_, ylabel, lines)] = figs["ranks.png"]
+    assert "factor rank" in ylabel and len(lines) == 12 and len(set(lines)) == 12
+    assert all(x == "index i" and "singular value" in y for x, y, _ in figs["spectra.png"][:12])
+    figs.clear()
+    report.write_plots(tmp_path, [{k: v for k, v in r.items() if k != "factor_ranks"} for r in recs], sv, sv, "t",
+                       "q3r")
+    assert "rank@1%" in figs["ranks.png"][0][1]
+
+
+@pytest.fixture(scope="module")
+def base_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapter-bases")
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_every_technique_learns_digits_at_its_defaults(capsys, tmp_path, base_cache, technique):
+    """``train --technique T --epochs 3`` with nothing else set (run control aside) reaches test accuracy >= 0.5
+    on digits; adapters fine-tune a base pretrained on digits 0-4 (one per test module) to digits 5-9."""
+    if availability()[technique] is not None:
+        pytest.skip(f"{technique} is not part of this build: {availability()[technique]}")
+    rc, out, err = _run(capsys, ["train", "--technique", technique, "--epochs", "3", "--threads", "1",
+                                 "--no-progress", "--no-plots", "--cache-dir", str(base_cache), "--out", str(tmp_path)])
+    assert rc == 0, err
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["test_acc"] >= 0.5, (technique, final["test_acc"])
+    if technique in ADAPTERS:
+        base = final["adapter_base"]
+        assert "classes 0-4" in base["pretrained_on"] and "classes 5-9" in base["adapted_to"]
+        assert base["pretrain_acc"] > 0.8
+        assert final["params_trainable_frac"] < 0.5 and "trainable" in out and "adapter base" in out

@@ -12,7 +12,9 @@ from lowrank_kernels.app.demo import TARGET_RANK, run_demo
 def test_reduced_demo_reaches_real_accuracy(tmp_path, capsys):
     # dense and AdamQ3R only: the controller's training is covered by test_cli / test_resume, and the test
     # suite must stay fast on a shared 2-core machine
-    res = run_demo(out=str(tmp_path), epochs=6, threads=1, progress=False, plots=False, only=["adamw", "adamq3r"])
+    results_file = tmp_path / "results" / "demo-test.json"
+    res = run_demo(out=str(tmp_path), epochs=6, threads=1, progress=False, plots=False, only=["adamw", "adamq3r"],
+                   results_path=str(results_file))
     table = capsys.readouterr().out
     dense, q3r = res["dense AdamW"], res["AdamQ3R"]
 
@@ -31,3 +33,15 @@ def test_reduced_demo_reaches_real_accuracy(tmp_path, capsys):
         assert label in table
     assert f"acc @ rank {TARGET_RANK}" in table and "blocks.1.mlp.fc2" in table
     assert (tmp_path / "demo.txt").read_text().strip() in table
+
+    # the results file (what the README's demo table is generated from): the run's settings and one row per run
+    import json
+
+    saved = json.loads(results_file.read_text())
+    assert saved["kind"] == "demo" and saved["epochs"] == 6 and saved["threads"] == 1
+    assert saved["target_rank"] == TARGET_RANK and saved["machine"]
+    assert [r["label"] for r in saved["rows"]] == list(res)
+    for row, r in zip(saved["rows"], res.values(), strict=True):
+        assert row["test_acc"] == r["test_acc"] and row["truncated_params"] == r["truncated_params"]
+        assert row["eff_rank_min"] <= row["eff_rank_max"] and row["layers"] == r["layers"]
+    assert str(results_file) in table and ".png" not in table and "plots" not in table.splitlines()[-1]

@@ -36,12 +36,14 @@ def _rank_arg(s: str):
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .config import TrainConfig, field_type
+    from .techniques import TECHNIQUE_DEFAULTS
 
     p.add_argument("--config", help="YAML or JSON file of config keys (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = field_type(f.name)
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+        own = "".join(f"; {t}: {d[f.name]}" for t, d in TECHNIQUE_DEFAULTS.items() if f.name in d)
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default}{own})")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -79,19 +81,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     extra = f", ppl {res['test_ppl']:.2f}" if "test_ppl" in res else ""
     ranks = " ".join(f"{k.split('.', 1)[-1]}:{v['rank']}" for k, v in res["layers"].items())
+    base = res.get("adapter_base")
+    if base:
+        print(f"adapter base: {base['pretrained_on']} (test acc {base['pretrain_acc']:.4f}; "
+              f"{'cached' if base['cached'] else 'trained now, cached'} in {base['path']}); adapted to "
+              f"{base['adapted_to']}")
     print(f"{cfg.technique}: test acc {res['test_acc']:.4f}, loss {res['test_loss']:.4f}{extra}, "
-          f"params {res['params']:,}, acc truncated to target rank {res['truncated_acc']:.4f}, "
+          f"params {res['params']:,} (trainable {res['params_trainable']:,} = "
+          f"{100 * res['params_trainable_frac']:.2f}%), acc truncated to target rank {res['truncated_acc']:.4f}, "
           f"{res['train_time_s']:.1f}s")
     print(f"rank@1% per layer: {ranks}")
-    print(f"outputs in {cfg.out}/ (log.jsonl, checkpoint.pt, final.json, final_model.pt, *.png)")
+    if "controller_ranks" in res:
+        print("controller's factor ranks: " + " ".join(f"{k.split('.', 1)[-1]}:{v}"
+                                                       for k, v in res["controller_ranks"].items()))
+    out = Path(cfg.out)
+    files = [str(out / f) for f in ("config.json", "log.jsonl", "checkpoint.pt", "final.json", "final_model.pt")
+             if (out / f).is_file()]
+    print("wrote " + ", ".join(files + list(res.get("plots", []))))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    from .demo import default_results_path
+
+    results = default_results_path() if args.results == "auto" else args.results or None
     run_demo(out=args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=args.progress,
-             quick=args.quick, lmbda=args.lmbda, plots=args.plots)
+             quick=args.quick, lmbda=args.lmbda, plots=args.plots, results_path=results)
     return 0
 
 
@@ -114,10 +131,13 @@ def _bench(bench_args: list[str]) -> int:
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
-    from .techniques import availability
+    from .techniques import DESCRIPTIONS, TECHNIQUE_DEFAULTS, availability
 
     for name, why in availability().items():
-        print(f"{name:14s} {'available' if why is None else 'UNAVAILABLE: ' + why}")
+        own = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in TECHNIQUE_DEFAULTS.get(name, {}).items())
+        line = f"{name:14s} {DESCRIPTIONS[name]}" + (f" [defaults: {own}]" if own else "")
+        print(line if why is None else f"{line} -- UNAVAILABLE: {why}")
     return 0
 
 
@@ -134,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a busy machine)")
     p.add_argument("--lmbda", type=float, default=None, help="Q3R strength for the AdamQ3R run")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
+    p.add_argument("--results", default="", metavar="PATH",
+                   help="also write the results table as JSON to PATH; 'auto': bench/results/demo-<machine>.json, "
+                        "the committed file the README's demo table comes from (run from the repository root)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     p.set_defaults(func=cmd_demo)
@@ -153,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m bench (e.g. --quick)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("techniques", help="list the training techniques and whether this build has them")
+    p = sub.add_parser("techniques", help="list the training techniques: what each does, its own defaults, and "
+                                          "whether this build has it")
     p.set_defaults(func=cmd_techniques)
     return parser
 

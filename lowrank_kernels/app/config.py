@@ -82,6 +82,13 @@ class TrainConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     train_head: bool = _f(True, "adapters: also train the classifier / LM head")
+    adapter_base: str = _f("auto", "adapters (lora, tenslora, spectral-lora) without init_from: 'pretrain' adapts a "
+                                   "base pretrained on classes 0-4 (cached in cache_dir) to classes 5-9, 'random' "
+                                   "adapts the randomly initialised model, 'auto' = pretrain on digits, else random",
+                           ("auto", "pretrain", "random"))
+    pretrain_steps: int = _f(150, "adapters: AdamW steps (batch 64) that pretrain the base on classes 0-4")
+    cache_dir: str = _f("", "folder of cached pretrained adapter bases (default: $LOWRANK_KERNELS_CACHE, else "
+                            "~/.cache/lowrank-kernels)")
     spectral_percentile: float = _f(0.5, "spectral-lora: fraction of layers that get an adapter")
     tensor_method: str = _f("att_qkv_depth", "tenslora tensorisation method")
     tensor_ranks: str = _f("8_8_8_8_8", "tenslora per-mode ranks")
@@ -104,7 +111,7 @@ class TrainConfig:
 
 
 # fields that may differ between a run and its resumption
-RUN_CONTROL = {"device", "threads", "out", "ckpt_every", "resume", "stop_after", "progress", "plots"}
+RUN_CONTROL = {"device", "threads", "out", "ckpt_every", "resume", "stop_after", "progress", "plots", "cache_dir"}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -201,8 +208,19 @@ def parse_rank(value) -> int | float:
 
 
 def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """A config from ``d`` (unknown keys and bad values raise ``ConfigError``), over ``base`` or the defaults."""
+    """A config from ``d`` (unknown keys and bad values raise ``ConfigError``), over ``base`` or the defaults.
+
+    Without ``base``, the keys ``d`` leaves out take the technique's own defaults where it has them
+    (``techniques.TECHNIQUE_DEFAULTS``: e.g. a smaller ``lmbda`` for ``q3r``), else the field defaults."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    if base is None:
+        from .techniques import TECHNIQUE_DEFAULTS
+
+        given = {k.replace("-", "_") for k in d}
+        technique = d.get("technique")
+        for k, v in (TECHNIQUE_DEFAULTS.get(technique, {}) if isinstance(technique, str) else {}).items():
+            if k not in given:
+                setattr(cfg, k, v)
     for k, v in d.items():
         setattr(cfg, k.replace("-", "_"), coerce(k.replace("-", "_"), v))
     validate(cfg)
@@ -245,7 +263,7 @@ def validate(cfg: TrainConfig) -> None:
         if ch and v not in ch:
             raise ConfigError(f"unknown {f.name} {v!r}: choose from {', '.join(ch)}")
     positive = ["seq_len", "dim", "depth", "heads", "batch_size", "q3r_steps", "lorita_depth", "rank", "min_rank",
-                "interval", "max_step"]
+                "interval", "max_step", "pretrain_steps"]
     for k in positive:
         _check(getattr(cfg, k) >= 1, f"{k} must be >= 1, got {getattr(cfg, k)}")
     for k in ("steps", "max_rank", "controller_warmup", "threads", "ckpt_every", "stop_after", "rank_every", "q3r_N"):

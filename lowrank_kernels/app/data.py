@@ -109,6 +109,21 @@ def make_data(data: str, task: str, seed: int, seq_len: int = 32, tokenizer: str
     return _text_file(data, tokenizer, seq_len)
 
 
+def split_classes(data: Data, lo: int, hi: int) -> Data:
+    """The samples of classes ``lo <= y < hi`` of a classification set, relabelled ``y - lo`` (``hi - lo`` classes).
+
+    The adapter techniques pretrain a base on one half of the classes and adapt it to the other half."""
+    if data.task != "classify":
+        raise ConfigError(f"a class split needs a classification dataset, not {data.description}")
+    if not 0 <= lo < hi <= data.num_classes:
+        raise ConfigError(f"class split [{lo}, {hi}) is not inside the {data.num_classes} classes of {data.description}")
+    tr = (data.y_train >= lo) & (data.y_train < hi)
+    te = (data.y_test >= lo) & (data.y_test < hi)
+    return Data(data.x_train[tr], data.y_train[tr] - lo, data.x_test[te], data.y_test[te] - lo, "classify", hi - lo,
+                f"{data.description.split(' (')[0]}, classes {lo}-{hi - 1} ({int(tr.sum())} train / {int(te.sum())} "
+                f"test)")
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of ``epoch``: a permutation of ``range(n)`` that depends only on (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -12,6 +12,9 @@ the largest; stable rank beside it), and the test accuracy after truncating ever
 from __future__ import annotations
 
 import json
+import platform
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -80,10 +83,74 @@ def format_results(results: dict, epochs: int, threads: int, wall: float) -> str
     return "\n".join(lines)
 
 
+def machine_name() -> str:
+    """The CPU model (``CPU AMD EPYC``), or the GPU's name when CUDA is available (the demo runs there then)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU " + (platform.processor() or platform.machine() or "unknown")
+
+
+def machine_slug() -> str:
+    """File-name form of :func:`machine_name` (``cpu-amd-epyc``), as the benchmark result files use."""
+    return re.sub(r"[^a-z0-9]+", "-", machine_name().lower()).strip("-") or "unknown"
+
+
+def default_results_path() -> str:
+    """``bench/results/demo-<machine>.json``: where the committed demo results live (relative to the repo root)."""
+    return f"bench/results/demo-{machine_slug()}.json"
+
+
+def _git_commit() -> str:
+    try:
+        p = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, timeout=10)
+        return p.stdout.strip() if p.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def results_record(results: dict, epochs: int, seed: int, threads: int, wall: float) -> dict:
+    """The demo's results file: the run's settings and one row per technique (what the README table shows).
+
+    ``rows[i]``: ``label``, ``technique``, ``test_acc``, ``params``, ``eff_rank_min`` / ``eff_rank_max`` (rank@1%
+    over the layers / slices), ``mean_stable_rank``, ``truncated_acc`` / ``truncated_params`` (every layer at
+    rank ``target_rank``), ``train_time_s``, ``layers`` (``{label: {rank, stable_rank}}``) and, for the
+    controller, ``controller_ranks``."""
+    import torch
+
+    rows = []
+    for label, r in results.items():
+        ranks = [v["rank"] for v in r["layers"].values()]
+        srs = [v["stable_rank"] for v in r["layers"].values()]
+        row = {"label": label, "technique": r["technique"], "test_acc": r["test_acc"], "params": r["params"],
+               "eff_rank_min": min(ranks), "eff_rank_max": max(ranks),
+               "mean_stable_rank": round(sum(srs) / len(srs), 3), "truncated_acc": r["truncated_acc"],
+               "truncated_params": r["truncated_params"], "train_time_s": r["train_time_s"], "layers": r["layers"]}
+        if "controller_ranks" in r:
+            row["controller_ranks"] = r["controller_ranks"]
+        rows.append(row)
+    return {"kind": "demo", "model": "vit-tiny (dim 64, depth 2, 4 heads)", "data": "sklearn digits",
+            "epochs": epochs, "batch_size": COMMON["batch_size"], "seed": seed, "threads": threads,
+            "target_rank": TARGET_RANK, "machine": machine_name(), "torch": torch.__version__, "commit": _git_commit(),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(wall, 1),
+            "rows": rows}
+
+
 def run_demo(out: str = "runs/demo", epochs: int | None = None, seed: int = 0, threads: int = 1,
              progress: bool = True, quick: bool = False, lmbda: float | None = None, plots: bool = True,
-             only: list[str] | None = None, echo: bool = True) -> dict:
-    """Run the three trainings, print and return ``{label: final metrics}`` (also ``OUT/demo.json``, ``.txt``)."""
+             only: list[str] | None = None, echo: bool = True, results_path: str | None = None) -> dict:
+    """Run the three trainings, print and return ``{label: final metrics}`` (also ``OUT/demo.json``, ``.txt``).
+
+    ``results_path``: also write :func:`results_record` there (the committed file the README's table is
+    generated from: :func:`default_results_path`)."""
     from .train import run
 
     epochs = epochs or (8 if quick else 20)
@@ -96,12 +163,20 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, seed: int = 0, t
         if echo:
             print(f"[{label}] training ({cfg.technique}) ...", flush=True)
         results[label] = run(cfg)
-    text = format_results(results, epochs, threads, time.time() - t0)
+    wall = time.time() - t0
+    text = format_results(results, epochs, threads, wall)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "demo.json").write_text(json.dumps(results, indent=1))
-    (Path(out) / "demo.txt").write_text(text + "\n")
+    written = [Path(out) / "demo.json", Path(out) / "demo.txt"]
+    written[0].write_text(json.dumps(results, indent=1))
+    written[1].write_text(text + "\n")
+    if results_path:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_path).write_text(json.dumps(results_record(results, epochs, seed, threads, wall), indent=1)
+                                      + "\n")
+        written.append(Path(results_path))
     if echo:
         print()
         print(text)
-        print(f"\nper-run logs, checkpoints and plots in {out}/<technique>/")
+        print(f"\nwrote {', '.join(map(str, written))}; per-run logs, checkpoints{' and plots' if plots else ''} in "
+              f"{', '.join(f'{out}/{c.technique}/' for lab, c in cfgs.items() if lab in results)}")
     return results

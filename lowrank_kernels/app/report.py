@@ -100,27 +100,37 @@ def truncated_copy(model: nn.Module, targets: list[str], fused: dict[str, int],
                    ranks: dict[str, int] | None) -> tuple[nn.Module, int]:
     """A copy of ``model`` whose target layers are plain ``nn.Linear`` holding the best rank-``ranks[label]``
     approximation of each layer or slice (``ranks=None``: the exact dense weight); also the parameter count
-    when those layers are stored factored (``r (m + n)`` per slice, plus biases)."""
+    when those layers are stored factored (``r (m + n)`` per slice, plus biases).
+
+    A layer that the truncation leaves unchanged (every slice's rank is already at most its ``ranks[label]``,
+    e.g. a controller's ``LowRankLinear`` of rank 8 truncated to 16) is counted as the cheaper of its factored
+    size and its own storage, so the truncated model never counts more parameters than the model itself."""
     model = copy.deepcopy(model)
     _fresh(model)
     factored = 0
     for name in targets:
         mod = model.get_submodule(name)
+        own = sum(p.numel() for p in mod.parameters())
         w, b = dense_affine(mod)
         new_w = torch.empty_like(w)
+        layer, unchanged = 0, True
         for label, a, c in slice_labels(name, w.shape[0], fused):
             if ranks is None:  # densify only
                 new_w[a:c] = w[a:c]
-                factored += (c - a) * w.shape[1]
+                layer += (c - a) * w.shape[1]
                 continue
             r = min(ranks[label], min(c - a, w.shape[1]))
             U, S, Vh = torch.linalg.svd(w[a:c].cpu().double(), full_matrices=False)
             new_w[a:c] = ((U[:, :r] * S[:r]) @ Vh[:r]).to(device=w.device, dtype=w.dtype)
-            factored += r * (c - a + w.shape[1])
+            layer += r * (c - a + w.shape[1])
+            # the slice's numerical rank (as torch.linalg.matrix_rank): beyond it the truncation drops nothing
+            tol = S[0] * max(c - a, w.shape[1]) * torch.finfo(w.dtype).eps if S.numel() else 0.0
+            unchanged &= int((S > tol).sum()) <= r
+        layer += w.shape[0]
+        factored += min(layer, own) if ranks is not None and unchanged else layer
         lin = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
         lin.weight.copy_(new_w)
         lin.bias.copy_(b)
-        factored += w.shape[0]
         set_submodule(model, name, lin)
     if hasattr(model, "tenslora_adapters"):  # every adapted layer is now a plain Linear (the model's
         model.tenslora_adapters = nn.ModuleList()  # cache-invalidating hook then has nothing to do)
@@ -130,9 +140,30 @@ def truncated_copy(model: nn.Module, targets: list[str], fused: dict[str, int],
 
 
 # -------------------------------------------------------------------------------------------- plots
+RANK_YLABELS = {
+    "controller": "factor rank r of each LowRankLinear (set by the controller)",
+    "lora": f"rank@1% of W + BA (#sigma > {RANK_REL_TOL:g} sigma_max)",
+    "spectral-lora": f"rank@1% of W + BA (#sigma > {RANK_REL_TOL:g} sigma_max)",
+    "tenslora": f"rank@1% of W + TensLoRA update (#sigma > {RANK_REL_TOL:g} sigma_max)",
+    "lorita-q3r": f"rank@1% of the LoRITa product (#sigma > {RANK_REL_TOL:g} sigma_max)",
+}
+
+
+def line_styles(n: int) -> list[tuple[tuple, str]]:
+    """``n`` distinct ``(colour, linestyle)`` pairs: the 10 colours of ``tab10``, then the next line style."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"].colors
+    styles = ("-", "--", ":", "-.")
+    return [(colours[i % 10], styles[(i // 10) % 4]) for i in range(n)]
+
+
 def write_plots(out_dir, records: list[dict], before: dict[str, list[float]], after: dict[str, list[float]],
-                title: str) -> list[str]:
-    """loss.png, ranks.png, spectra.png in ``out_dir``; returns the written paths."""
+                title: str, technique: str = "") -> list[str]:
+    """loss.png, ranks.png, spectra.png in ``out_dir``; returns the written paths.
+
+    ``ranks.png`` plots the controller's factor ranks (``factor_ranks`` records) when the run has them, else
+    rank@1% of every target layer / slice, with the y-label of ``technique`` (``RANK_YLABELS``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,11 +183,18 @@ def write_plots(out_dir, records: list[dict], before: dict[str, list[float]], af
     fig.tight_layout()
     paths.append(_save(fig, out_dir, "loss.png"))
 
-    rk = [r for r in records if "ranks" in r]
+    key = "factor_ranks" if any("factor_ranks" in r for r in records) else "ranks"
+    rk = [r for r in records if key in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label in (rk[0]["ranks"] if rk else {}):
-        ax.plot([r["step"] for r in rk], [r["ranks"].get(label, math.nan) for r in rk], lw=1, label=label)
-    ax.set(xlabel="step", ylabel=f"rank (sigma > {RANK_REL_TOL:g} sigma_max)", title="rank per layer")
+    labels = list(rk[0][key]) if rk else []
+    for label, (colour, style) in zip(labels, line_styles(len(labels)), strict=True):
+        ax.plot([r["step"] for r in rk], [r[key].get(label, math.nan) for r in rk], lw=1.2, color=colour,
+                linestyle=style, label=label)
+    ylabel = RANK_YLABELS["controller"] if key == "factor_ranks" else RANK_YLABELS.get(
+        technique, f"rank@1% (#sigma > {RANK_REL_TOL:g} sigma_max)")
+    ax.set(xlabel="step", ylabel=ylabel, title=("controller's factor rank" if key == "factor_ranks"
+                                                 else "effective rank") + " per layer")
+    ax.yaxis.label.set_size(8)
     if rk:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -172,6 +210,8 @@ def write_plots(out_dir, records: list[dict], before: dict[str, list[float]], af
             a.semilogy(before[label], "--", lw=1, label="before")
         a.semilogy(after[label], lw=1, label="after")
         a.set_title(label, fontsize=7)
+        a.set_xlabel("index i", fontsize=6)
+        a.set_ylabel("singular value sigma_i", fontsize=6)
         a.tick_params(labelsize=6)
     for j in range(len(labels), rows * cols):
         axes[j // cols][j % cols].axis("off")

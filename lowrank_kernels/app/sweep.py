@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .config import RUN_CONTROL, from_dict, load_file, to_dict
@@ -142,6 +143,7 @@ def run_sweep(grid_path: str, workers: int | None = None, out: str | None = None
         print(f"sweep: {len(jobs)} runs, {skipped} already finished, {todo.qsize()} to run, in {out}/", flush=True)
     errors: dict[str, str] = {}
     lock = threading.Lock()
+    n_todo, finished, t0 = todo.qsize(), [0], time.time()
 
     def worker(env, device):
         while True:
@@ -153,12 +155,15 @@ def run_sweep(grid_path: str, workers: int | None = None, out: str | None = None
                 cfg = dataclasses.replace(cfg, device=device)
             if env is not None and device == "cpu" and not cfg.threads:
                 cfg = dataclasses.replace(cfg, threads=int(env["OMP_NUM_THREADS"]))
+            t_job = time.time()
             ok, msg = _run_job(cfg, states[name] == "partial", env)
             with lock:
+                finished[0] += 1
                 if not ok:
                     errors[name] = msg
                 if echo:
-                    print(f"  {'done' if ok else 'FAILED'}: {name}{'' if ok else ' -- ' + msg}", flush=True)
+                    print(f"  [{finished[0]}/{n_todo}] {name}: {_result(cfg) if ok else 'FAILED -- ' + msg} "
+                          f"({time.time() - t_job:.1f} s, elapsed {time.time() - t0:.1f} s)", flush=True)
 
     threads = [threading.Thread(target=worker, args=we, daemon=True) for we in _worker_envs(workers, jobs[0][2].device)]
     for t in threads:
@@ -170,6 +175,19 @@ def run_sweep(grid_path: str, workers: int | None = None, out: str | None = None
         print_summary(rows)
         print(f"summary: {out}/summary.csv")
     return 1 if errors else 0
+
+
+def _result(cfg) -> str:
+    """One finished run's headline numbers, from its final.json."""
+    try:
+        res = json.loads((Path(cfg.out) / "final.json").read_text())
+    except (OSError, ValueError):
+        return "done (no final.json)"
+    parts = [f"test acc {res['test_acc']:.4f}"]
+    if "test_ppl" in res:
+        parts.append(f"ppl {res['test_ppl']:.2f}")
+    parts.append(f"acc @ target rank {res['truncated_acc']:.4f}")
+    return ", ".join(parts)
 
 
 def summarize(jobs, errors: dict, out: str) -> list[dict]:

@@ -17,6 +17,36 @@ from .errors import ConfigError
 
 TECHNIQUES = ("adamw", "adamq3r", "q3r", "lorita-q3r", "controller", "lora", "tenslora", "spectral-lora")
 
+# one line each, printed by ``lowrank-kernels techniques``
+DESCRIPTIONS = {
+    "adamw": "dense AdamW, the baseline (no rank regularisation)",
+    "adamq3r": "AdamW + the Q3R rank regulariser as a decoupled step inside the optimizer (AdamQ3R)",
+    "q3r": "AdamW on loss + Q3R value (the regulariser in the loss, as the upstream Q3R code does)",
+    "lorita-q3r": "each target Linear trained as a product of --lorita-depth factors (LoRITa), Q3R on the product",
+    "controller": "LowRankLinear factors U V whose ranks a RankController adapts from their stable ranks",
+    "lora": "frozen pretrained base + trainable LoRA adapters of rank --rank on the targets",
+    "tenslora": "frozen pretrained base + TensLoRA tensor adapters shared over Q/K/V and depth (Marmoret et al.)",
+    "spectral-lora": "frozen pretrained base + LoRA on the heavy-tailed layers, HT-SR ranks (Adaptive-Rank-LoRA)",
+}
+
+# techniques that train adapters on a frozen base; on an image task they adapt a pretrained base by default
+ADAPTERS = ("lora", "tenslora", "spectral-lora")
+
+# Defaults that differ per technique, applied by ``config.from_dict`` to the keys a user did not give.
+# q3r / lorita-q3r put Q3R's value in the loss: its gradient 2 lmbda L X R acts like an L2 penalty on the whole
+# flat spectrum of a fresh init, which Adam's normalisation turns into a full-size step, so lmbda must be small
+# (0.1 keeps the demo ViT at chance in 3 epochs; 1e-3 trains). AdamQ3R's decoupled step lr * 2 lmbda L X R is
+# not normalised, hence its larger lmbda. The LoRITa product leaves the initial plateau later and more randomly
+# than a plain Linear (3 epochs of digits at batch 32: 0.33-0.62 over seeds); batch 16 doubles its steps.
+# Adapters train few parameters from a pretrained base: a larger lr, no weight decay (as LoRA recipes).
+TECHNIQUE_DEFAULTS: dict[str, dict] = {
+    "q3r": {"lmbda": 1e-3},
+    "lorita-q3r": {"lmbda": 1e-3, "batch_size": 16},
+    "lora": {"lr": 5e-3, "weight_decay": 0.0},
+    "tenslora": {"lr": 5e-3, "weight_decay": 0.0},
+    "spectral-lora": {"lr": 5e-3, "weight_decay": 0.0},
+}
+
 # what each technique imports: (module, attribute)
 _NEEDS = {
     "adamw": [],
@@ -171,7 +201,7 @@ class Technique:
         self.optimizer = self._adamw()
 
     def _setup_tenslora(self, total_steps: int) -> None:
-        from ..adapters import tenslora
+        from ..adapters import tenslora, tenslora_plus
 
         c = self.cfg
         for p in self.model.parameters():
@@ -181,7 +211,7 @@ class Technique:
             if isinstance(mod, tenslora.TensLoRALinear) and name not in self.targets:
                 self.targets.append(name)
         self._train_head()
-        groups = tenslora.param_groups(self.model, lr=c.lr, core_mult=c.core_lr_mult)
+        groups = tenslora_plus.param_groups(self.model, lr=c.lr, core_mult=c.core_lr_mult)
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay)
 
     # ----------------------------------------------------------------------------------- stepping

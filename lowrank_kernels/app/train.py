@@ -11,12 +11,19 @@
   and read back with ``weights_only=True`` after checking it (see :mod:`.checkpoint`);
 * ``final.json`` (metrics), ``final_model.pt`` (a dense state dict of the plain architecture, usable as
   ``init_from``), and ``loss.png``, ``ranks.png``, ``spectra.png``.
+
+The adapter techniques (``lora``, ``tenslora``, ``spectral-lora``) fine-tune a pretrained base: on an image task
+(``adapter_base``: ``auto`` on digits, or ``pretrain``) a base trained on classes 0-4 is adapted, with a fresh
+head, to classes 5-9, and the run is evaluated on the test images of classes 5-9. The base is trained once per
+(model shape, data, ``pretrain_steps``) with a fixed seed and cached in ``cache_dir``; its training does not
+touch the run's random state, so a cached and a fresh base give the same run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -30,9 +37,9 @@ from .._modules import matches_target
 from . import report
 from .checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
 from .config import RUN_CONTROL, TrainConfig, from_dict, load_file, to_dict, validate
-from .data import Data, epoch_order, make_data
+from .data import Data, epoch_order, make_data, split_classes
 from .errors import ConfigError
-from .techniques import Technique, TechniqueUnavailable, availability
+from .techniques import ADAPTERS, Technique, TechniqueUnavailable, availability
 
 __all__ = ["ConfigError", "TechniqueUnavailable", "TrainConfig", "availability", "from_dict", "load_file", "run"]
 
@@ -59,6 +66,79 @@ def build_model(cfg: TrainConfig, data: Data) -> nn.Module:
         model = gpt_tiny(data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, max_len=cfg.seq_len)
     init_like_timm(model)
     return model
+
+
+# the adapter techniques' pretrained base: AdamW with this lr and batch, 10% warm-up then cosine, seed 0
+BASE_LR, BASE_BATCH, BASE_SEED, _BASE_FORMAT = 3e-3, 64, 0, 1
+
+
+def cache_dir(cfg: TrainConfig) -> Path:
+    """``cfg.cache_dir``, else ``$LOWRANK_KERNELS_CACHE``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)/lowrank-kernels."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    if os.environ.get("LOWRANK_KERNELS_CACHE"):
+        return Path(os.environ["LOWRANK_KERNELS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowrank-kernels"
+
+
+def adapts_pretrained_base(cfg: TrainConfig) -> bool:
+    """Whether this run adapts a base pretrained on classes 0-4 to classes 5-9 (see the module docstring)."""
+    if cfg.technique not in ADAPTERS or cfg.init_from or cfg.model != "vit-tiny":
+        return False
+    return cfg.adapter_base == "pretrain" or (cfg.adapter_base == "auto" and cfg.data == "digits")
+
+
+def pretrained_base(cfg: TrainConfig, pre: Data, device: torch.device) -> tuple[dict, dict]:
+    """``(state_dict, info)`` of the base trained on ``pre`` (classes 0-4), from the cache or trained now.
+
+    Training forks the RNG (the caller's random state is unchanged) and seeds itself with ``BASE_SEED``."""
+    key = (f"{cfg.model}-{cfg.data}{'' if cfg.data == 'digits' else f'-seed{cfg.seed}'}-{pre.num_classes}cls-"
+           f"dim{cfg.dim}-depth{cfg.depth}-heads{cfg.heads}-steps{cfg.pretrain_steps}-v{_BASE_FORMAT}")
+    path = cache_dir(cfg) / f"adapter-base-{key}.pt"
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            return blob["state"], {"path": str(path), "cached": True, "pretrain_acc": float(blob["acc"])}
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is trained again and replaced
+            pass
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BASE_SEED)
+        model = build_model(cfg, pre).to(device)
+        x, y = pre.x_train.to(device), pre.y_train.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=BASE_LR, weight_decay=0.05)
+        steps = cfg.pretrain_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(TrainConfig(warmup_frac=0.1), steps))
+        spe = math.ceil(len(x) / BASE_BATCH)
+        model.train()
+        for step in range(steps):
+            epoch, i = divmod(step, spe)
+            if i == 0:
+                order = epoch_order(len(x), BASE_SEED, epoch).to(device)
+            idx = order[i * BASE_BATCH:(i + 1) * BASE_BATCH]
+            loss = task_loss(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        acc = evaluate(model, pre.x_test.to(device), pre.y_test.to(device))["acc"]
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"state": state, "acc": acc}, tmp)
+    os.replace(tmp, path)
+    return state, {"path": str(path), "cached": False, "pretrain_acc": acc, "pretrain_s": round(time.time() - t0, 2)}
+
+
+def _load_trunk(model: nn.Module, state: dict) -> None:
+    """The base's weights except its classifier head (the adapted model has a fresh one)."""
+    head = ("head.", "lm_head.")
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)},
+                                                strict=False)
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise ConfigError(f"the cached adapter base does not fit this model (missing {missing}, unexpected "
+                          f"{unexpected}); delete it or set cache_dir")
 
 
 def find_targets(model: nn.Module, target_modules: str) -> list[str]:
@@ -189,9 +269,17 @@ def run(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed)
     task = "classify" if cfg.model == "vit-tiny" else "lm"
     data = make_data(cfg.data, task, cfg.seed, cfg.seq_len, cfg.tokenizer)
+    base_info = None
+    if adapts_pretrained_base(cfg):
+        half = data.num_classes // 2
+        pre, data = split_classes(data, 0, half), split_classes(data, half, data.num_classes)
     model = build_model(cfg, data)
     if cfg.init_from:
         _load_init(model, cfg.init_from)
+    elif adapts_pretrained_base(cfg):
+        base_state, base_info = pretrained_base(cfg, pre, device)
+        _load_trunk(model, base_state)
+        base_info = {"pretrained_on": pre.description, "adapted_to": data.description, **base_info}
     targets = find_targets(model, cfg.target_modules)
     fused = {"qkv": 3} if cfg.fuse_qkv else {}
     check_ranks(cfg, model, targets, fused)
@@ -221,7 +309,7 @@ def run(cfg: TrainConfig) -> dict:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     log = _Log(out / "log.jsonl", step if ckpt is not None else None)
     if ckpt is None and cfg.rank_every:
-        log.write({"step": 0, "ranks": report.effective_ranks(model, targets, fused)})
+        log.write({"step": 0, **_rank_record(tech, model, targets, fused)})
 
     def save_ckpt():
         save_checkpoint({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,
@@ -261,8 +349,8 @@ def run(cfg: TrainConfig) -> dict:
             if events:
                 rec["events"] = events
             if cfg.rank_every and (step % cfg.rank_every == 0 or step == total or events):
-                ranks = report.effective_ranks(model, targets, fused)
-                rec["ranks"] = ranks
+                rec.update(_rank_record(tech, model, targets, fused))
+                ranks = rec.get("factor_ranks", rec["ranks"])
             log.write(rec)
             if step % spe == 0 or step == total:
                 log.write({"step": step, "eval": evaluate(model, xte, yte)})
@@ -278,11 +366,20 @@ def run(cfg: TrainConfig) -> dict:
         bar.close()
         log.close()
     return _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out,
-                   elapsed + time.time() - t_loop, total)
+                   elapsed + time.time() - t_loop, total, base_info)
+
+
+def _rank_record(tech, model, targets, fused) -> dict:
+    """``ranks``: rank@1% of every target layer / slice; with the controller also ``factor_ranks``: the rank
+    ``r`` of each ``LowRankLinear`` (its factors' width, which the controller sets)."""
+    rec = {"ranks": report.effective_ranks(model, targets, fused)}
+    if tech.controller is not None:
+        rec["factor_ranks"] = dict(tech.controller.ranks)
+    return rec
 
 
 def _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out: Path, train_time: float,
-            total: int) -> dict:
+            total: int, base_info: dict | None = None) -> dict:
     from .models import count_parameters
 
     inf = tech.inference_model()
@@ -296,6 +393,8 @@ def _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out: Pat
         "test_loss": res["loss"], "test_acc": res["acc"], **({"test_ppl": res["ppl"]} if "ppl" in res else {}),
         "params": count_parameters(inf, trainable_only=False),
         "params_trainable": count_parameters(model, trainable_only=True),
+        "params_trainable_frac": round(count_parameters(model, trainable_only=True)
+                                       / max(1, count_parameters(model, trainable_only=False)), 5),
         "target_ranks": ranks_t, "truncated_params": factored,
         "truncated_acc": evaluate(trunc, xte, yte)["acc"],
         "layers": {k: report.rank_stats(v) for k, v in sp_after.items()},
@@ -303,9 +402,11 @@ def _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out: Pat
     }
     if tech.controller is not None:
         final["controller_ranks"] = tech.controller.ranks
+    if base_info is not None:
+        final["adapter_base"] = base_info
     torch.save(dense.state_dict(), out / "final_model.pt")
     if cfg.plots:
         final["plots"] = report.write_plots(out, _read_log(out / "log.jsonl"), spectra_before, sp_after,
-                                            f"{cfg.model} / {cfg.data} / {cfg.technique}")
+                                            f"{cfg.model} / {cfg.data} / {cfg.technique}", cfg.technique)
     (out / "final.json").write_text(json.dumps(final, indent=1))
     return final
