@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lowrank_kernels import Q3R, AdamQ3R
-from lowrank_kernels.testing import assert_verbose_allclose
+from lowrank_kernels.testing import assert_verbose_allclose, count_gpu_cost
 
 
 def _effective_rank(w, rel=0.01):
@@ -228,11 +228,25 @@ def test_nan_raise_policy():
     (dict(lr=-1.0), "learning rate"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
     (dict(weight_decay=-0.1), "weight_decay"), (dict(nan_policy="ignore"), "nan_policy"),
     (dict(lmbda=-1.0), "lmbda"), (dict(epsilon_schedule="linear"), "N"),
+    (dict(weight_decay=float("inf")), "weight_decay=inf"), (dict(lr=float("nan")), "learning rate"),
+    (dict(lr=float("inf")), "learning rate"), (dict(eps=float("inf")), "eps=inf"),
+    (dict(betas=(0.9, float("nan"))), "betas"), (dict(betas=(0.9,)), "betas"), (dict(lr=True), "learning rate"),
 ])
 def test_bad_arguments(kwargs, match):
     model, _ = _setup()
     with pytest.raises(ValueError, match=match):
         _opt(model, **kwargs)
+
+
+def test_bad_param_group_values_are_refused():
+    """Per-group values are checked like the defaults, at construction and in add_param_group."""
+    model, _ = _setup()
+    with pytest.raises(ValueError, match=r"weight_decay=inf in param group 1"):
+        AdamQ3R([{"params": [model[0].weight]}, {"params": [model[0].bias], "weight_decay": float("inf")}],
+                {model[0]: None}, target_rank=2, lmbda=0.1)
+    opt = AdamQ3R([model[0].weight], {model[0]: None}, target_rank=2, lmbda=0.1)
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.add_param_group({"params": [model[0].bias], "lr": -1.0})
 
 
 def test_regularised_weight_must_be_optimised():
@@ -256,3 +270,211 @@ def test_finite_flags():
               (torch.zeros(0, 3), True)]
     assert finite_flags([t for t, _ in cases]) == [want for _, want in cases]
     assert finite_flags([]) == []
+
+
+# ------------------------------------------------------------------ one batched route: stacks, costs, precision
+def _vit_block_model(dtype):
+    """A ViT-like block (d = 8): QKV with two of its three slices regularised (rows 8:16 only decay), fc1
+    (32, 8) and fc2 (8, 32) in one stack (fc2 transposed), proj in a second param group (another lr)."""
+    torch.manual_seed(0)
+    d = 8
+    qkv, proj, fc1, fc2 = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+    model = nn.ModuleList([qkv, proj, fc1, fc2]).to(dtype)
+    tm = {qkv: [(0, d), (2 * d, 3 * d)], proj: None, fc1: None, fc2: None}
+    groups = [{"params": [qkv.weight, qkv.bias, fc1.weight, fc1.bias, fc2.weight]},
+              {"params": [proj.weight, proj.bias, fc2.bias], "lr": 3e-3, "weight_decay": 0.0}]
+    return model, tm, groups
+
+
+@pytest.mark.parametrize(("dtype", "path"), [(torch.float64, "default"), (torch.float32, "default"),
+                                             (torch.float32, "triton")])
+def test_stacks_with_transposed_members_and_param_groups_match_formula(dtype, path, request):
+    """The stacked step (operators grouped by shape up to transpose and param group, kept counts padded to a
+    common width) == AdamW + lr * Q3R.grad per param group, rows outside every slice only decayed."""
+    if path == "triton":
+        request.getfixturevalue("triton_backend")
+    model, tm, groups = _vit_block_model(dtype)
+    ref, ref_tm, ref_groups = _vit_block_model(dtype)
+    opt = AdamQ3R(groups, tm, target_rank=[2, 3, 2, 0.25, 3], lmbda=0.3, steps=2, lr=1e-2, weight_decay=0.05)
+    adamw = torch.optim.AdamW(ref_groups, lr=1e-2, weight_decay=0.05, foreach=False)
+    q = Q3R(ref_tm, target_rank=[2, 3, 2, 0.25, 3], lmbda=0.3, steps=2)
+    lr_of = {id(p): g.get("lr", 1e-2) for g in ref_groups for p in g["params"]}
+    X = torch.randn(16, 8, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6 if path == "default" else 1e-5
+    for _ in range(5):
+        for m, o in ((model, opt), (ref, adamw)):
+            o.zero_grad()
+            h = m[0](X)
+            (m[3](torch.tanh(m[2](h[:, :8]))).square().mean() + m[1](h[:, 8:16]).square().mean()).backward()
+        q.update()
+        G = q.grad
+        opt.step()
+        adamw.step()
+        with torch.no_grad():
+            for w in q.params:
+                w.sub_(lr_of[id(w)] * G[w])
+        for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+            assert_verbose_allclose(a, b, rtol=tol, atol=tol, name=f"AdamQ3R vs AdamW + Q3R.grad ({path})")
+    stacks = opt.q3r._stacks["step"]["stacks"]
+    assert any(any(s.flip) for s in stacks), "fc2 should join fc1's stack transposed"
+    assert len(stacks) == 3 and sorted(len(s.ops) for s in stacks) == [1, 2, 2]
+    assert all(s.K % 8 == 0 or s.K == min(s.m, s.n) for s in stacks)
+
+
+def _vit_like(blocks, d=32):
+    """The issue's ViT-like parameter set (as bench/bench_q3r.py): per block qkv (3 slices), proj, fc1, fc2."""
+    torch.manual_seed(0)
+    layers, tm = nn.ModuleList(), {}
+    for _ in range(blocks):
+        qkv, proj, fc1, fc2 = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        layers.extend([qkv, proj, fc1, fc2])
+        tm.update({qkv: [(0, d), (d, 2 * d), (2 * d, 3 * d)], proj: None, fc1: None, fc2: None})
+    for p in layers.parameters():
+        p.grad = 1e-2 * torch.randn_like(p)
+    return layers, tm
+
+
+def _step_costs(blocks, n=10):
+    """(launches, syncs) of each of ``n`` AdamQ3R steps (steps=5: steps 0 and 5 rebuild)."""
+    layers, tm = _vit_like(blocks)
+    opt = AdamQ3R(layers.parameters(), tm, target_rank=0.2, lmbda=0.1, steps=5, lr=1e-3)
+    grads = [p.grad for p in layers.parameters()]
+    costs = []
+    for _ in range(n):
+        torch._foreach_neg_(grads)  # as the benchmark: a fixed gradient whose sign flips
+        with count_gpu_cost() as cost:
+            opt.step()
+        costs.append((cost.launches, cost.syncs))
+    return costs
+
+
+@pytest.mark.parametrize("path", ["default", "triton"])
+def test_step_between_rebuilds_is_batched_and_sync_free(path, request):
+    """Between rebuilds a step costs a fixed number of launches per operator stack and param group, whatever
+    the number of layers, and reads nothing on the host (the NaN/Inf decision stays on the device)."""
+    if path == "triton":
+        request.getfixturevalue("triton_backend")
+    small, big = _step_costs(2), _step_costs(8)
+    between = [i for i in range(10) if i % 5]
+    for costs in (small, big):
+        assert all(costs[i][1] == 0 for i in between), f"host syncs between rebuilds: {costs}"
+    launches_small = max(small[i][0] for i in between)
+    launches_big = max(big[i][0] for i in between)
+    assert launches_big <= 60, f"{launches_big} launches per step at 8 blocks ({path})"
+    assert launches_big <= 1.25 * launches_small, f"{launches_small} -> {launches_big} launches, 2 -> 8 blocks"
+
+
+def test_nan_between_rebuilds_is_skipped_on_the_device_and_reported_at_the_next_rebuild():
+    """A NaN gradient between rebuilds: the step changes nothing (weights, moments, step counts), decided on the
+    device without a host read; the warning comes at the next rebuild, which reads the flags anyway."""
+    model, data = _setup()
+    opt = _opt(model)  # steps=3: the calls 1, 4, 7 rebuild
+    _train(model, opt, data, 1)
+    X, Y = data
+    opt.zero_grad()
+    (model(X) - Y).square().mean().backward()
+    with torch.no_grad():
+        model[2].weight.grad[3, 4] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is reported yet
+        with count_gpu_cost() as cost:
+            opt.step()
+    assert cost.syncs == 0
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p in model.parameters():  # opt.state, not state_dict(): a checkpoint reports the skipped steps
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[p][k]), f"state {k} of {tuple(p.shape)} changed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, opt, data, 1)  # finite: a normal step, still nothing reported
+    assert all(float(opt.state[p]["step"]) == 2.0 for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match=r"1 step\(s\) since the last operator rebuild"):
+        _train(model, opt, data, 1)  # rebuilds
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_training_stays_finite(dtype):
+    """5 steps of fp16/bf16 AdamQ3R on a Linear: finite wherever fp32 is, no step skipped, and close to the fp32
+    run (the Adam part and the Q3R term are computed in fp32 and stored in the parameters' dtype).
+
+    bf16 has fp32's range: every entry tracks the fp32 run. In fp16 the second moment of the smaller gradients
+    underflows when stored (as with torch.optim.AdamW, whose eager fp16 path even gives NaN here), so those few
+    entries take larger steps: the bulk (median) must still track fp32."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 32), torch.randn(64, 16)
+    weights = {}
+    for dt in (torch.float32, dtype):
+        torch.manual_seed(1)
+        model = nn.Linear(32, 16).to(dt)
+        opt = AdamQ3R(model.parameters(), {model: None}, target_rank=4, lmbda=0.5, steps=2, lr=1e-2,
+                      weight_decay=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no step may be skipped
+            for step in range(5):
+                opt.zero_grad()
+                (model(X.to(dt)) - Y.to(dt)).float().square().mean().backward()
+                opt.step()
+                for p in model.parameters():
+                    assert bool(torch.isfinite(p).all()), f"{dt} step {step}: non-finite parameter"
+        weights[dt] = model.weight.detach().float()
+    # Adam moves each entry by about lr = 1e-2 per step; the rounding of 5 steps stays well below that
+    drift = (weights[dtype] - weights[torch.float32]).abs()
+    err = (drift.max() if dtype == torch.bfloat16 else drift.median()).item()
+    assert err < 5e-3, f"{dtype} drifted {err:.3g} from the fp32 run"
+
+
+@pytest.mark.gpu
+def test_step_between_rebuilds_replays_in_a_cuda_graph():
+    """On CUDA a step between rebuilds captures into a CUDA graph (no host sync, no allocation outside the
+    graph's pool, fixed addresses) and its replays give the parameters, moments and step counts of eager steps."""
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 64), nn.Linear(64, 256)).cuda()
+        tm = {model[0]: [(0, 32), (32, 64), (64, 96)], model[2]: None, model[3]: None}
+        opt = AdamQ3R(model.parameters(), tm, target_rank=4, lmbda=0.5, steps=5, lr=1e-2, weight_decay=0.01)
+        return model, opt
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    eager, opt_e = make()
+    graphed, opt_g = make()
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) for p in eager.parameters()] for _ in range(5)]
+
+    def set_grads(model, k):
+        for p, g in zip(model.parameters(), grads[k], strict=True):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)  # the captured graph reads these buffers
+
+    for k in range(2):  # call 1 rebuilds; call 2 is a plain step (run on a side stream for the graph's copy)
+        set_grads(eager, k)
+        opt_e.step()
+    set_grads(graphed, 0)
+    opt_g.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        set_grads(graphed, 1)
+        opt_g.step()  # warm-up: compiles the Triton kernel, creates cuBLAS handles
+    torch.cuda.current_stream().wait_stream(side)
+    assert opt_g.q3r.t == 2  # the captured call is the 3rd: no rebuild (the next is the 6th)
+    graph = torch.cuda.CUDAGraph()
+    set_grads(graphed, 2)
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for k in (2, 3, 4):  # replays = calls 3, 4, 5 on the device
+        set_grads(graphed, k)
+        graph.replay()
+        set_grads(eager, k)
+        opt_e.step()
+    torch.cuda.synchronize()
+    for a, b in zip(graphed.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(graphed.parameters(), eager.parameters(), strict=True):
+        sa, sb = opt_g.state[a], opt_e.state[b]
+        assert float(sa["step"]) == float(sb["step"]) == 5.0
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-6, atol=1e-8)

@@ -132,14 +132,42 @@ def test_adamw_equivalence_without_factors(device):
     (dict(factors=[(0, 4, None, None), (3, 6, None, None)]), "overlap", ValueError),
     (dict(factors=[(0, 9, None, None)]), "out of range", ValueError),
     (dict(dtype=torch.int32), "floating", TypeError),
+    (dict(dtype_m=torch.float64), "exp_avg has dtype torch.float64 but p has torch.float32", TypeError),
+    (dict(factors=[(0, 4, torch.randn(4, 2), torch.randn(2, 6, dtype=torch.float64))]), "A has dtype", TypeError),
 ])
 def test_errors(change, match, err):
     dtype = change.get("dtype", torch.float32)
-    p, m, v = torch.zeros(6, 6, dtype=dtype), torch.zeros(6, 6), torch.zeros(6, 6)
+    p, v = torch.zeros(6, 6, dtype=dtype), torch.zeros(6, 6)
+    m = torch.zeros(6, 6, dtype=change.get("dtype_m", torch.float32))
     g = torch.zeros(change.get("shape_g", (6, 6)))
     kw = dict(step=change.get("step", 1), lr=change.get("lr", 1e-3), betas=change.get("betas", (0.9, 0.999)))
     with pytest.raises(err, match=match):
         ops.q3r_apply(p, g, m, v, change.get("factors", []), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_reference_low_precision_computes_in_fp32(dtype, fused):
+    """fp16/bf16: the reference computes in fp32 and rounds once into the tensors' dtype, as the kernel does.
+
+    Gradients of 1e-5 make ``(1 - b2) g^2`` underflow fp16 and ``eps = 1e-8`` round to 0 there: computed in
+    fp16 the denominator is 0 and the weight becomes -inf."""
+    torch.manual_seed(0)
+    shape = (24, 20)
+    p, g = torch.randn(shape), 1e-5 * torch.randn(shape)
+    m, v = torch.zeros(shape), torch.zeros(shape)
+    factors = [(0, 12, 0.1 * torch.randn(12, 3), torch.randn(3, 20)), (12, 24, None, None)]
+    hyper = dict(step=1, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, lmbda=0.3)
+    low = [t.to(dtype) for t in (p, g, m, v)]
+    want = _formula_fp64(*low, factors, **hyper)  # the exact update of the rounded inputs
+    kw = dict(hyper)
+    b1, b2 = kw.pop("betas")
+    q3r_apply_ref(*low, factors, beta1=b1, beta2=b2, fused=fused, **kw)
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal: m and v sit down there
+    for got, exp, name in zip((low[0], low[2], low[3]), want, ("p", "exp_avg", "exp_avg_sq"), strict=True):
+        assert bool(torch.isfinite(got).all()), f"{name} is not finite"
+        # one rounding into the dtype (half an ulp), plus fp32's own error
+        assert_verbose_allclose(got, exp, rtol=torch.finfo(dtype).eps, atol=tiny, name=f"{name} ({dtype})")
 
 
 @pytest.mark.gpu

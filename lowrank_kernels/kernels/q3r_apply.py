@@ -98,3 +98,63 @@ def q3r_apply_triton(p, grad, exp_avg, exp_avg_sq, A, B, row_scale, kbeg, kend, 
 def row_block(M: int, N: int) -> int:
     """The BLOCK_M the launcher uses for a Q3R tensor, so the host can build ``kbeg/kend`` per row block."""
     return _blocks(M, N, True)[0]
+
+
+# ------------------------------------------------------------------------------ the Q3R term over an operator stack
+@triton.jit
+def _q3r_stack_kernel(
+    tab_ptr, keep_ptr, M, N, K2, beta_m1, alpha,
+    DTYPE: tl.constexpr, HAS_K: tl.constexpr, HAS_KEEP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # program (tile, member j): X_j <- X_j + keep ((beta - 1) X_j + alpha AT_j^T B_j). The member's addresses
+    # come from its row of the table (as torch's multi-tensor kernels take lists of pointers): X_j (M, N) with
+    # its own strides, AT_j (K2, M) and B_j (K2, N) contiguous fp32.
+    pid = tl.program_id(0)
+    row = tab_ptr + 5 * tl.program_id(1).to(tl.int64)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    x_base = tl.load(row).to(tl.pointer_type(DTYPE))
+    offs = rows[:, None].to(tl.int64) * tl.load(row + 1) + cols[None, :].to(tl.int64) * tl.load(row + 2)
+    x = tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
+    delta = beta_m1 * x
+    if HAS_K:
+        at_base = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        b_base = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K2, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K2
+            a = tl.load(at_base + ks[None, :] * M + rows[:, None], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_base + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision="ieee")
+        delta += alpha * acc
+    if HAS_KEEP:
+        delta *= tl.load(keep_ptr)
+    tl.store(x_base + offs, (x + delta).to(DTYPE), mask=mask)
+
+
+_TL_DTYPES = {"torch.float32": tl.float32, "torch.float16": tl.float16, "torch.bfloat16": tl.bfloat16}
+
+
+def q3r_stack_triton(table, dtype, M: int, N: int, K2: int, keep, *, beta_m1: float, alpha: float) -> None:
+    """Launch once for a stack of ``b = table.shape[0]`` weights ``X_j (M, N)`` of ``dtype`` (fp32/fp16/bf16),
+    updated in place: ``X_j += keep ((beta - 1) X_j + alpha AT_j^T B_j)``, computed in fp32.
+
+    ``table (b, 5)`` int64 on the device: per member the address of ``X_j``, its row and column strides (in
+    elements), the addresses of ``AT_j (K2, M)`` and ``B_j (K2, N)`` (contiguous fp32; unused when ``K2 = 0``).
+    ``keep``: a 0-d fp32 tensor on the device (0 leaves the weights unchanged; read by the kernel) or None.
+    """
+    BM, BN = 64, min(64, max(16, triton.next_power_of_2(N)))
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), table.shape[0])
+    _q3r_stack_kernel[grid](
+        table, keep if keep is not None else table, M, N, K2, beta_m1, alpha,
+        DTYPE=_TL_DTYPES[str(dtype)], HAS_K=K2 > 0, HAS_KEEP=keep is not None,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, num_warps=4,
+    )

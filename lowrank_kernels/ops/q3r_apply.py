@@ -37,6 +37,9 @@ def _check(p, grad, exp_avg, exp_avg_sq, factors, step, lr, betas, eps, weight_d
         if t.device != p.device:
             raise TypeError(f"{name} is on {t.device} but p is on {p.device}")
         if t.dtype != p.dtype:
+            raise TypeError(f"q3r_apply: {name} has dtype {t.dtype} but p has {p.dtype}: p, grad, exp_avg and "
+                            f"exp_avg_sq must share one dtype (the optimizer state is kept in the parameter's dtype)")
+        if t.dtype != p.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but p has {p.dtype}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
@@ -65,6 +68,9 @@ def _check(p, grad, exp_avg, exp_avg_sq, factors, step, lr, betas, eps, weight_d
                                  f"fit ({e - s}, K) x (K, {N})")
             if A.device != p.device or B.device != p.device:
                 raise TypeError(f"factor {i} is on {A.device}/{B.device} but p is on {p.device}")
+            if A.dtype != B.dtype:
+                raise TypeError(f"factor {i} (rows {s}:{e}): A has dtype {A.dtype} but B has {B.dtype}; they must "
+                                f"match (any float dtype: the term is computed in fp32, or fp64 for fp64 factors)")
         out.append((s, e, A, B))
     return out
 
@@ -77,7 +83,17 @@ def q3r_apply_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     ``fused`` (default): on the CPU, the Adam part goes through torch's fused CPU AdamW kernel (the one of
     ``torch.optim.AdamW(fused=True)``: one pass instead of ~8; ViT-Tiny's parameters, 2 cores: 4.1 vs
     12.2 ms) when the four tensors are contiguous fp32/fp64 of one dtype; ``False`` is the eager oracle.
+
+    fp16/bf16 tensors are computed in fp32 and stored back in their dtype, as the Triton kernel does (in
+    their own precision ``eps = 1e-8`` rounds to 0 in fp16 and an underflowed ``v`` divides by zero).
     """
+    if p.dtype in (torch.float16, torch.bfloat16):
+        wide = [t.float() for t in (p, grad, exp_avg, exp_avg_sq)]
+        q3r_apply_ref(*wide, factors, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=weight_decay, lmbda=lmbda, fused=fused)
+        for t, w in zip((p, exp_avg, exp_avg_sq), (wide[0], wide[2], wide[3]), strict=True):
+            t.copy_(w)
+        return
     bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
     c = 2.0 * lmbda * lr
     base = 1.0 - lr * weight_decay
@@ -94,8 +110,9 @@ def q3r_apply_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
             rows.mul_(base - c)
         elif A.dtype == p.dtype and B.dtype == p.dtype:
             rows.addmm_(A, B, beta=base - c, alpha=-c)  # scales the rows in the same pass
-        else:
-            rows.mul_(base - c).add_((A @ B).to(p.dtype), alpha=-c)
+        else:  # factors of another precision: their product in the wider of the two, added in p's dtype
+            wide = torch.promote_types(A.dtype, p.dtype)
+            rows.mul_(base - c).add_((A.to(wide) @ B.to(wide)).to(p.dtype), alpha=-c)
     if base != 1.0 and covered < (p.shape[0] if factors else 1):
         if factors:
             mask = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
@@ -189,3 +206,44 @@ def q3r_apply(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_av
     else:
         flat = [t.view(1, -1) for t in tensors]
         q3r_apply_triton(*flat, None, None, None, None, None, **kw)
+
+
+# ------------------------------------------------------------------------------ the Q3R term over an operator stack
+def q3r_stack_step_(views: Sequence[torch.Tensor], X: torch.Tensor, AT: torch.Tensor | None, B: torch.Tensor | None,
+                    *, beta: float, alpha: float, keep: torch.Tensor | None = None,
+                    table: torch.Tensor | None = None) -> None:
+    """``views[j] <- views[j] + keep ((beta - 1) X[j] + alpha AT[j]^T B[j])``, in place, for a stack of ``b``
+    same-shape weights (the Q3R step of an operator stack, see ``q3r/operator.py``).
+
+    Args:
+        views: ``b`` tensors ``(m, n)`` of one dtype and device (row slices of weights, possibly transposed
+            views), updated in place; ``X (b, m, n)``: a copy of them in the compute dtype (fp32, or fp64 for
+            fp64 weights), used as workspace by the reference (its contents are destroyed).
+        AT (b, K2, m), B (b, K2, n): the thin factors of the low-rank part (contiguous, compute dtype); both
+            ``None`` when the stack keeps no triplet.
+        beta, alpha: the step's scalars; keep: ``None`` or a 0-d fp32 tensor on the device, 1 to apply the step
+            and 0 to leave ``views`` unchanged (the decision stays on the device: no host sync).
+        table: ``(b, 5)`` int64 per member ``[address of views[j], row stride, column stride, address of AT[j],
+            address of B[j]]`` (:meth:`_OpStack.table`), for the Triton kernel.
+
+    One fixed set of launches for the whole stack: the Triton kernel once (reads and writes each weight once,
+    ``AT^T B`` recomputed tile by tile) where :func:`backend.choose` picks Triton and the weights are
+    fp32/fp16/bf16 (with an fp32 compute dtype); else one batched product on ``X``, the mask and one
+    multi-tensor add. Both compute in the compute dtype and store in the weights' dtype.
+    """
+    dtype = views[0].dtype
+    if (table is not None and X.dtype == torch.float32 and dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and backend.choose(X, op="q3r_apply") == "triton"):
+        from ..kernels.q3r_apply import q3r_stack_triton
+
+        _, m, n = X.shape
+        q3r_stack_triton(table, dtype, m, n, 0 if AT is None else AT.shape[1], keep, beta_m1=beta - 1.0,
+                         alpha=alpha)
+        return
+    if AT is None:
+        X.mul_(beta - 1.0)
+    else:
+        X.baddbmm_(AT.transpose(1, 2), B, beta=beta - 1.0, alpha=alpha)
+    if keep is not None:
+        X.mul_(keep)
+    torch._foreach_add_(list(views), list(X.unbind(0)))

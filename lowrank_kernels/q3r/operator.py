@@ -7,6 +7,7 @@ regulariser's bookkeeping apart from the linear algebra.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -56,9 +57,13 @@ class _Operator:
         kw = dict(dtype=self.cdtype, device=self.weight.device)
         return torch.zeros(self.m, 0, **kw), torch.zeros(0, **kw), torch.zeros(0, self.n, **kw)
 
-    def set_triplets(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+    def set_triplets(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, d: torch.Tensor | None = None) -> None:
+        """Keep ``U (m, k)``, ``S (k,)``, ``Vh (k, n)`` and their reweights ``d = min(eps / S, 1) - 1``
+        (:func:`_reweights` of the current ``eps``, unless a caller that computed a batch of them passes ``d``)."""
         self.U, self.S, self.Vh = U.contiguous(), S.contiguous(), Vh.contiguous()
-        self.d = (self.eps / S).clamp(max=1.0) - 1.0 if S.numel() else S.clone()
+        if d is None:
+            d = _reweights(torch.tensor(self.eps, dtype=self.S.dtype).to(self.S.device), self.S)
+        self.d = d.contiguous()
 
     @property
     def k(self) -> int:
@@ -95,6 +100,12 @@ def _factors(X: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor, d: torch.Tensor
     P, Q, C = _thin(X, U, Vh)
     Pt = d[..., :, None] * (P + (C * d[..., None, :]) @ Vh)
     return torch.cat([U, Q * d[..., None, :]], dim=-1), torch.cat([Pt, Vh], dim=-2)
+
+
+def _reweights(eps: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``d = min(eps / S, 1) - 1`` elementwise (``eps`` a tensor broadcastable to ``S``): one formula for every
+    place that forms ``d``, so that a rebuilt, a loaded and a shared operator agree to the bit."""
+    return (eps / S).clamp(max=1.0) - 1.0
 
 
 def _ritz_residuals(X: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
@@ -243,13 +254,15 @@ class _OpStack:
     next to ``fc1``) enters transposed, its ``U`` and ``V`` swapped. The kept triplets are zero-padded to one
     width ``K`` (a multiple of ``_WIDTH_ROUND``, at most ``min(m, n)``): a padded column has ``d = 0`` and
     adds nothing, so the kept count is a mask over a fixed width and no shape depends on data. Built once per
-    rebuild (after which only the weights' contents change):
+    rebuild (after which only the weights' contents change), in the compute dtype:
 
-    * ``Ut (b, K, m)``, ``Vh (b, K, n)``, ``UdT = D U^T (b, K, m)``, ``Vd = D V^T (b, K, n)``;
-    * ``ptrs``, ``strides (b, 2)`` (int64, on the device): the address of each member's first element and its
-      (row, column) strides in the stack's orientation, for a kernel that writes the weights in place.
-
-    :meth:`thin` gives the per-step thin products, from which ``L X R - X = Ud P + (Q + Ud C) Vd``.
+    * ``Ut (b, K, m)``, ``Vh (b, K, n)``: the kept singular vectors;
+    * ``AT (b, 2K, m) = [D U^T; W^T]`` and ``B (b, 2K, n) = [P; D V^T]``, so that
+      ``L X R - X = AT^T B`` per member, with ``P = U^T X``, ``W = X V + U D C``, ``C = P V``; the ``D U^T``
+      and ``D V^T`` halves are fixed, :meth:`thin` writes ``P`` and ``W^T`` into the other halves each step
+      (persistent buffers: a captured CUDA graph keeps its addresses);
+    * :meth:`table`: per member ``[address of X_j, row stride, column stride, address of AT_j, address of B_j]``
+      (int64, on the device), for the kernel that updates the weights in place.
     """
 
     def __init__(self, members: Sequence[tuple[_Operator, bool]]):
@@ -260,47 +273,71 @@ class _OpStack:
         self.cdtype, self.device, self.dtype = first.cdtype, first.weight.device, first.weight.dtype
         b, m, n = len(self.ops), self.m, self.n
         kmax = max(op.k for op in self.ops)
-        self.K = min(min(m, n), -(-kmax // _WIDTH_ROUND) * _WIDTH_ROUND) if kmax else 0
+        self.K = K = min(min(m, n), -(-kmax // _WIDTH_ROUND) * _WIDTH_ROUND) if kmax else 0
         self._addr: list[int] | None = None
-        self.ptrs = self.strides = None
-        if not self.K:
+        self._table: torch.Tensor | None = None
+        self.key = None  # the grouping key of _op_stacks
+        self.AT = self.B = self.X = None
+        if not K:
             return
         kw = dict(dtype=self.cdtype, device=self.device)
-        Ut, Vh, d = torch.zeros(b, self.K, m, **kw), torch.zeros(b, self.K, n, **kw), torch.zeros(b, self.K, **kw)
-        for j, (op, flip) in enumerate(members):
-            left, right = (op.Vh, op.U.T) if flip else (op.U.T, op.Vh)  # (k, m), (k, n) in the stack's orientation
-            Ut[j, :op.k], Vh[j, :op.k], d[j, :op.k] = left, right, op.d
+        Ut, Vh, d = self._padded(members, K)
         self.Ut, self.Vh = Ut, Vh
-        self.UdT = Ut * d[..., None]
-        self.Vd = Vh * d[..., None]
+        self.AT, self.B = torch.zeros(b, 2 * K, m, **kw), torch.zeros(b, 2 * K, n, **kw)
+        torch.mul(Ut, d[..., None], out=self.AT[:, :K])
+        torch.mul(Vh, d[..., None], out=self.B[:, K:])
+
+    def _padded(self, members, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Ut (b, K, m)``, ``Vh (b, K, n)``, ``d (b, K)`` of the members, zero-padded to ``K``, in a fixed number
+        of launches whatever ``b`` (per array one ragged stack and one padding), not three copies per member."""
+        b, m, n = len(members), self.m, self.n
+        lefts = [op.Vh.T if flip else op.U for op, flip in members]  # (m, k) in the stack's orientation
+        rights = [op.U.T if flip else op.Vh for op, flip in members]  # (k, n)
+        with warnings.catch_warnings():  # torch's strided nested tensors warn that they are a prototype
+            warnings.simplefilter("ignore", UserWarning)
+            left = torch.nested.nested_tensor(lefts).to_padded_tensor(0.0, output_size=(b, m, K))
+            right = torch.nested.nested_tensor(rights).to_padded_tensor(0.0, output_size=(b, K, n))
+            d = torch.nested.nested_tensor([op.d for op, _ in members]).to_padded_tensor(0.0, output_size=(b, K))
+        return left.transpose(1, 2).contiguous(), right, d
 
     def views(self) -> list[torch.Tensor]:
         """Each member's rows of its current weight, ``(m, n)`` in the stack's orientation (views, no copy)."""
-        return [op.view(op.weight).T if flip else op.view(op.weight) for op, flip in zip(self.ops, self.flip)]
+        return [op.view(op.weight).T if flip else op.view(op.weight)
+                for op, flip in zip(self.ops, self.flip, strict=True)]
 
-    def addresses(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ptrs (b,), strides (b, 2))`` int64 on the device for ``views``; remade only when a weight moved
+    def table(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(b, 5)`` int64 on the device: each member's weight address and (row, column) strides in the stack's
+        orientation, then the addresses of its ``AT`` and ``B`` blocks. Remade only when a weight moved
         (``p.data = ...``, ``.to()``), so a step normally makes no host-to-device copy."""
         addr = [v.data_ptr() for v in views]
         if addr != self._addr:
-            self.ptrs = torch.tensor(addr, dtype=torch.int64, device=self.device)
-            self.strides = torch.tensor([list(v.stride()) for v in views], dtype=torch.int64, device=self.device)
+            rows = []
+            for j, v in enumerate(views):
+                at = 0 if self.AT is None else self.AT[j].data_ptr()
+                bt = 0 if self.B is None else self.B[j].data_ptr()
+                rows.append([addr[j], v.stride(0), v.stride(1), at, bt])
+            self._table = torch.tensor(rows, dtype=torch.int64, device=self.device)
             self._addr = addr
-        return self.ptrs, self.strides
+        return self._table
 
     def stacked(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``X (b, m, n)``: a copy of the members' current weights in the compute dtype."""
-        X = torch.stack(list(views))
-        return X if X.dtype == self.cdtype else X.to(self.cdtype)
+        """``X (b, m, n)``: a copy of the members' current weights in the compute dtype, in one launch. The
+        buffer is kept for the stack's life (one rebuild period): a fresh one per step cost the CPU a page fault
+        per 4 KiB (``stack`` of ViT-Tiny's 48 square slices: ~13 ms fresh vs ~0.3 ms reused), and a captured
+        CUDA graph needs fixed addresses anyway."""
+        if self.X is None:
+            self.X = torch.empty(len(self.ops), self.m, self.n, dtype=self.cdtype, device=self.device)
+        return torch.stack(list(views), out=self.X)
 
-    def thin(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P = U^T X (b, K, n)`` and ``W^T = (Q + Ud C)^T (b, K, m)`` with ``Q = X V``, ``C = P V``:
-        ``L X R - X = Ud P + W Vd``. Four batched products."""
-        P = torch.bmm(self.Ut, X)
-        WT = torch.bmm(self.Vh, X.transpose(1, 2))  # (X V)^T
+    def thin(self, X: torch.Tensor) -> None:
+        """Write ``P = U^T X`` and ``W^T = (X V + Ud C)^T``, ``C = P V``, into ``B`` and ``AT`` (four batched
+        products): then ``L X R - X = AT^T B`` for every member."""
+        K = self.K
+        P, WT = self.B[:, :K], self.AT[:, K:]
+        P.baddbmm_(self.Ut, X, beta=0.0)
+        WT.baddbmm_(self.Vh, X.transpose(1, 2), beta=0.0)  # (X V)^T
         C = torch.bmm(P, self.Vh.transpose(1, 2))  # (b, K, K)
-        WT.baddbmm_(C.transpose(1, 2), self.UdT)  # + (Ud C)^T
-        return P, WT
+        WT.baddbmm_(C.transpose(1, 2), self.AT[:, :K])  # + (Ud C)^T
 
 
 def _op_stacks(ops: Sequence[_Operator], key=None, max_elements: int = 1 << 25) -> list[_OpStack]:
@@ -317,7 +354,9 @@ def _op_stacks(ops: Sequence[_Operator], key=None, max_elements: int = 1 << 25) 
         else:
             groups.setdefault(straight, []).append((op, False))
     stacks = []
-    for (m, n, *_), members in groups.items():
+    for (m, n, _, _, extra), members in groups.items():
         per = max(1, max_elements // max(1, m * n))
-        stacks += [_OpStack(members[c:c + per]) for c in range(0, len(members), per)]
+        for c in range(0, len(members), per):
+            stacks.append(_OpStack(members[c:c + per]))
+            stacks[-1].key = extra
     return stacks

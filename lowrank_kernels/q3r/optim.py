@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .. import backend, ops
-from .._checks import finite_flags
-from ..ops.q3r_apply import _can_fuse_adam
-from .operator import Rank
-from .config import Q3RConfig
-from .regularizer import Q3R
 from . import sharded as _sharded
+from .config import Q3RConfig
+from .operator import Rank
+from .regularizer import Q3R
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_hyper(group: Mapping, where: str) -> None:
+    """``ValueError`` naming the value and ``where`` unless ``lr``, ``eps``, ``weight_decay`` are finite numbers
+    >= 0 and ``betas`` is a pair of finite numbers in [0, 1)."""
+    for name, what in (("lr", "learning rate"), ("eps", "eps"), ("weight_decay", "weight_decay")):
+        value = group[name]
+        if not (_real(value) and value >= 0):
+            raise ValueError(f"AdamQ3R: invalid {what}: {name}={value!r} in {where} (a finite number >= 0)")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_real(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"AdamQ3R: invalid betas: {betas!r} in {where} (two finite numbers, each in [0, 1))")
 
 
 class AdamQ3R(torch.optim.Optimizer):
@@ -23,11 +37,16 @@ class AdamQ3R(torch.optim.Optimizer):
 
     Per step: the Q3R operators are rebuilt every ``steps`` steps (:meth:`Q3R.update`), then every parameter
     with a gradient gets the AdamW update of ``torch.optim.AdamW`` plus ``-lr * 2 lmbda L X R`` on the
-    regularised weights (per slice for fused ones), evaluated at the weights before the step. On CUDA each
-    parameter goes through one fused :func:`ops.q3r_apply` (the Triton kernel). On the CPU (contiguous fp32/fp64)
-    the decay and the Q3R term are applied in place by :meth:`Q3R.decoupled_step_`, then the Adam part of all
-    such parameters of a group runs in one call of torch's fused CPU AdamW kernel; other parameters (fp16/bf16,
-    non-contiguous) take :func:`ops.q3r_apply`'s reference.
+    regularised weights (per slice for fused ones), evaluated at the weights before the step.
+
+    One route on every device, shaped for the GPU: the decay and the Q3R term of all regularised weights go
+    through :meth:`Q3R.decoupled_steps_` (operators stacked by shape up to transpose, dtype, device and param
+    group: a fixed number of batched launches per stack, the Triton kernel once per stack on CUDA, the same code
+    with the PyTorch reference on the CPU), then the Adam part runs as one ``torch._fused_adamw_`` per (param
+    group, device, dtype, weight decay), any float dtype, computed in fp32 and stored in the parameter's dtype.
+    Nothing depends on the number of layers, and between rebuilds nothing is read on the host: the NaN/Inf
+    decision is a flag on the device (as ``torch.amp.GradScaler``'s found-inf) that masks the update, so a step
+    between rebuilds can be captured in a CUDA graph.
 
     Args:
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay`` per group).
@@ -35,9 +54,13 @@ class AdamQ3R(torch.optim.Optimizer):
             must be among ``params``.
         target_rank, lmbda, steps: see :class:`Q3R` (rank fraction of ``min(m, n)``, int, or list per operator);
             required unless ``config`` is given.
-        nan_policy: ``"skip"`` (default): when a gradient or a regularised weight holds NaN/Inf the whole step
-            is skipped (nothing changes, not even the step counters) with a ``RuntimeWarning``; ``"raise"``:
-            ``ValueError`` instead; ``"off"``: no check (saves one reduction pass per step).
+        nan_policy: ``"skip"`` (default): when a gradient holds NaN/Inf the whole step is skipped (parameters,
+            moments and Adam step counts unchanged). Between rebuilds this is decided on the device and reported
+            by one ``RuntimeWarning`` at the next rebuild (or ``state_dict()``) with the number of steps skipped;
+            the Q3R step counter still advances, so rebuilds keep their schedule. On a rebuilding step the
+            gradients and the regularised weights are checked on the host (one read) and a bad step is skipped
+            at once with a warning naming the tensor, the counter included. ``"raise"``: ``ValueError`` naming
+            the tensor, checked on the host every step (one sync per step). ``"off"``: no check.
         config: a :class:`Q3RConfig` (or a mapping of its fields) with the Q3R settings; the keyword arguments
             above and in ``q3r_kwargs`` override its fields.
         q3r_kwargs: forwarded to :class:`Q3R`: any :class:`Q3RConfig` field (``epsilon_schedule``, ``N``,
@@ -54,14 +77,7 @@ class AdamQ3R(torch.optim.Optimizer):
                  steps: int | None = None, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  nan_policy: str = "skip", config: Q3RConfig | None = None, **q3r_kwargs):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"invalid learning rate: {lr!r}")
-        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"invalid betas: {betas!r} (each in [0, 1))")
-        if not eps >= 0:
-            raise ValueError(f"invalid eps: {eps!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"invalid weight_decay: {weight_decay!r}")
+        _check_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), "the defaults")
         if nan_policy not in ("skip", "raise", "off"):
             raise ValueError(f"nan_policy={nan_policy!r} is not one of ('skip', 'raise', 'off')")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -72,29 +88,66 @@ class AdamQ3R(torch.optim.Optimizer):
             if id(op.weight) not in index:
                 raise ValueError(f"the weight of Q3R {op.name} is not among the optimizer's params")
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer``'s, and the group's ``lr``, ``betas``, ``eps``, ``weight_decay`` are checked."""
+        super().add_param_group(param_group)
+        _check_hyper(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+
     def _index(self) -> dict[int, int]:
         return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def _param_index(self, p: torch.Tensor) -> int:
         return self._index()[id(p)]
 
-    def _first_nonfinite(self, active: list[torch.Tensor]) -> str | None:
-        tensors = [p.grad for _, p in active]
-        # a non-finite weight only breaks the operator rebuild (the SVD); between rebuilds it stays in its own rows
-        weights = self.q3r.params if self.q3r.t % self.q3r.steps == 0 else []
-        flags = _sharded.finite_flags(tensors + weights)  # agreed over FSDP2 processes
+    def _first_nonfinite(self, active: list, weights: list[torch.Tensor]) -> str | None:
+        """The name of the first gradient of ``active`` ``[(index, param)]`` or weight of ``weights`` holding
+        NaN/Inf, None when all are finite (one host sync; names are formed only when one is found)."""
+        flags = _sharded.finite_flags([p.grad for _, p in active] + weights)  # agreed over FSDP2 processes
         if all(flags):
             return None
-        bad = flags.index(False)  # names are formed only here, not on every step
+        bad = flags.index(False)
         if bad < len(active):
             i, p = active[bad]
             return f"grad of param {i} {tuple(p.shape)}"
         w = weights[bad - len(active)]
         return f"regularised weight (param {self._index()[id(w)]}) {tuple(w.shape)}"
 
+    def _flags(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The device-side NaN/Inf bookkeeping: ``found`` (this step), ``skipped`` (steps skipped on the device
+        since the last host check), ``one`` (the unscale factor of the check)."""
+        flags = getattr(self, "_nan_flags", None)
+        if flags is None or flags["found"].device != device:
+            kw = dict(dtype=torch.float32, device=device)
+            flags = self._nan_flags = {"found": torch.zeros((), **kw), "skipped": torch.zeros((), **kw),
+                                       "one": torch.ones((), **kw)}
+        return flags
+
+    def _report_skipped(self, count: float) -> None:
+        if count:
+            warnings.warn(f"AdamQ3R: {int(count)} step(s) since the last operator rebuild had a gradient with NaN or "
+                          "Inf and were skipped (parameters, moments and step counts unchanged)", RuntimeWarning,
+                          stacklevel=3)
+
+    def _flush_skipped(self) -> None:
+        """Warn about the steps skipped on the device since the last check (one host read)."""
+        flags = getattr(self, "_nan_flags", None)
+        if flags is not None:
+            count = float(flags["skipped"])
+            flags["skipped"].zero_()
+            self._report_skipped(count)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """One optimizer step; ``closure`` (re-evaluating the loss with gradients) is called first."""
+        """One optimizer step; ``closure`` (re-evaluating the loss with gradients) is called first.
+
+        Launches per step are a fixed number per operator stack and per param group, whatever the number of
+        layers (see :meth:`Q3R.decoupled_steps_`): the found-inf check (one multi-tensor pass), the Q3R term of
+        every stack, then one ``torch._fused_adamw_`` per (param group, device, dtype, weight decay) with the
+        found-inf flag, which skips the update on the device. The host reads tensor data only on steps that
+        rebuild the operators (every ``steps`` steps; the rebuild itself, plus one read of the NaN/Inf flags that
+        warns about the steps skipped since the previous rebuild), or every step with ``nan_policy="raise"``
+        or with parameters on several devices.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -104,53 +157,79 @@ class AdamQ3R(torch.optim.Optimizer):
         for i, p in active:
             if p.grad.is_sparse:
                 raise RuntimeError(f"AdamQ3R does not support sparse gradients (param {i})")
+        keep = found = None
         if self.nan_policy != "off" and active:
-            bad = self._first_nonfinite(active)
-            if bad is not None:
-                if self.nan_policy == "raise":
-                    raise ValueError(f"AdamQ3R: the {bad} contains NaN or Inf")
-                warnings.warn(f"AdamQ3R: the {bad} contains NaN or Inf; skipping this step", RuntimeWarning,
-                              stacklevel=2)
-                return loss
+            rebuild = self.q3r.t % self.q3r.steps == 0
+            # a non-finite weight only breaks the operator rebuild (the SVD); between rebuilds it stays in its own rows
+            weights = self.q3r.params if rebuild else []
+            devices = {p.device for _, p in active} | {w.device for w in weights}
+            if len(devices) == 1 and self.nan_policy == "skip" and not rebuild:
+                # decided on the device: found = any non-finite gradient; the update is masked by it
+                flags = self._flags(next(iter(devices)))
+                found = flags["found"]
+                found.zero_()
+                torch._amp_foreach_non_finite_check_and_unscale_([p.grad for _, p in active], found, flags["one"])
+                flags["skipped"].add_(found)
+                keep = torch.rsub(found, 1.0)
+            else:
+                bad = None
+                if len(devices) == 1:
+                    # one host read for this step's flag and the count of steps skipped since the last rebuild
+                    flags = self._flags(next(iter(devices)))
+                    flags["found"].zero_()
+                    torch._amp_foreach_non_finite_check_and_unscale_([p.grad for _, p in active] + weights,
+                                                                     flags["found"], flags["one"])
+                    now, skipped = torch.stack([flags["found"], flags["skipped"]]).tolist()
+                    if skipped:
+                        flags["skipped"].zero_()
+                        self._report_skipped(skipped)
+                    if now:
+                        bad = self._first_nonfinite(active, weights)
+                else:
+                    self._flush_skipped()
+                    bad = self._first_nonfinite(active, weights)
+                if bad is not None:
+                    if self.nan_policy == "raise":
+                        raise ValueError(f"AdamQ3R: the {bad} contains NaN or Inf")
+                    warnings.warn(f"AdamQ3R: the {bad} contains NaN or Inf; skipping this step", RuntimeWarning,
+                                  stacklevel=2)
+                    return loss
         self.q3r.update()
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None}
+        settings = {gi: (g["lr"], g["weight_decay"]) for gi, g in enumerate(self.param_groups)}
+        # the decay and the Q3R term of every regularised weight with a gradient, at the pre-step weights
+        self.q3r.decoupled_steps_(settings, key=lambda w: group_of.get(id(w)), keep=keep)
         regularised = {id(w) for w in self.q3r.params}
-        factors = None
-        fused: dict[tuple, tuple[list, ...]] = {}
-        cpu_fused = backend.requested_backend() != "triton"  # CPU tensors take the reference unless Triton is forced
+        lists: dict[tuple, tuple[list, ...]] = {}
+        steps: dict[torch.device, list] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if cpu_fused and _can_fuse_adam(*tensors):
-                    # CPU: the decay and the Q3R term in place (batched slices, no factors formed), then the Adam
-                    # part of every such parameter of the group in one call of torch's fused AdamW kernel
-                    wd = group["weight_decay"]
-                    if id(p) in regularised:
-                        # the common factor s of the decayed rows is left to the fused kernel's weight decay pass
-                        s = self.q3r.decoupled_step_(p, group["lr"], wd, defer_scale=True)
-                        wd = (1.0 - s) / group["lr"] if s != 1.0 else 0.0
-                    lists = fused.setdefault((gi, p.dtype, wd), ([], [], [], [], []))
-                    for lst, t in zip(lists, (*tensors, state["step"]), strict=True):
-                        lst.append(t)
-                    continue
-                state["step"] += 1
-                if factors is None:
-                    factors = self.q3r.factors()
-                ops.q3r_apply(p, p.grad, state["exp_avg"], state["exp_avg_sq"], factors.get(p, ()),
-                              step=int(state["step"]), lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                              weight_decay=group["weight_decay"], lmbda=self.q3r.lmbda)
-        for (gi, _, wd), (params, grads, exp_avgs, exp_avg_sqs, steps) in fused.items():
+                elif state["step"].device != p.device:  # loaded from a state_dict: counts live with the params
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+                # regularised weights were decayed above, with their Q3R term
+                wd = 0.0 if id(p) in regularised else group["weight_decay"]
+                entry = lists.setdefault((gi, p.device, p.dtype, wd), ([], [], [], [], []))
+                for lst, t in zip(entry, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]),
+                                  strict=True):
+                    lst.append(t)
+                steps.setdefault(p.device, []).append(state["step"])
+        for device_steps in steps.values():
+            if keep is None:
+                torch._foreach_add_(device_steps, 1.0)
+            else:  # the list form: the 0-d tensor form reads the scalar on the host
+                torch._foreach_add_(device_steps, [keep] * len(device_steps))
+        for (gi, _, _, wd), (params, grads, exp_avgs, exp_avg_sqs, step_list) in lists.items():
             group = self.param_groups[gi]
-            torch._foreach_add_(steps, 1)
-            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"],
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_list, lr=group["lr"],
                                 beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=wd, eps=group["eps"],
-                                amsgrad=False, maximize=False)
+                                amsgrad=False, maximize=False, found_inf=found)
         return loss
 
     def stats(self) -> list[dict]:
@@ -159,6 +238,7 @@ class AdamQ3R(torch.optim.Optimizer):
         return self.q3r.stats()
 
     def state_dict(self) -> dict:
+        self._flush_skipped()  # a checkpoint is a host read anyway: report the steps skipped on the device
         sd = super().state_dict()
         sd["q3r"] = self.q3r.state_dict(param_index=self._param_index)
         return sd

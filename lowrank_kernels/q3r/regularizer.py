@@ -62,8 +62,10 @@ from ..ops.pad_slices import normalize_slices
 from .config import SCHEDULES, Q3RConfig
 from . import sharded as _sharded
 from ..ops.truncated_svd import svd_path
-from .operator import _ritz_residuals
-from .operator import EPS_START, Rank, _factors, _Operator, _sketched_svd, _slice_batches, resolve_rank
+from .operator import _reweights, _ritz_residuals
+from .operator import EPS_START, Rank, _factors, _Operator, _op_stacks, _sketched_svd, _slice_batches, resolve_rank
+from ..ops.q3r_apply import q3r_stack_step_
+from .. import backend
 
 __all__ = ["EPS_START", "Q3R", "TargetMap", "extract_linear", "resolve_rank"]
 
@@ -194,6 +196,13 @@ def _read_back(runs: list[_Run]) -> None:
             run.host_s, pos = rows, pos + b * k
             if run.res is not None:
                 run.host_res, pos = [values[pos + j * k:pos + (j + 1) * k] for j in range(b)], pos + b * k
+
+
+def _raise_if_nonfinite(work: list) -> None:
+    """``ValueError`` naming the first operator of ``work`` (``[(index, op, X, k)]``) whose ``X`` holds NaN/Inf."""
+    finite = finite_flags([X for _, _, X, _ in work])
+    if not all(finite):
+        raise ValueError(f"Q3R: the weight of {work[finite.index(False)][1].name} contains NaN or Inf")
 
 
 def _by_shape(pairs: list[tuple[_Run, int]]) -> dict[tuple, list[tuple[_Run, int]]]:
@@ -336,7 +345,8 @@ class Q3R:
     def _refresh_ops(self, items: list[tuple[int, _Operator]]) -> None:
         """Rebuild the operators ``items`` (index, operator); same-shape ones share batched SVD calls.
 
-        Every weight is checked for NaN/Inf (one host sync) before any operator changes.
+        A weight with NaN/Inf raises ``ValueError`` naming its operator before any operator changes: it makes the
+        SVD fail or its sigma non-finite, which the one host read of all sigma sees (no separate pass).
         """
         work = []
         for i, op in items:
@@ -349,28 +359,30 @@ class Q3R:
         if not work:
             self.last_rebuild = {"operators": 0, "checked": 0, "refined": 0, "exact": 0, "failed": 0}
             return
-        finite = finite_flags([X for _, _, X, _ in work])
-        if not all(finite):
-            raise ValueError(f"Q3R: the weight of {work[finite.index(False)][1].name} contains NaN or Inf")
         groups: dict[tuple, list] = {}
         for item in work:
             i, op, X, k = item
             groups.setdefault((op.m, op.n, k, X.dtype, X.device, self._svd_mode(op)), []).append(item)
         # every SVD first, then one host read of all their sigma and Ritz residuals
         runs = []
-        for (m, n, k, _, _, mode), members in groups.items():
-            for chunk in _chunks(members, m * n):  # the stack is a copy of the weights
-                Xs = torch.stack([X for _, _, X, _ in chunk])
-                U, S, Vh = self._svd(Xs, k, [i for i, *_ in chunk], mode, [op.basis for _, op, _, _ in chunk])
-                res = _ritz_residuals(Xs, U, S, Vh) if self._checked(mode, m, n, k) else None
-                runs.append(_Run(chunk, Xs, k, U, S, Vh, res))
-        _read_back(runs)
+        try:
+            for (m, n, k, _, _, mode), members in groups.items():
+                for chunk in _chunks(members, m * n):  # the stack is a copy of the weights
+                    Xs = torch.stack([X for _, _, X, _ in chunk])
+                    U, S, Vh = self._svd(Xs, k, [i for i, *_ in chunk], mode, [op.basis for _, op, _, _ in chunk])
+                    res = _ritz_residuals(Xs, U, S, Vh) if self._checked(mode, m, n, k) else None
+                    runs.append(_Run(chunk, Xs, k, U, S, Vh, res))
+            _read_back(runs)
+        except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
+            _raise_if_nonfinite(work)
+            raise
+        if not all(math.isfinite(v) for run in runs for row in run.host_s for v in row):
+            _raise_if_nonfinite(work)
         self.last_rebuild = {"operators": len(work), "checked": sum(len(r.items) for r in runs if r.res is not None),
                              "refined": 0, "exact": 0, "failed": 0}
         self._refine(runs)
         for run in runs:
-            for j, (i, op, X, _) in enumerate(run.items):
-                self._settle(i, op, X, run.k, run.U[j], run.S[j], run.Vh[j], run.host_s[j])
+            self._settle_run(run)
 
     def _checked(self, mode: str, m: int, n: int, k: int) -> bool:
         """Whether a rebuild's triplets get the a-posteriori check: randomized ones (warm or cold), not exact SVDs."""
@@ -441,7 +453,7 @@ class Q3R:
     def _svd(self, X: torch.Tensor, k: int, idx: list[int], mode: str, bases: list) -> tuple:
         """Top-``k`` triplets of the stack ``X (b, m, n)`` of operators ``idx``: ``mode`` is ``"exact"`` (full
         SVD), ``"sketch"`` (cold randomized, ``n_iter``) or ``"warm"`` (one product with ``bases``)."""
-        if mode == "exact":
+        if mode == "exact" or svd_path(X.shape, k, self.oversample) == "full":  # small: the SVD is as cheap
             U, S, Vh = torch.linalg.svd(X, full_matrices=False)
             # copies of the top k: the kept views (and the basis) must not hold the whole SVD alive
             return U[..., :k].contiguous(), S[..., :k].clone(), Vh[..., :k, :].clone()
@@ -449,9 +461,20 @@ class Q3R:
         return _sketched_svd(X, k, [self._seed(i) for i in idx], self.oversample, 0 if warm else self.n_iter,
                              self._sketches, _SKETCH_CACHE_ELEMENTS, bases if warm else None)
 
-    def _settle(self, i: int, op: _Operator, X: torch.Tensor, k: int, U, S, Vh, host_s: list[float]) -> None:
-        """Move eps by the schedule, widen the SVD while its last sigma is still above eps, keep the rest."""
-        op.eps, op.eps0 = self._next_eps(op, host_s[op.rank])
+    def _settle_run(self, run: _Run) -> None:
+        """:meth:`_settle` for every operator of ``run``, with the reweights ``d`` of the whole run computed in one
+        batched expression (the kept triplets and ``d`` are then slices of the run's tensors)."""
+        for j, (i, op, X, _) in enumerate(run.items):
+            op.eps, op.eps0 = self._next_eps(op, run.host_s[j][op.rank])
+        eps = torch.tensor([op.eps for _, op, _, _ in run.items], dtype=run.S.dtype).to(run.S.device)
+        d = _reweights(eps[:, None], run.S)
+        for j, (i, op, X, _) in enumerate(run.items):
+            self._settle(i, op, X, run.k, run.U[j], run.S[j], run.Vh[j], run.host_s[j], d[j])
+
+    def _settle(self, i: int, op: _Operator, X: torch.Tensor, k: int, U, S, Vh, host_s: list[float],
+                d: torch.Tensor) -> None:
+        """Keep the triplets above ``op.eps`` (already moved by the schedule), widening the SVD while its last sigma
+        is still above eps; ``d`` holds the reweights of ``S``."""
         # a sigma within rounding of eps is not above it: re-estimating the same sigma_{r+1} one ulp higher (warm
         # rebuilds of an unchanged weight did) must not keep one more triplet (whose d would be ~0 anyway)
         cut = op.eps + _KEEP_ULPS * torch.finfo(op.cdtype).eps * host_s[0]
@@ -460,10 +483,10 @@ class Q3R:
         while k < kmax and host_s[-1] > cut:
             k = min(2 * k, kmax)
             U, S, Vh = (t[0] for t in self._svd(X[None], k, [i], self._svd_mode(op, warm=False), [None]))
-            host_s = S.tolist()
+            host_s, d = S.tolist(), None
         keep = sum(1 for v in host_s if v > cut)
         op.basis = Vh if self.warm_start else None
-        op.set_triplets(U[:, :keep], S[:keep], Vh[:keep])
+        op.set_triplets(U[:, :keep], S[:keep], Vh[:keep], None if d is None else d[:keep])
 
     def _next_eps(self, op: _Operator, sigma: float) -> tuple[float, float | None]:
         """``(eps, eps0)`` of ``op``'s rebuild whose ``sigma_{r+1}`` is ``sigma``: the schedule's new eps and its
@@ -548,11 +571,13 @@ class Q3R:
         """The kept triplets of same-shape operators stacked (zero-padded to the largest kept count), in chunks
         of at most ``_BATCH_ELEMENTS`` weight elements; built once per rebuild."""
         if self._stacks is None:
+            self._stacks = {}
+        if "factors" not in self._stacks:
             groups: dict[tuple, list[_Operator]] = {}
             for op in self.ops:
                 if op.k and op.weight.device.type in _BATCHED_FACTORS:
                     groups.setdefault((op.m, op.n, op.cdtype, op.weight.device), []).append(op)
-            self._stacks = []
+            stacks = self._stacks["factors"] = []
             for (m, n, dtype, device), members in groups.items():
                 for chunk in _chunks(members, m * n):
                     K = max(op.k for op in chunk)
@@ -561,8 +586,8 @@ class Q3R:
                     d = torch.zeros(len(chunk), K, dtype=dtype, device=device)
                     for j, op in enumerate(chunk):
                         U[j, :, :op.k], Vh[j, :op.k], d[j, :op.k] = op.U, op.Vh, op.d
-                    self._stacks.append((chunk, U, Vh, d))
-        return self._stacks
+                    stacks.append((chunk, U, Vh, d))
+        return self._stacks["factors"]
 
     @torch.no_grad()
     def decoupled_step_(self, weight: torch.Tensor, lr: float, weight_decay: float = 0.0,
@@ -604,6 +629,78 @@ class Q3R:
             for s, e in uncovered:
                 weight[s:e].mul_(base / scale)
         return scale
+
+    @torch.no_grad()
+    def decoupled_steps_(self, settings: Mapping, key: Callable[[torch.Tensor], object] | None = None,
+                         keep: torch.Tensor | None = None) -> None:
+        """Every regularised weight ``w <- (1 - lr wd) w - lr G(w)`` in place, ``G`` evaluated at the old weights.
+
+        ``(lr, wd) = settings[key(w)]`` (``key=None``: ``settings[None]``); a weight whose key is not in
+        ``settings`` is left alone (AdamQ3R: no gradient this step). ``G = 2 lmbda L X R`` on each
+        operator's rows, 0 on rows outside every slice (they only decay), as in :func:`ops.q3r_apply`.
+        ``keep``: ``None``, or a 0-d tensor on the weights' device holding 1 (apply) or 0 (leave every weight
+        unchanged), so a skip is decided on the device without a host sync.
+
+        The step AdamQ3R runs on every device: the operators are grouped into stacks by shape up to transpose,
+        weight dtype, device and ``key`` (:func:`~.operator._op_stacks`, built once per rebuild), and each stack
+        takes a fixed number of launches whatever its size: one copy of its weights, four batched thin
+        products, then :func:`ops.q3r_apply.q3r_stack_step_` (the Triton kernel once where the backend picks
+        Triton, else two batched products, the mask and one multi-tensor add). Rows outside every slice: one
+        multi-tensor multiply per ``key``. No host sync, no host-to-device copy (but once after a rebuild or
+        when a weight moved), no shape that depends on data: capturable in a CUDA graph.
+        """
+        _sharded.decoupled_steps_(self, settings, key, keep)  # FSDP2 weights: their rows, one all-reduce
+        plan = self._step_plan(key)
+        lmbda = self.lmbda
+        for stack in plan["stacks"]:
+            if stack.key not in settings:
+                continue
+            lr, wd = settings[stack.key]
+            c, base = 2.0 * lmbda * lr, 1.0 - lr * wd
+            views = stack.views()
+            X = stack.stacked(views)
+            table = None
+            if X.dtype == torch.float32 and backend.choose(X, op="q3r_apply") == "triton":
+                table = stack.table(views)
+            if stack.K:
+                stack.thin(X)
+            q3r_stack_step_(views, X, stack.AT, stack.B, beta=base - c, alpha=-c, keep=keep, table=table)
+        for (k, dtype), rows in plan["uncovered"].items():
+            if k not in settings:
+                continue
+            lr, wd = settings[k]
+            base = 1.0 - lr * wd
+            views = [w[s:e] for w, s, e in rows]
+            if base == 1.0:
+                continue
+            if keep is None:
+                torch._foreach_mul_(views, base)
+            else:  # the factor 1 + keep (base - 1) in the compute dtype (fp32 would round an fp64 decay)
+                wide = torch.promote_types(dtype, torch.float32)
+                torch._foreach_mul_(views, (keep.to(wide) * (base - 1.0)).add_(1.0))
+
+    def _step_plan(self, key) -> dict:
+        """The :meth:`decoupled_steps_` plan for ``key``: operator stacks and, per key, the rows outside every
+        slice; rebuilt after a rebuild (``_stacks`` is reset) or when a weight's key changed."""
+        keys = tuple(None if key is None else key(op.weight) for op in self.ops)
+        if self._stacks is None:
+            self._stacks = {}
+        plan = self._stacks.get("step")
+        if plan is None or plan["keys"] != keys:
+            key_of = {id(op): k for op, k in zip(self.ops, keys, strict=True)}
+            uncovered: dict = {}
+            for w in _sharded.plain(self.params):  # sharded weights: _sharded.decoupled_steps_
+                spans = sorted(op.rows or (0, w.shape[0]) for op in self.ops if op.weight is w)
+                covered = 0
+                k = key_of[id(next(op for op in self.ops if op.weight is w))]
+                for s, e in spans + [(w.shape[0], w.shape[0])]:
+                    if s > covered:
+                        uncovered.setdefault((k, w.dtype), []).append((w, covered, s))
+                    covered = max(covered, e)
+            plan = {"keys": keys, "uncovered": uncovered,
+                    "stacks": _op_stacks(_sharded.plain(self.ops), lambda op: key_of[id(op)], _BATCH_ELEMENTS)}
+            self._stacks["step"] = plan
+        return plan
 
     @property
     @torch.no_grad()
