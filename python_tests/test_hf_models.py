@@ -184,22 +184,29 @@ def test_lowrank_checkpoint_never_loads_silently_into_a_dense_model(tmp_path):
     with pytest.raises(RuntimeError, match="Missing key.*c_attn.weight"):
         _gpt2().load_state_dict(model.state_dict())
     cfg = json.loads((tmp_path / "lowrank_config.json").read_text())
-    os.remove(tmp_path / "lowrank_config.json")
-    with pytest.raises(ValueError, match="no lowrank_config.json"):
-        load_lowrank_pretrained(transformers.GPT2LMHeadModel, tmp_path)
     cfg["layers"]["transformer.h.0.attn.c_attn"]["rank"] = 100
     (tmp_path / "lowrank_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="rank 100"):
+        load_lowrank_pretrained(transformers.GPT2LMHeadModel, tmp_path)
+    cfg["layers"]["transformer.h.0.attn.c_attn"]["rank"] = 3
+    (tmp_path / "lowrank_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="records transformer.h.0.attn.c_attn as .*'rank': 3"):
         load_lowrank_pretrained(transformers.GPT2LMHeadModel, tmp_path)
     cfg["layers"]["transformer.h.0.attn.c_attn"]["rank"] = 4
     cfg["layers"]["transformer.h.9.attn.c_attn"] = cfg["layers"]["transformer.h.0.attn.c_attn"]
     (tmp_path / "lowrank_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="h.9.attn.c_attn"):
         load_lowrank_pretrained(transformers.GPT2LMHeadModel, tmp_path)
-    del cfg["layers"]["transformer.h.9.attn.c_attn"]
-    del cfg["layers"]["transformer.h.1.mlp.c_fc"]  # the file no longer describes a layer the weights have
-    (tmp_path / "lowrank_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.weight'\]"):
+    # without the file (a Trainer checkpoint), the factors' shapes give the ranks
+    os.remove(tmp_path / "lowrank_config.json")
+    again = load_lowrank_pretrained(transformers.GPT2LMHeadModel, tmp_path)
+    assert lowrank_layers(again) == lowrank_layers(model)
+    # a dense model class whose layers the weights do not describe: every missing key is listed
+    state = {k: v for k, v in model.state_dict().items() if "h.1.mlp.c_fc" not in k}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.weight', "):
         load_lowrank_pretrained(transformers.GPT2LMHeadModel, tmp_path)
 
 
@@ -236,6 +243,11 @@ def test_trainer_resumes_after_a_resize(tmp_path):
     assert fresh.transformer.h[0].attn.c_attn.rank == 3
     for (n, a), b in zip(first.named_parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=n)
+    # a Trainer checkpoint (no lowrank_config.json) is rebuilt from the factors' shapes
+    rebuilt = load_lowrank_pretrained(transformers.GPT2LMHeadModel, tmp_path / "checkpoint-4")
+    assert lowrank_layers(rebuilt) == lowrank_layers(first)
+    x = {"input_ids": _ids()}
+    torch.testing.assert_close(_out(rebuilt, x), _out(first.eval(), x), rtol=0, atol=0)
 
 
 # -------------------------------------------------------------------------------------- PEFT, fused

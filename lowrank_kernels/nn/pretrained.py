@@ -6,13 +6,14 @@ and whether it has a bias. ``load_lowrank_pretrained(ModelClass, dir)`` builds t
 ``config.json``, puts a :class:`LowRankLinear` of the recorded rank at each recorded name and loads the
 safetensors weights strictly: every key must be used and every parameter must be loaded (tied weights
 excepted), otherwise ``ValueError`` lists the keys. Per-layer ranks may differ (after ``rank`` resizes).
+Without ``lowrank_config.json`` (a ``Trainer`` checkpoint) the ranks are read from the ``U``/``V`` shapes;
+with it, the file and the shapes must agree.
 
 A plain ``ModelClass.from_pretrained(dir)`` cannot know about the low-rank layers: transformers builds
 dense layers and reports their weights as newly initialised. A class whose ``__init__`` calls
 ``replace_linear`` loads with ``from_pretrained`` while the saved ranks are the ones it builds; after a
 resize, transformers compares shapes before any module code runs and refuses the checkpoint (size
-mismatch). :func:`load_lowrank_pretrained` handles every case.
-A model object that already has low-rank layers (of any rank) loads such weights with ``load_state_dict``:
+mismatch). :func:`load_lowrank_pretrained` handles every case. A model object that already has low-rank layers (of any rank) loads such weights with ``load_state_dict``:
 :class:`LowRankLinear` resizes itself to the stored rank.
 """
 
@@ -106,6 +107,20 @@ def _read_safetensors(directory: str) -> dict[str, torch.Tensor]:
                      "checkpoints are loaded, never pickles)")
 
 
+def _layers_in_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The layer specs that ``<name>.U (out, r)`` / ``<name>.V (r, in)`` pairs of a state dict describe."""
+    out = {}
+    for key, u in state.items():
+        if not key.endswith(".U"):
+            continue
+        name = key[:-2]
+        v = state.get(name + ".V")
+        if u.dim() == 2 and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == u.shape[1]:
+            out[name] = {"rank": u.shape[1], "in_features": v.shape[1], "out_features": u.shape[0],
+                         "bias": name + ".bias" in state}
+    return out
+
+
 def _build(model_cls_or_factory, directory: str) -> nn.Module:
     if isinstance(model_cls_or_factory, type) and hasattr(model_cls_or_factory, "config_class"):
         config = model_cls_or_factory.config_class.from_pretrained(directory)
@@ -131,21 +146,26 @@ def load_lowrank_pretrained(model_cls_or_factory: type | Callable[[], nn.Module]
             for a class); the saved tensors are converted to the parameters' dtype.
 
     Raises:
-        ValueError: ``lowrank_config.json`` is missing while the weights hold low-rank factors (``.U``/``.V``) or
-        is malformed; a recorded layer is absent from the model or not an ``in -> out`` Linear/Conv1D of the
-        recorded size; keys are missing from the checkpoint or left unused (listed in the message). No weight of
-        the returned model is left at its random initialisation.
+        ValueError: ``lowrank_config.json`` is malformed or disagrees with the factors' shapes; a recorded layer is
+        absent from the model or not an ``in -> out`` Linear/Conv1D of the recorded size; keys are missing from
+        the checkpoint or left unused (listed in the message). No weight of the returned model is left at its
+        random initialisation.
+
+    Without ``lowrank_config.json`` (a ``Trainer`` checkpoint, a plain ``save_pretrained``) the layers are read
+    from the ``<name>.U`` / ``<name>.V`` pairs of the weights.
     """
     directory = os.fspath(directory)
     layers = _read_layers(directory)
     state = _read_safetensors(directory)
-    if layers is None:
-        factors = sorted(k for k in state if k.endswith((".U", ".V")))
-        if factors:
-            raise ValueError(f"{directory} holds low-rank factors ({factors[:4]}{' ...' if len(factors) > 4 else ''}) "
-                             f"but no {LOWRANK_CONFIG_NAME}: it was not saved by save_lowrank_pretrained, so the "
-                             "layer ranks are unknown")
-        layers = {}
+    inferred = _layers_in_tensors(state)
+    recorded = layers is not None
+    if not recorded:
+        layers = inferred  # e.g. a Trainer checkpoint: the factors' shapes give the ranks
+    else:
+        for name, spec in layers.items():
+            if inferred.get(name) != spec:
+                raise ValueError(f"{directory}: {LOWRANK_CONFIG_NAME} records {name} as {spec}, the weights hold "
+                                 f"{inferred.get(name, 'no U/V pair')}")
     model = _build(model_cls_or_factory, directory)
     if dtype is not None:
         model.to(dtype)
@@ -165,6 +185,8 @@ def load_lowrank_pretrained(model_cls_or_factory: type | Callable[[], nn.Module]
         elif is_linear_like(old):
             w = linear_weight(old)
             shape = tuple(w.shape)
+        elif not recorded:
+            continue  # a module of the model's own that holds U and V
         else:
             raise ValueError(f"{LOWRANK_CONFIG_NAME}: {name} is a {type(old).__name__}, not a Linear or Conv1D")
         if shape != (spec["out_features"], spec["in_features"]):
