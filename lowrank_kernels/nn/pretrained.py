@@ -13,8 +13,9 @@ A plain ``ModelClass.from_pretrained(dir)`` cannot know about the low-rank layer
 dense layers and reports their weights as newly initialised. A class whose ``__init__`` calls
 ``replace_linear`` loads with ``from_pretrained`` while the saved ranks are the ones it builds; after a
 resize, transformers compares shapes before any module code runs and refuses the checkpoint (size
-mismatch). :func:`load_lowrank_pretrained` handles every case. A model object that already has low-rank layers (of any rank) loads such weights with ``load_state_dict``:
-:class:`LowRankLinear` resizes itself to the stored rank.
+mismatch). :func:`load_lowrank_pretrained` handles every case. A model object that already has low-rank
+layers (of any rank) loads such weights with ``load_state_dict``: :class:`LowRankLinear` resizes itself to
+the stored rank.
 """
 
 from __future__ import annotations
