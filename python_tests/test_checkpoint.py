@@ -100,10 +100,12 @@ def test_crafted_pickle_is_refused_and_never_runs(stopped_run, tmp_path, with_he
         _resume(out)
     assert ("other than tensors" if with_header else "not a lowrank-kernels checkpoint") in str(info.value)
     assert not marker.exists(), "the crafted checkpoint ran code"
-    # the payload really is armed: plain unpickling would have run the command
-    if not with_header:
+    # the payload really is armed: unpickling it without weights_only runs the command
+    if with_header:
+        torch.load(io.BytesIO(payload), weights_only=False)
+    else:
         pickle.loads(data)
-        assert marker.exists()
+    assert marker.exists()
 
 
 def test_plain_torch_save_file_is_refused(tmp_path):
