@@ -1,7 +1,8 @@
 """Fuzz tests over every public op and module, and the training config.
 
-For each of ``ops.lowrank_matmul``, ``lora_matmul``, ``spectral_norm``, ``stable_rank``, ``truncated_svd``,
-``pad_slices``, ``gather_slices``, ``q3r_apply``, ``nn.LowRankLinear`` and ``nn.LoRALinear``:
+For each of ``ops.lowrank_matmul``, ``lora_matmul``, ``spectral_norm``, ``stable_rank``,
+``spectral_norm_factored``, ``stable_rank_factored``, ``truncated_svd``, ``pad_slices``, ``gather_slices``,
+``q3r_apply``, ``nn.LowRankLinear`` and ``nn.LoRALinear``:
 
 * valid inputs drawn by hypothesis match the ``*_ref`` function or the fp64 formula;
 * invalid inputs (a valid call with one argument broken: wrong shape, integer or mixed dtype, a tensor
@@ -213,6 +214,49 @@ def _spectral_bad(g):
             f"{name}: tol -1": lambda f=f: f([W], tol=-1.0),
             f"{name}: tol NaN": lambda f=f: f([W], tol=math.nan),
             f"{name}: expanded": lambda f=f: f([torch.randn(1, 4).expand(2**40, 4)]),
+        })
+    return out
+
+
+@st.composite
+def _factored_case(draw):
+    count = draw(st.integers(1, 3))
+    dims = [(draw(st.integers(1, 9)), draw(st.integers(1, 5)), draw(st.integers(1, 9))) for _ in range(count)]
+    return dims, draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2**16))
+
+
+@FUZZ
+@given(_factored_case())
+def test_factored_spectral_stats_match_fp64(case):
+    """``spectral_norm_factored`` / ``stable_rank_factored`` of pairs (U, V) = the fp64 values of ``U V``."""
+    dims, dtype, seed = case
+    g = _gen(seed)
+    Us = [_randn(g, o, r, dtype=dtype) for o, r, _ in dims]
+    Vs = [_randn(g, r, i, dtype=dtype) for _, r, i in dims]
+    sigma, srank = ops.spectral_norm_factored(Us, Vs), ops.stable_rank_factored(Us, Vs)
+    assert sigma.shape == srank.shape == (len(dims),)
+    for k, (u, v) in enumerate(zip(Us, Vs, strict=True)):
+        w = u.double() @ v.double()
+        s1 = torch.linalg.matrix_norm(w, ord=2).item()
+        assert abs(sigma[k].item() - s1) <= 1e-5 * s1, (k, sigma[k].item(), s1)
+        sr = (w.square().sum() / s1**2).item()
+        assert abs(srank[k].item() - sr) <= 1e-4 * sr, (k, srank[k].item(), sr)
+
+
+def _factored_bad(g):
+    U, V = _randn(g, 4, 2), _randn(g, 2, 3)
+    out = {}
+    for name, f in (("spectral_norm_factored", ops.spectral_norm_factored),
+                    ("stable_rank_factored", ops.stable_rank_factored)):
+        out.update({
+            f"{name}: r = 0": lambda f=f: f([torch.empty(4, 0)], [torch.empty(0, 3)]),
+            f"{name}: rank mismatch": lambda f=f: f([U], [_randn(g, 3, 3)]),
+            f"{name}: counts differ": lambda f=f: f([U, U], [V]),
+            f"{name}: tensor and list": lambda f=f: f(U, [V]),
+            f"{name}: 1-D": lambda f=f: f([U[0]], [V]),
+            f"{name}: int": lambda f=f: f([U.long()], [V]),
+            f"{name}: meta among cpu": lambda f=f: f([U], [V.to("meta")]),
+            f"{name}: empty lists": lambda f=f: f([], []),
         })
     return out
 
@@ -527,6 +571,7 @@ def _modules_bad(g):
 
 # ------------------------------------------------------------------------------- invalid, every op
 _BAD = {"lowrank_matmul": _lowrank_bad, "lora_matmul": _lora_bad, "spectral": _spectral_bad,
+        "factored": _factored_bad,
         "truncated_svd": _svd_bad, "pad_slices": _pad_bad, "q3r_apply": _q3r_bad, "modules": _modules_bad}
 
 
