@@ -4,7 +4,7 @@ Every method starts from the same pretrained base with a fresh 5-class head and 
 number of steps with AdamW; the table reports held-out accuracy on 5-9 (mean ± std over seeds) and the
 trainable parameters (head included: 325 of them).
 
-    python -m bench.adapters_finetune            # 3 seeds x 200 steps: ~65 s of CPU time (2-core box)
+    python -m bench.adapters_finetune            # 3 seeds x 200 steps; files bench/results/adapters-<device>.json
     python -m bench.adapters_finetune --quick    # 1 seed, 150 steps
     python -m bench.adapters_finetune --methods head lora_all tenslora:qkv:tucker:8_8_3 --seeds 2
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.tables import write_table
 from lowrank_kernels.adapters import spectral, tenslora, tenslora_plus
 from lowrank_kernels.app.models import count_parameters, load_digits, vit_tiny
 from lowrank_kernels.nn import LoRALinear
@@ -174,3 +175,12 @@ if __name__ == "__main__":
     print(f"base model accuracy on held-out 0-4: {res[0]['base_acc_0_4']:.1f}%  ({res[0]['seeds']} seed(s), "
           f"{res[0]['steps']} steps per method, total {res[0]['total_s']:.0f} s)")
     print(format_markdown(res))
+    if not args.quick:
+        cells = [[r["method"], r["trainable_params"], f"{r['accuracy']:.1f} ± {r['accuracy_std']:.1f}"] for r in res]
+        command = "python -m bench.adapters_finetune" + (f" --seeds {args.seeds}" if args.seeds else "")
+        path = write_table("adapters", "Adapters: TinyViT pretrained on digits 0-4, adapted to 5-9", [
+            "method", "trainable params", "held-out acc on 5-9 (%)"], cells, command,
+            notes=f"Base model {res[0]['base_acc_0_4']:.1f}% on held-out 0-4; a fresh 5-class head; "
+                  f"{res[0]['steps']} AdamW steps per method; mean ± std over {res[0]['seeds']} seeds.",
+            device=args.device)
+        print(f"wrote {path}")

@@ -30,6 +30,39 @@ def test_readme_table_matches_committed_results():
         "README's Performance table is stale: run `python -m bench.report`")
 
 
+def test_readme_result_tables_match_committed_files():
+    text = (ROOT / "README.md").read_text()
+    assert tables.replace_block(text, tables.render(ROOT / "bench" / "results")) == text, (
+        "README's result tables are stale: run `python -m bench.report`")
+    assert "Demo:" in text and "Rank controller: loss spike" in text
+
+
+def test_result_table_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "env_info", lambda device=None: INFO)
+    path = tables.write_table("spike", "A title", ["what", "n", "value"], [["a", 1200, 0.25], ["b", 3, -1.5]],
+                              "python -m bench.x", notes="a note", out=tmp_path)
+    assert path.name.startswith("spike-") and path.suffix == ".json"
+    out = tables.render(tmp_path)
+    assert "**A title** — NVIDIA H100 80GB HBM3, torch 2.13.0, commit `abc1234`, measured 2026-01-02" in out
+    assert "| a | 1,200 | 0.25 |" in out and "| b | 3 | -1.5 |" in out and "a note" in out
+    with pytest.raises(ValueError, match="3 cells"):
+        tables.write_table("bad", "t", ["a", "b", "c"], [["only", 1]], "cmd", out=tmp_path)
+
+
+def test_demo_results_file_renders_as_a_table(tmp_path):
+    import json
+
+    row = dict(label="AdamQ3R", technique="adamq3r", test_acc=0.9244, params=69066, eff_rank_min=9,
+               eff_rank_max=12, mean_stable_rank=2.101, truncated_acc=0.6756, truncated_params=10698)
+    demo = dict(kind="demo", model="vit", data="digits", epochs=20, batch_size=64, seed=0, threads=1,
+                target_rank=4, machine="CPU X", torch="2.13.0", commit="abc", timestamp="2026-01-02T00:00:00Z",
+                wall_s=30.2, rows=[row])
+    (tmp_path / "demo-cpu-x.json").write_text(json.dumps(demo))
+    out = tables.render(tmp_path)
+    assert "| AdamQ3R | 0.924 | 69,066 | 9–12 | 2.10 | 0.676 |" in out
+    assert "acc after truncating to rank 4" in out and "30 s wall" in out
+
+
 def test_merge_keeps_newest_row_per_key(tmp_path):
     path = tmp_path / "dev.csv"
     common.append_rows(path, _rows({"torch": 2.0, "triton": 1.0}) + _rows({"torch": 9.0}, x=64))
