@@ -39,8 +39,6 @@ def _check(p, grad, exp_avg, exp_avg_sq, factors, step, lr, betas, eps, weight_d
         if t.dtype != p.dtype:
             raise TypeError(f"q3r_apply: {name} has dtype {t.dtype} but p has {p.dtype}: p, grad, exp_avg and "
                             f"exp_avg_sq must share one dtype (the optimizer state is kept in the parameter's dtype)")
-        if t.dtype != p.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but p has {p.dtype}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
     b1, b2 = betas
