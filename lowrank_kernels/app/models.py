@@ -93,7 +93,8 @@ class TinyViT(nn.Module):
 class TinyGPT(nn.Module):
     """A causal (GPT-style) language model: tokens ``(B, T)`` -> logits ``(B, T, vocab)``.
 
-    The attention is masked causally (the seed's v10 transformer was not, which leaks the future).
+    The attention is masked causally (the adaptive low-rank training code's v10 transformer was not, which
+    leaks the future).
     """
 
     def __init__(self, vocab_size: int, dim: int = 64, depth: int = 2, heads: int = 4, max_len: int = 128,
