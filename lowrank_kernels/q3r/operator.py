@@ -59,8 +59,11 @@ class _Operator:
 
     def set_triplets(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, d: torch.Tensor | None = None) -> None:
         """Keep ``U (m, k)``, ``S (k,)``, ``Vh (k, n)`` and their reweights ``d = min(eps / S, 1) - 1``
-        (:func:`_reweights` of the current ``eps``, unless a caller that computed a batch of them passes ``d``)."""
-        self.U, self.S, self.Vh = U.contiguous(), S.contiguous(), Vh.contiguous()
+        (:func:`_reweights` of the current ``eps``, unless a caller that computed a batch of them passes ``d``).
+
+        ``U`` may be a strided view (the first ``k`` columns of a rebuild's ``(m, k')`` block: copying it would
+        cost a launch per operator); ``S``, ``Vh`` and ``d`` are made contiguous (row slices: usually free)."""
+        self.U, self.S, self.Vh = U, S.contiguous(), Vh.contiguous()
         if d is None:
             d = _reweights(torch.tensor(self.eps, dtype=self.S.dtype).to(self.S.device), self.S)
         self.d = d.contiguous()

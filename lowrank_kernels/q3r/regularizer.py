@@ -455,8 +455,9 @@ class Q3R:
         SVD), ``"sketch"`` (cold randomized, ``n_iter``) or ``"warm"`` (one product with ``bases``)."""
         if mode == "exact" or svd_path(X.shape, k, self.oversample) == "full":  # small: the SVD is as cheap
             U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-            # copies of the top k: the kept views (and the basis) must not hold the whole SVD alive
-            return U[..., :k].contiguous(), S[..., :k].clone(), Vh[..., :k, :].clone()
+            # row-major copies of the top k: the kept views (and the basis) must not hold the whole SVD alive, and
+            # the kept rows of Vh are then contiguous slices
+            return U[..., :k].contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous()
         warm = mode == "warm"
         return _sketched_svd(X, k, [self._seed(i) for i in idx], self.oversample, 0 if warm else self.n_iter,
                              self._sketches, _SKETCH_CACHE_ELEMENTS, bases if warm else None)
