@@ -16,11 +16,11 @@ be empty, and a slice may straddle a shard boundary. Nothing here gathers a whol
     ``Z = sum_i X_i^T Q_i (n, l)``; Rayleigh-Ritz all-reduces ``B = sum_i Q_i^T X_i (l, n)`` and takes the SVD
     of that small matrix on every process: ``B = W S V^T``, ``U_i = Q_i W``.
   - Exact (an operator's first rebuild with ``warm_start``, and shapes that :func:`ops.truncated_svd` answers
-    with the full SVD): when the operator has at most ``n`` rows its rows are summed into one ``(m, n)``
-    buffer (each process contributes its own, the rest zero) and every process takes the same full SVD; a
-    taller one all-reduces its Gram ``X^T X = sum_i X_i^T X_i (n, n)`` (fp64) and takes ``eigh``:
-    ``sigma = sqrt(lambda)``, ``U_i = X_i V / sigma``. Either moves at most ``min(m, n) n`` numbers, never more
-    than the operator's own rows, once per operator.
+    with the full SVD): when the operator has at most ``n`` rows they are all-gathered (one ``all_gather`` per
+    dtype for all such operators) and every process takes the same full SVD as one process would; a taller
+    one all-reduces its Gram ``X^T X = sum_i X_i^T X_i (n, n)`` (fp64) and takes ``eigh``:
+    ``sigma = sqrt(lambda)``, ``U_i = X_i V / sigma``. Either moves about ``min(m, n) n`` numbers, no more
+    than gathering the operator's rows, once per operator.
 
   Every all-reduce carries all operators of the rebuild that are in the same phase (one flat buffer per
   dtype). The kept count, eps and the widening decisions come from the all-reduced (hence identical) sigmas,
@@ -37,8 +37,11 @@ be empty, and a slice may straddle a shard boundary. Nothing here gathers a whol
   state saved under FSDP2 is the single-process state and loads into either.
 
 Limits: the shard dimension must be 0 (``fully_shard``'s default) over one mesh dimension (other mesh
-dimensions may replicate, as in HSDP; a wholly replicated ``DTensor`` is refused); ``Q3R.val``, ``Q3R.grad`` and ``Q3R.factors`` (which assemble whole
-weights) refuse sharded weights with a ``TypeError``; ``AdamQ3R`` needs none of them.
+dimensions may replicate, as in HSDP; a wholly replicated ``DTensor`` is refused), split as ``torch.chunk``
+splits it; Conv1D-style ``(in, out)`` weights are refused (their shards split the operator's columns);
+``Q3R.val``, ``Q3R.grad`` and ``Q3R.factors`` (which assemble whole weights) refuse sharded weights with a
+``TypeError``; ``AdamQ3R`` needs none of them. Non-finite checks of sharded tensors are agreed over the
+processes (:func:`finite_flags`; DTensor's own found-inf op already agrees on the device path).
 """
 
 from __future__ import annotations
@@ -215,19 +218,59 @@ def _randomized(q3r, jobs: list[_Job], n_iter: int, group) -> list[_Job]:
     return [job for job, flag in zip(jobs, ok, strict=True) if not flag]
 
 
+def _layout(op) -> list[tuple[int, int]]:
+    """``(offset, nrows)`` of every process's shard of ``op``'s weight, in group-rank order (``fully_shard``'s
+    ``torch.chunk`` split: ``ceil(M / p)`` rows each, the last ones fewer or none); checked against this
+    process's own shard."""
+    sh = shard_of(op)
+    M, p = op.weight.shape[0], _dist.world_size(sh.group)
+    c = -(-M // p)
+    out = [(min(r * c, M), max(0, min(c, M - r * c))) for r in range(p)]
+    if out[_dist.rank(sh.group)] != (sh.offset, sh.nrows):
+        raise TypeError(f"Q3R {op.name}: the weight's shard (offset {sh.offset}, {sh.nrows} rows) is not "
+                        f"torch.chunk's split of {M} rows over {p} processes")
+    return out
+
+
+def _gather_rows(jobs: list[_Job], group) -> list[torch.Tensor]:
+    """Each job's whole ``(m, n)`` operator rows on every process: one ``all_gather`` per dtype of every
+    process's rows of every job, each block padded to the largest share (about ``m n / p`` numbers per process
+    and job, half the wire bytes of summing zero-padded copies)."""
+    import torch.distributed as tdist
+
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    by_dtype: dict = {}
+    for j, job in enumerate(jobs):
+        by_dtype.setdefault((job.X.dtype, job.X.device), []).append(j)
+    for (dtype, device), idx in by_dtype.items():
+        plans = []
+        for j in idx:
+            op = jobs[j].op
+            s, e = op.rows if op.rows is not None else (0, op.weight.shape[0])
+            spans = [(max(s, o) - s, max(max(s, o), min(e, o + n)) - s) for o, n in _layout(op)]
+            plans.append((j, spans, max(b - a for a, b in spans)))
+        send = torch.cat([torch.nn.functional.pad(jobs[j].X, (0, 0, 0, pad - jobs[j].X.shape[0])).reshape(-1)
+                          for j, _, pad in plans])
+        recv = [torch.empty_like(send) for _ in range(_dist.world_size(group))]
+        tdist.all_gather(recv, send, group=group)
+        pos = 0
+        for j, spans, pad in plans:
+            op = jobs[j].op
+            full = torch.empty(op.m, op.n, dtype=dtype, device=device)
+            for (a, b), buf in zip(spans, recv, strict=True):
+                full[a:b] = buf[pos:pos + (b - a) * op.n].view(b - a, op.n)
+            out[j] = full
+            pos += pad * op.n
+    return out
+
+
 def _exact(jobs: list[_Job], group) -> None:
     """Top-``k`` triplets from the operator's gathered rows (``m <= n``) or its all-reduced Gram (``m > n``)."""
     rows = [job for job in jobs if job.op.m <= job.op.n]
     tall = [job for job in jobs if job.op.m > job.op.n]
-    bufs = []
-    for job in rows:
-        full = torch.zeros(job.op.m, job.op.n, dtype=job.X.dtype, device=job.X.device)
-        a, b = shard_of(job.op).within
-        full[a:b] = job.X
-        bufs.append(full)
     grams = [job.X.to(torch.float64).T @ job.X.to(torch.float64) for job in tall]
-    _dist.flat_all_reduce(bufs + grams, group=group)
-    for job, full in zip(rows, bufs, strict=True):
+    _dist.flat_all_reduce(grams, group=group)
+    for job, full in zip(rows, _gather_rows(rows, group) if rows else [], strict=True):
         U, S, Vh = torch.linalg.svd(full, full_matrices=False)
         a, b = shard_of(job.op).within
         job.U, job.S, job.Vh = U[a:b, :job.k].clone(), S[:job.k].clone(), Vh[:job.k].clone()
@@ -285,6 +328,8 @@ def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
     _read_back([job for job in jobs if job not in checked], group, False)
     _read_back(checked, group, True)
     failed = [job for job in checked if q3r._failing(job.op, job.host_s, job.host_res)]
+    stats = q3r.__dict__.setdefault("sharded_rebuild", {})
+    stats.update(checked=len(checked), refined=len(failed), exact=0)
     for _ in range(getattr(R, "_REFINE_ROUNDS", 1)):
         if not failed:
             return
@@ -300,6 +345,7 @@ def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
                       "kept as they are", RuntimeWarning, stacklevel=4)
     for job in exact:
         job.mode = "exact"
+    stats["exact"] = len(exact)
     if exact:
         _exact(exact, group)
         _read_back(exact, group, False)
@@ -316,7 +362,9 @@ def _move_eps(q3r, op, sigma: float) -> None:
 @torch.no_grad()
 def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
     """Rebuild the operators ``items`` (index, operator) of sharded weights; every process calls it with the same
-    items (they are not split over ranks: each process works on its rows of all of them).
+    items (they are not split over ranks: each process works on its rows of all of them). Sets
+    ``q3r.sharded_rebuild`` = ``{"operators", "checked", "refined", "exact"}`` counts of this rebuild (as
+    ``Q3R.last_rebuild`` for the others).
 
     Mirrors ``Q3R._refresh_ops``, ``Q3R._refine`` and ``Q3R._settle``: the same number of triplets asked for,
     the same SVD mode per operator (``Q3R._svd_mode``) and sketch, the same a-posteriori check, eps moved by
@@ -331,6 +379,7 @@ def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
             k = min(kmax, -(-(max(op.rank, op.k) + 1 + R._WIDEN_MARGIN) // R._K_ROUND) * R._K_ROUND)
             X = local_view(op, op.weight.detach()).to(op.cdtype)
             work.append(_Job(i, op, X, k, q3r._svd_mode(op), op.basis))
+    q3r.sharded_rebuild = {"operators": len(work), "checked": 0, "refined": 0, "exact": 0}
     if not work:
         return
     finite = finite_flags([job.op.weight for job in work])  # all-reduced: every process raises alike
@@ -517,9 +566,3 @@ def plain(ops: Sequence) -> list:
     """The operators (or weights) of ``ops`` that are not sharded."""
     return [op for op in ops if not is_sharded(getattr(op, "weight", op))]
 
-
-def agree_found(found: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    """``found`` (a 0-d non-finite flag computed from local shards) <- its maximum over the processes when any of
-    ``tensors`` is sharded, so that every process skips the same steps (one tiny all-reduce)."""
-    if any(is_sharded(t) for t in tensors) and _dist.is_distributed():
-        _dist.flat_all_reduce([found.view(1)], op=torch.distributed.ReduceOp.MAX)
