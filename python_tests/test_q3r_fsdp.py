@@ -131,8 +131,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         # resume: save after SPLIT steps (full model state dict + the optimizer's), load into a fresh sharded run
         net, opt = _make("warm", shard=True)
         _train(net, opt, SPLIT)
-        model_sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
-        opt_sd = opt.state_dict()
+        # the model as a full state dict, the optimizer as this process's state (DTensor moments, whole Q3R
+        # operators), through a file read back with weights_only=True
+        ckpt = os.path.join(out_dir, f"ckpt{rank}.pt")
+        torch.save({"model": get_model_state_dict(net, options=StateDictOptions(full_state_dict=True)),
+                    "optimizer": opt.state_dict()}, ckpt)
+        del net, opt
+        saved = torch.load(ckpt, weights_only=True)
+        model_sd, opt_sd = saved["model"], saved["optimizer"]
         out["q3r_state"] = opt_sd["q3r"]
         net, opt = _make("warm", shard=True)
         set_model_state_dict(net, model_sd, options=StateDictOptions(full_state_dict=True))
