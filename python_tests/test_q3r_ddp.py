@@ -85,6 +85,9 @@ def test_ddp_matches_single_process(tmp_path):
         torch.set_num_threads(n)
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     n_ops = len(opt.q3r.ops)
+    # the wide operator's warm rebuilds fail the a-posteriori check (lr 1e-2 moves it far): the refinement runs on
+    # its owner alone and reaches the other rank through the shared state
+    assert opt.q3r.last_rebuild["refined"] == 1, opt.q3r.last_rebuild
     assert sorted(outs[0]["refreshed"] + outs[1]["refreshed"]) == list(range(n_ops)), "each operator on one rank"
     assert outs[0]["refreshed"] and outs[1]["refreshed"], "both ranks must own work"
     assert outs[0]["owners"] == outs[1]["owners"]
