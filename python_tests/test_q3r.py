@@ -751,6 +751,8 @@ def test_lorita_q3r_gradient_is_the_chain_rule_through_the_product(depth):
     assert reg.value == pytest.approx(float(ref_q3r.val.detach()), rel=1e-9)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    assert [(s["name"], s["rows"], s["kept"]) for s in reg.stats()] == [("qkv", (0, 6), 2), ("qkv", (6, 12), 2),
+                                                                          ("qkv", (12, 18), 2)]
 
 
 def test_lorita_linear_starts_as_its_base_and_composes_back():

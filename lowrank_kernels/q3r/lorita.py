@@ -81,20 +81,25 @@ class ComposedQ3R:
     *shadow* copies of the composed weights, refreshed before every operator update. The regulariser enters
     the loss as ``sum <W(factors), G>`` with ``G = dQ/dW`` at the current weight: its gradient with respect
     to the factors is exactly the chain rule through the product (the operator being fixed between
-    refreshes, as in Q3R itself).
+    refreshes, as in Q3R itself). The upstream LoRITa+Q3R instead adds a non-differentiable value to the loss, so
+    its factors train as under plain Adam.
+
+    ``q3r_kwargs`` are :class:`~lowrank_kernels.q3r.Q3R`'s (any :class:`~lowrank_kernels.q3r.Q3RConfig` field, or
+    ``config=``); :meth:`stats` names the operators by the layer names.
     """
 
     def __init__(self, layers: dict[str, LoRITaLinear], fused: dict[str, int], **q3r_kwargs):
-        from .regularizer import Q3R
+        from .regularizer import Q3R, TargetMap
 
         self.layers = layers
         self.shadows = {name: layer.composed_weight().detach().clone() for name, layer in layers.items()}
-        mods = {}
+        mods = TargetMap()  # with the layer names, for messages and Q3R.stats()
         for name, w in self.shadows.items():
             holder = nn.Module()
             holder.weight = w  # a plain attribute: Q3R only reads ``.weight``
             spec = next((v for k, v in fused.items() if matches_target(name, [k])), None)
             mods[holder] = None if spec is None else fused_slices(name, spec, w.shape[0])
+            mods.names[holder] = name
         self.q3r = Q3R(mods, **q3r_kwargs)
         self.value = 0.0
 
@@ -108,6 +113,10 @@ class ComposedQ3R:
         grads = self.q3r.grad
         self.value = float(self.q3r.val.detach())
         return sum((composed[name] * grads[w].detach()).sum() for name, w in self.shadows.items())
+
+    def stats(self) -> list[dict]:
+        """:meth:`Q3R.stats` of the composed weights (``weight`` is the detached shadow copy)."""
+        return self.q3r.stats()
 
     def state_dict(self) -> dict:
         return self.q3r.state_dict()
