@@ -45,6 +45,7 @@ Differences from the upstream Q3R code (the authors' research code), on purpose:
   non-differentiable value to the loss, so its training is plain Adam on the factors.
 * Under ``torch.distributed`` the operators are split over the ranks by cost and their states shared.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,18 +55,27 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .. import backend, ops
 from .. import distributed as _dist
-from .. import ops
 from .._checks import finite_flags
 from .._modules import fused_slices, is_conv1d, is_linear_like, linear_weight, matches_target
 from ..ops.pad_slices import normalize_slices
-from .config import SCHEDULES, Q3RConfig
-from . import sharded as _sharded
-from ..ops.truncated_svd import svd_path
-from .operator import _reweights, _ritz_residuals
-from .operator import EPS_START, Rank, _factors, _Operator, _op_stacks, _sketched_svd, _slice_batches, resolve_rank
 from ..ops.q3r_apply import q3r_stack_step_
-from .. import backend
+from ..ops.truncated_svd import svd_path
+from . import sharded as _sharded
+from .config import Q3RConfig
+from .operator import (
+    EPS_START,
+    Rank,
+    _factors,
+    _op_stacks,
+    _Operator,
+    _reweights,
+    _ritz_residuals,
+    _sketched_svd,
+    _slice_batches,
+    resolve_rank,
+)
 
 __all__ = ["EPS_START", "Q3R", "TargetMap", "extract_linear", "resolve_rank"]
 
@@ -248,8 +258,8 @@ class Q3R:
         if not trainable_modules:
             raise ValueError("trainable_modules is empty: nothing to regularise")
         # None is "not given" for the settings that have no None meaning (AdamQ3R forwards its own defaults)
-        given = {k: v for k, v in (("target_rank", target_rank), ("lmbda", lmbda), ("steps", settings.pop("steps", None)))
-                 if v is not None}
+        named = (("target_rank", target_rank), ("lmbda", lmbda), ("steps", settings.pop("steps", None)))
+        given = {k: v for k, v in named if v is not None}
         if config is None:
             for name in ("target_rank", "lmbda"):
                 if name not in given:
@@ -278,7 +288,8 @@ class Q3R:
                 raise ValueError(f"trainable module {i} ({type(module).__name__}) has no 2-D weight")
             flip = is_conv1d(module)  # weight (in, out): operators on its transpose, slices of output features
             module_name = names.get(module)
-            label = (f"{module_name!r}" if module_name else f"module {i}") + f" {type(module).__name__} {tuple(w.shape)}"
+            where = f"{module_name!r}" if module_name else f"module {i}"
+            label = f"{where} {type(module).__name__} {tuple(w.shape)}"
             if slices is None:
                 entries.append((w, None, label, flip, module_name))
             else:
@@ -427,7 +438,8 @@ class Q3R:
                     if self._failing(run.items[j][1], new.host_s[jj], new.host_res[jj]):
                         failed.append((run, j))
         exact = [(run, j) for run, j in failed if min(run.items[j][1].m, run.items[j][1].n) <= _EXACT_COLD_DIM]
-        late = [run.items[j][1].name for run, j in failed if min(run.items[j][1].m, run.items[j][1].n) > _EXACT_COLD_DIM]
+        late = [run.items[j][1].name for run, j in failed
+                if min(run.items[j][1].m, run.items[j][1].n) > _EXACT_COLD_DIM]
         self.last_rebuild["exact"], self.last_rebuild["failed"] = len(exact), len(late)
         if late:
             warnings.warn(f"Q3R: the rebuilt triplets of {late} still have Ritz residuals above rebuild_tol="
@@ -465,7 +477,7 @@ class Q3R:
     def _settle_run(self, run: _Run) -> None:
         """:meth:`_settle` for every operator of ``run``, with the reweights ``d`` of the whole run computed in one
         batched expression (the kept triplets and ``d`` are then slices of the run's tensors)."""
-        for j, (i, op, X, _) in enumerate(run.items):
+        for j, (_, op, _, _) in enumerate(run.items):
             op.eps, op.eps0 = self._next_eps(op, run.host_s[j][op.rank])
         eps = torch.tensor([op.eps for _, op, _, _ in run.items], dtype=run.S.dtype).to(run.S.device)
         d = _reweights(eps[:, None], run.S)
