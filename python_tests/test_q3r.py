@@ -802,3 +802,29 @@ def test_rebuild_cost_does_not_grow_with_the_number_of_layers():
         costs[blocks] = (cost.launches, cost.syncs)
     assert costs[8] == costs[2], costs
     assert costs[8][0] <= 40 and costs[8][1] <= 4, costs  # 3 shape groups: 3 SVDs + 1 read
+
+
+def test_refinement_is_batched_and_warns_beyond_the_exact_size(monkeypatch):
+    """Operators failing the check are refined together (one batched call per shape); where the exact SVD is
+    not an option (min(m, n) above the exact size, lowered here) and the residuals stay above rebuild_tol, the
+    operators keep their refined triplets with a RuntimeWarning naming them."""
+    import lowrank_kernels.q3r.regularizer as q3r_mod
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(160, 160) for _ in range(3)]
+    q = Q3R({m: None for m in layers}, target_rank=8, lmbda=0.1, steps=1, rebuild_tol=1e-12,
+            epsilon_schedule="exploration")  # eps = sigma_9: no widening
+    q.update()  # exact
+    calls = []
+    original = q3r_mod._sketched_svd
+    monkeypatch.setattr(q3r_mod, "_sketched_svd", lambda X, *a: calls.append(X.shape[0]) or original(X, *a))
+    monkeypatch.setattr(q3r_mod, "_EXACT_COLD_DIM", 100)
+    with torch.no_grad():
+        for m in layers:
+            m.weight.add_(0.05 * torch.randn_like(m.weight))
+    with pytest.warns(RuntimeWarning, match="still have Ritz residuals above rebuild_tol"):
+        q.update()
+    assert calls == [3, 3], calls  # the warm rebuild, then one refinement of all three
+    assert q.last_rebuild == {"operators": 3, "checked": 3, "refined": 3, "exact": 0, "failed": 3}
+    exact = torch.linalg.svdvals(layers[0].weight.detach())
+    assert_verbose_allclose(q.ops[0].S, exact[:q.ops[0].k], rtol=2e-2, name="refined sigma (a flat spectrum)")
