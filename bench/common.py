@@ -18,12 +18,13 @@ import csv
 import datetime as _dt
 import os
 import re
-import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from unittest import mock
 
 import torch
+
+from lowrank_kernels import testing as _testing
 
 SCHEMA = (
     "kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "config",
@@ -168,19 +169,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str | torch.device | None =
 
 def device_name(device: str | torch.device | None = None) -> str:
     """Marketing name of the device (``NVIDIA H100 80GB HBM3``) or the CPU model."""
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return "CPU " + (platform.processor() or platform.machine() or "unknown")
+    return _testing.device_name(resolve_device(device))
 
 
 def hbm_peak_gbs(device: str | torch.device | None = None) -> float | None:
@@ -194,8 +183,7 @@ def hbm_peak_gbs(device: str | torch.device | None = None) -> float | None:
     return None
 
 
-def slugify(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+slugify = _testing.slugify
 
 
 def device_slug(device: str | torch.device | None = None) -> str:
@@ -204,12 +192,7 @@ def device_slug(device: str | torch.device | None = None) -> str:
 
 
 def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    return _testing.git_commit(REPO_ROOT)
 
 
 def env_info(device: str | torch.device | None = None) -> dict[str, str]:

@@ -128,7 +128,7 @@ class _CostDispatch(TorchDispatchMode):
             if self.min_numel is not None:
                 returns = func._schema.returns
                 outs = out if isinstance(out, (tuple, list)) else (out,)
-                for ret, t in zip(returns, outs):
+                for ret, t in zip(returns, outs, strict=False):  # an op may return fewer tensors than declared
                     if (ret.alias_info is None and isinstance(t, torch.Tensor)
                             and t.numel() >= self.min_numel):
                         self.cost.large.append((str(func.overloadpacket.__name__), tuple(t.shape)))
@@ -213,3 +213,42 @@ def count_gpu_cost(min_numel: int | None = None):
     finally:
         for cls, original in patched:
             cls.run = original
+
+
+# ------------------------------------------------------------------------------- machine facts for result files
+def device_name(device: str | torch.device | None = None) -> str:
+    """Marketing name of the GPU (``NVIDIA H100 80GB HBM3``) or ``"CPU " + the CPU model``.
+
+    ``None`` means the GPU when CUDA is available, else the CPU (where a benchmark or the demo runs)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return "CPU " + (platform.processor() or platform.machine() or "unknown")
+
+
+def slugify(text: str) -> str:
+    """File-name form of a name: lower case, runs of other characters as one ``-``."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def git_commit(cwd: str | None = None) -> str:
+    """Short hash of ``HEAD`` in ``cwd`` (the current folder by default); ``""`` outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""

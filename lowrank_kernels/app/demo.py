@@ -12,12 +12,10 @@ the largest; stable rank beside it), and the test accuracy after truncating ever
 from __future__ import annotations
 
 import json
-import platform
-import re
-import subprocess
 import time
 from pathlib import Path
 
+from ..testing import device_name, git_commit, slugify
 from .config import from_dict
 
 TARGET_RANK = 4  # of 64: small enough that a dense model loses most of its accuracy when truncated
@@ -83,38 +81,14 @@ def format_results(results: dict, epochs: int, threads: int, wall: float) -> str
     return "\n".join(lines)
 
 
-def machine_name() -> str:
-    """The CPU model (``CPU AMD EPYC``), or the GPU's name when CUDA is available (the demo runs there then)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU " + (platform.processor() or platform.machine() or "unknown")
-
-
 def machine_slug() -> str:
-    """File-name form of :func:`machine_name` (``cpu-amd-epyc``), as the benchmark result files use."""
-    return re.sub(r"[^a-z0-9]+", "-", machine_name().lower()).strip("-") or "unknown"
+    """File-name form of the machine's name (``cpu-amd-epyc``), as the benchmark result files use."""
+    return slugify(device_name())
 
 
 def default_results_path() -> str:
     """``bench/results/demo-<machine>.json``: where the committed demo results live (relative to the repo root)."""
     return f"bench/results/demo-{machine_slug()}.json"
-
-
-def _git_commit() -> str:
-    try:
-        p = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, timeout=10)
-        return p.stdout.strip() if p.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def results_record(results: dict, epochs: int, seed: int, threads: int, wall: float) -> dict:
@@ -139,7 +113,7 @@ def results_record(results: dict, epochs: int, seed: int, threads: int, wall: fl
         rows.append(row)
     return {"kind": "demo", "model": "vit-tiny (dim 64, depth 2, 4 heads)", "data": "sklearn digits",
             "epochs": epochs, "batch_size": COMMON["batch_size"], "seed": seed, "threads": threads,
-            "target_rank": TARGET_RANK, "machine": machine_name(), "torch": torch.__version__, "commit": _git_commit(),
+            "target_rank": TARGET_RANK, "machine": device_name(), "torch": torch.__version__, "commit": git_commit(),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(wall, 1),
             "rows": rows}
 
