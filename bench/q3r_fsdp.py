@@ -1,7 +1,8 @@
 """Bytes moved by AdamQ3R's collectives under FSDP2 (``fully_shard``, 2 gloo processes, CPU), sharded vs gathering.
 
 A transformer block's regularised weights (``qkv`` fused 3 x (d, d), ``proj`` (d, d), ``fc1`` (4d, d), ``fc2``
-(d, 4d); d = 384, fp32, target rank 0.25, ``steps=3``) trained on random data. Every ``dist.all_reduce``
+(d, 4d); d = 384, fp32, target rank 0.25 and 0.05, ``steps=3``) trained on random data, with each rebuild
+choice. Every ``dist.all_reduce``
 and ``dist.all_gather`` that Q3R issues is counted (payload bytes: the tensor reduced, or the gathered
 result) at the first step (the exact first rebuild), a plain step and a warm rebuild. FSDP2's own
 all-gathers / reduce-scatters (the same with any optimizer) are not counted.
@@ -54,12 +55,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    net = Block()
-    for m in (net.qkv, net.proj, net.fc1, net.fc2):
-        fully_shard(m)
-    fully_shard(net)
-    opt = AdamQ3R(net.parameters(), _targets(net), target_rank=0.25, lmbda=0.1, steps=3, lr=1e-3)
+    from lowrank_kernels.q3r import sharded
+
     x = torch.randn(4, 32, D, generator=torch.Generator().manual_seed(1))
     log: list[tuple[str, int]] = []  # (collective, payload bytes)
     orig = dist.all_reduce, dist.all_gather
@@ -72,21 +69,31 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         log.append(("all_gather", t.numel() * t.element_size() * len(out)))
         return orig[1](out, t, *a, **k)
 
-    phases = {}
-    for name in ("first rebuild (exact)", "step", None, "warm rebuild"):
-        log.clear()
-        dist.all_reduce, dist.all_gather = reduce, gather
-        try:
-            opt.zero_grad()
-            net(x).square().mean().backward()
-            opt.step()
-        finally:
-            dist.all_reduce, dist.all_gather = orig
-        if name:
-            phases[name] = list(log)
-    last = getattr(opt.q3r, "sharded_rebuild", None)
+    result = {}
+    for mode, frac in (("sharded", 0.25), ("auto", 0.25), ("sharded", 0.05), ("auto", 0.05)):
+        sharded.REBUILD = mode
+        torch.manual_seed(0)
+        net = Block()
+        for m in (net.qkv, net.proj, net.fc1, net.fc2):
+            fully_shard(m)
+        fully_shard(net)
+        opt = AdamQ3R(net.parameters(), _targets(net), target_rank=frac, lmbda=0.1, steps=3, lr=1e-3)
+        phases = {}
+        for name in ("first rebuild (exact)", "step", None, "warm rebuild"):
+            log.clear()
+            dist.all_reduce, dist.all_gather = reduce, gather
+            try:
+                opt.zero_grad()
+                net(x).square().mean().backward()
+                opt.step()
+            finally:
+                dist.all_reduce, dist.all_gather = orig
+            if name:
+                phases[name] = list(log)
+        result[(mode, frac)] = {"phases": phases, "kept": opt.q3r.effective_ranks(),
+                        "last_rebuild": dict(opt.q3r.sharded_rebuild)}
     if rank == 0:
-        torch.save({"phases": phases, "kept": opt.q3r.effective_ranks(), "last_rebuild": last}, out)
+        torch.save(result, out)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -106,10 +113,12 @@ def rows(result: dict) -> list[list]:
     p = WORLD
     gather_wire = (p - 1) / p * weight_bytes
     out = []
-    for phase, log in result["phases"].items():
-        payload = sum(b for _, b in log)
-        wire = sum((2 if kind == "all_reduce" else 1) * (p - 1) / p * b for kind, b in log)
-        out.append([phase, len(log), payload, round(wire), round(gather_wire), round(gather_wire / wire, 2)])
+    for (mode, frac), res in result.items():
+        for phase, log in res["phases"].items():
+            payload = sum(b for _, b in log)
+            wire = sum((2 if kind == "all_reduce" else 1) * (p - 1) / p * b for kind, b in log)
+            out.append([frac, mode, phase, len(log), payload, round(wire), round(gather_wire),
+                        round(gather_wire / wire, 2)])
     return out
 
 
@@ -121,16 +130,20 @@ def main() -> None:
 
     result = measure()
     table = rows(result)
-    columns = ["phase", "collectives", "payload bytes", "wire bytes / process (sharded)",
+    columns = ["target rank", "rebuild choice", "phase", "collectives", "payload bytes",
+               "wire bytes / process (sharded)",
                "wire bytes / process (gather weights)", "gather / sharded"]
-    notes = (f"{WORLD} processes (gloo, CPU), d = {D}, fp32, target rank 0.25, kept ranks at the end "
-             f"{result['kept']} (qkv slices, proj, fc1, fc2); the warm rebuild's operators: {result['last_rebuild']} "
-             "(checked: Ritz residuals checked; refined: failed the check, iterated). The rebuild rows include that "
-             "step's own P all-reduce. The step's "
-             "all-reduces are the thin products P = U^T X of every operator in one flat buffer plus the agreed "
-             "non-finite flag when the optimizer checks on the host; the exact first rebuild all-gathers each "
-             "(m <= n) operator's rows, or all-reduces its (n, n) fp64 Gram; a warm rebuild moves two (l, l) fp64 "
-             "Grams and one (l, n) projection per operator (more when the Ritz check refines).")
+    counts = "; ".join(f"{mode} {frac}: {res['last_rebuild']}" for (mode, frac), res in result.items())
+    notes = (f"{WORLD} processes (gloo, CPU), d = {D}, fp32, target rank a fraction of min(m, n), steps = 3. Rebuild "
+             "choice (lowrank_kernels.q3r.sharded.REBUILD): 'sharded' = the maths on the shards for every operator, "
+             "'auto' (default) = per operator whichever moves fewer bytes by its estimate (gathering the operator's "
+             "rows and running the single-process rebuild, or the maths on the shards). The warm rebuild's "
+             f"operators ({counts}; checked: Ritz residuals checked; refined: failed the check, iterated; gathered: "
+             "rebuilt from gathered rows). Each rebuild row includes that step's own P all-reduce. A step moves the "
+             "thin products P = U^T X of every operator in one flat all-reduce (plus a non-finite flag when the "
+             "optimizer checks on the host); an exact rebuild all-gathers each (m <= n) operator's rows or "
+             "all-reduces its (n, n) fp64 Gram; a warm sharded rebuild moves two (l, l) fp64 Grams and one (l, n) "
+             "projection per operator and pass.")
     kw = {} if args.out is None else {"out": args.out}
     path = write_table("q3r-fsdp", "AdamQ3R under FSDP2: bytes of its collectives, sharded vs gathering the weights",
                        columns, table, "python -m bench.q3r_fsdp", notes=notes, device=torch.device("cpu"), **kw)

@@ -24,7 +24,13 @@ be empty, and a slice may straddle a shard boundary. Nothing here gathers a whol
 
   Every all-reduce carries all operators of the rebuild that are in the same phase (one flat buffer per
   dtype). The kept count, eps and the widening decisions come from the all-reduced (hence identical) sigmas,
-  so every process takes the same decisions.
+  so every process takes the same decisions (checked by one tiny broadcast per rebuild, :func:`_agree`).
+
+  - Gathered (:data:`REBUILD` ``"auto"`` picks it per operator when it moves fewer bytes, :func:`_gathers`):
+    the operator's rows are all-gathered and ``Q3R._refresh_ops`` itself rebuilds it on every process, exactly
+    as one process would; each keeps its rows of ``U``. With thin sketches (``l`` small against ``m``) the maths
+    on the shards moves less; near ``l ~ m / 3`` and beyond, or when the Ritz check keeps asking for
+    refinement, gathering does (bench/q3r_fsdp.py files both).
 
 * **Step** (:func:`decoupled_step_`). ``G(X) = 2 lmbda L X R`` on the local rows, with
   ``L X R - X = U D P + (Q + U D C) D V^T``, ``P = U^T X = sum_i U_i^T X_i (k, n)``, ``Q_i = X_i V`` (local),
@@ -60,6 +66,9 @@ except ImportError:  # pragma: no cover
 # Smallest Cholesky pivot of the distributed CholeskyQR2 (fp64 Gram), relative to the largest, that is trusted;
 # below it (nearly dependent sketch columns) the operator is rebuilt by the exact path instead.
 _CHOL_MIN_PIVOT = 1e-7
+# How each sharded operator is rebuilt: "auto" picks per operator whichever moves fewer bytes (see
+# :func:`_gathers`), "sharded" always the maths on the shards, "gather" always the gathered rows.
+REBUILD = "auto"
 
 
 def is_sharded(t) -> bool:
@@ -233,34 +242,39 @@ def _layout(op) -> list[tuple[int, int]]:
 
 
 def _gather_rows(jobs: list[_Job], group) -> list[torch.Tensor]:
-    """Each job's whole ``(m, n)`` operator rows on every process: one ``all_gather`` per dtype of every
-    process's rows of every job, each block padded to the largest share (about ``m n / p`` numbers per process
-    and job, half the wire bytes of summing zero-padded copies)."""
+    """Each job's whole ``(m, n)`` operator rows on every process: one ``all_gather`` per dtype of every process's
+    rows of all the jobs, one flat buffer per process padded to the largest (the shards hold about equal row
+    counts, so the padding is small whatever the slices)."""
     import torch.distributed as tdist
 
     out: list[torch.Tensor | None] = [None] * len(jobs)
     by_dtype: dict = {}
     for j, job in enumerate(jobs):
         by_dtype.setdefault((job.X.dtype, job.X.device), []).append(j)
+    world = _dist.world_size(group)
     for (dtype, device), idx in by_dtype.items():
-        plans = []
+        spans = {}  # j -> [(a, b) rows of the operator held by process r, for each r]
         for j in idx:
             op = jobs[j].op
             s, e = op.rows if op.rows is not None else (0, op.weight.shape[0])
-            spans = [(max(s, o) - s, max(max(s, o), min(e, o + n)) - s) for o, n in _layout(op)]
-            plans.append((j, spans, max(b - a for a, b in spans)))
-        send = torch.cat([torch.nn.functional.pad(jobs[j].X, (0, 0, 0, pad - jobs[j].X.shape[0])).reshape(-1)
-                          for j, _, pad in plans])
-        recv = [torch.empty_like(send) for _ in range(_dist.world_size(group))]
+            spans[j] = [(max(s, o) - s, max(max(s, o), min(e, o + n)) - s) for o, n in _layout(op)]
+        totals = [sum((spans[j][r][1] - spans[j][r][0]) * jobs[j].op.n for j in idx) for r in range(world)]
+        send = torch.zeros(max(totals), dtype=dtype, device=device)
+        parts = [jobs[j].X.reshape(-1) for j in idx]
+        if parts:
+            mine = torch.cat(parts)
+            send[:mine.numel()] = mine
+        recv = [torch.empty_like(send) for _ in range(world)]
         tdist.all_gather(recv, send, group=group)
-        pos = 0
-        for j, spans, pad in plans:
-            op = jobs[j].op
-            full = torch.empty(op.m, op.n, dtype=dtype, device=device)
-            for (a, b), buf in zip(spans, recv, strict=True):
-                full[a:b] = buf[pos:pos + (b - a) * op.n].view(b - a, op.n)
-            out[j] = full
-            pos += pad * op.n
+        fulls = {j: torch.empty(jobs[j].op.m, jobs[j].op.n, dtype=dtype, device=device) for j in idx}
+        for r, buf in enumerate(recv):
+            pos = 0
+            for j in idx:
+                (a, b), n = spans[j][r], jobs[j].op.n
+                fulls[j][a:b] = buf[pos:pos + (b - a) * n].view(b - a, n)
+                pos += (b - a) * n
+        for j in idx:
+            out[j] = fulls[j]
     return out
 
 
@@ -328,6 +342,8 @@ def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
     _read_back([job for job in jobs if job not in checked], group, False)
     _read_back(checked, group, True)
     failed = [job for job in checked if q3r._failing(job.op, job.host_s, job.host_res)]
+    for job in checked:
+        job.op._sharded_refined = job in failed  # read by _gathers at the next rebuild
     stats = q3r.__dict__.setdefault("sharded_rebuild", {})
     stats.update(checked=len(checked), refined=len(failed), exact=0)
     for _ in range(getattr(R, "_REFINE_ROUNDS", 1)):
@@ -359,6 +375,60 @@ def _move_eps(q3r, op, sigma: float) -> None:
         op.eps = out
 
 
+def _gathers(q3r, job: _Job) -> bool:
+    """Whether ``job`` is rebuilt from its gathered rows: :data:`REBUILD`, or under ``"auto"`` when gathering the
+    operator's ``m n`` numbers (all-gather: ``(p - 1) / p`` of them on the wire per process) costs no more than
+    the sharded maths' all-reduces (``2 (p - 1) / p`` of their payload): per randomized pass two fp64 ``(l, l)``
+    Grams and one ``(n, l)`` product, or the fp64 ``(n, n)`` Gram of an exact rebuild of a tall operator (a wide
+    one gathers its rows anyway). Refinement passes are counted for an operator whose last sharded rebuild
+    failed the Ritz check."""
+    if REBUILD != "auto":
+        return REBUILD == "gather"
+    op, size = job.op, job.X.element_size()
+    gather = size * op.m * op.n
+    if not _randomized_path(q3r, job):
+        return op.m <= op.n or gather <= 2 * 8 * op.n * op.n
+    from ..ops.truncated_svd import sketch_width
+
+    l = sketch_width((op.m, op.n), job.k, q3r.oversample)
+    passes = 1 + (0 if job.mode == "warm" else q3r.n_iter)
+    if getattr(op, "_sharded_refined", False):  # its last sharded rebuild failed the Ritz check: expect it again
+        passes += 1 + max(1, q3r.n_iter)
+    return gather <= 2 * passes * (2 * 8 * l * l + size * l * op.n)
+
+
+def _rebuild_gathered(q3r, jobs: list[_Job], group) -> None:
+    """Rebuild ``jobs`` from their all-gathered rows with ``Q3R._refresh_ops`` itself (the single-process path,
+    on every process: same SVD, check, refinement, widening and eps), then keep this process's rows of ``U``."""
+    from .operator import _Operator
+
+    shadows = []
+    for job, full in zip(jobs, _gather_rows(jobs, group), strict=True):
+        op = job.op
+        shadow = _Operator(full, None, op.rank, op.name)
+        shadow.eps, shadow.eps0, shadow.basis = op.eps, op.eps0, op.basis
+        shadow.set_triplets(torch.zeros(op.m, op.k, dtype=full.dtype, device=full.device), op.S, op.Vh)
+        shadows.append((job.i, shadow))
+    q3r._refresh_ops(shadows)
+    for job, (_, shadow) in zip(jobs, shadows, strict=True):
+        op, (a, b) = job.op, shard_of(job.op).within
+        op.eps, op.eps0, op.basis = shadow.eps, shadow.eps0, shadow.basis
+        op.set_triplets(shadow.U[a:b], shadow.S, shadow.Vh)
+
+
+def _agree(jobs: list[_Job], group) -> None:
+    """Check that every process kept the same number of triplets and eps (the decisions come from identical
+    all-reduced or gathered data, but a replicated SVD could still round differently with other thread counts:
+    later collectives would then mismatch). One tiny broadcast from the group's first process."""
+    mine = torch.tensor([[float(job.op.k), float(job.op.eps)] for job in jobs], dtype=torch.float64)
+    theirs = mine.clone()
+    _dist.flat_broadcast([theirs], src=_dist.group_src(group), group=group)
+    bad = [job.op.name for job, a, b in zip(jobs, mine.tolist(), theirs.tolist(), strict=True) if a != b]
+    if bad:
+        raise RuntimeError(f"Q3R: the processes disagree on the rebuilt operators {bad} (kept count or eps); "
+                           "run every process with the same torch.set_num_threads so replicated SVDs agree")
+
+
 @torch.no_grad()
 def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
     """Rebuild the operators ``items`` (index, operator) of sharded weights; every process calls it with the same
@@ -386,7 +456,12 @@ def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
     if not all(finite):
         raise ValueError(f"Q3R: the weight of {work[finite.index(False)].op.name} contains NaN or Inf")
     for group, jobs in _groups([(job.op, job) for job in work]):
-        jobs = [job for _, job in jobs]
+        everyone = jobs = [job for _, job in jobs]
+        gathered = [job for job in jobs if _gathers(q3r, job)]
+        if gathered:
+            _rebuild_gathered(q3r, gathered, group)
+        jobs = [job for job in jobs if job not in gathered]
+        q3r.sharded_rebuild["gathered"] = len(gathered)
         _svds(q3r, jobs, group)
         _check_and_refine(q3r, jobs, group)
         for job in jobs:
@@ -408,6 +483,7 @@ def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
                 _svds(q3r, widen, group)
                 _read_back(widen, group, False)
             jobs = widen
+        _agree(everyone, group)
     invalidate(q3r)
 
 
