@@ -1,6 +1,7 @@
 """AdamQ3R: rank reduction on an underdetermined low-rank regression (vs Adam at equal loss), equivalence
 with AdamW + the Q3R gradient, state_dict round trip mid-run, NaN handling, closures and param groups."""
 
+import importlib
 import io
 import warnings
 
@@ -287,12 +288,15 @@ def _vit_block_model(dtype):
 
 
 @pytest.mark.parametrize(("dtype", "path"), [(torch.float64, "default"), (torch.float32, "default"),
-                                             (torch.float32, "triton")])
-def test_stacks_with_transposed_members_and_param_groups_match_formula(dtype, path, request):
+                                             (torch.float64, "transposed"), (torch.float32, "triton")])
+def test_stacks_with_transposed_members_and_param_groups_match_formula(dtype, path, request, monkeypatch):
     """The stacked step (operators grouped by shape up to transpose and param group, kept counts padded to a
-    common width) == AdamW + lr * Q3R.grad per param group, rows outside every slice only decayed."""
+    common width) == AdamW + lr * Q3R.grad per param group, rows outside every slice only decayed. The CPU
+    reference stacks transposed shapes apart unless told to (``transposed``); Triton stacks them together."""
     if path == "triton":
         request.getfixturevalue("triton_backend")
+    if path == "transposed":
+        monkeypatch.setattr(importlib.import_module("lowrank_kernels.q3r.regularizer"), "_CPU_TRANSPOSED", True)
     model, tm, groups = _vit_block_model(dtype)
     ref, ref_tm, ref_groups = _vit_block_model(dtype)
     opt = AdamQ3R(groups, tm, target_rank=[2, 3, 2, 0.25, 3], lmbda=0.3, steps=2, lr=1e-2, weight_decay=0.05)
@@ -316,8 +320,12 @@ def test_stacks_with_transposed_members_and_param_groups_match_formula(dtype, pa
         for a, b in zip(model.parameters(), ref.parameters(), strict=True):
             assert_verbose_allclose(a, b, rtol=tol, atol=tol, name=f"AdamQ3R vs AdamW + Q3R.grad ({path})")
     stacks = opt.q3r._stacks["step"]["stacks"]
-    assert any(any(s.flip) for s in stacks), "fc2 should join fc1's stack transposed"
-    assert len(stacks) == 3 and sorted(len(s.ops) for s in stacks) == [1, 2, 2]
+    if path == "default":
+        assert not any(any(s.flip) for s in stacks)
+        assert sorted(len(s.ops) for s in stacks) == [1, 1, 1, 2]
+    else:
+        assert any(any(s.flip) for s in stacks), "fc2 should join fc1's stack transposed"
+        assert sorted(len(s.ops) for s in stacks) == [1, 2, 2]
     assert all(s.K % 8 == 0 or s.K == min(s.m, s.n) for s in stacks)
 
 

@@ -249,6 +249,8 @@ def _slice_batches(ops: Sequence[_Operator], rows: int) -> tuple[list[_SliceBatc
 _WIDTH_ROUND = 8
 
 
+
+
 class _OpStack:
     """Operators of one shape up to transpose, one weight dtype and device (and one key of the caller's, e.g.
     the optimizer's param group), stacked for a fixed number of batched products per step.
@@ -286,7 +288,8 @@ class _OpStack:
         kw = dict(dtype=self.cdtype, device=self.device)
         Ut, Vh, d = self._padded(members, K)
         self.Ut, self.Vh = Ut, Vh
-        self.AT, self.B = torch.zeros(b, 2 * K, m, **kw), torch.zeros(b, 2 * K, n, **kw)
+        # the fixed halves are written here, the others by every thin() before they are read
+        self.AT, self.B = torch.empty(b, 2 * K, m, **kw), torch.empty(b, 2 * K, n, **kw)
         torch.mul(Ut, d[..., None], out=self.AT[:, :K])
         torch.mul(Vh, d[..., None], out=self.B[:, K:])
 
@@ -301,7 +304,7 @@ class _OpStack:
             left = torch.nested.nested_tensor(lefts).to_padded_tensor(0.0, output_size=(b, m, K))
             right = torch.nested.nested_tensor(rights).to_padded_tensor(0.0, output_size=(b, K, n))
             d = torch.nested.nested_tensor([op.d for op, _ in members]).to_padded_tensor(0.0, output_size=(b, K))
-        return left.transpose(1, 2).contiguous(), right, d
+        return left.transpose(1, 2), right, d  # Ut as a transposed view: bmm takes it as it is
 
     def views(self) -> list[torch.Tensor]:
         """Each member's rows of its current weight, ``(m, n)`` in the stack's orientation (views, no copy)."""
@@ -332,27 +335,33 @@ class _OpStack:
             self.X = torch.empty(len(self.ops), self.m, self.n, dtype=self.cdtype, device=self.device)
         return torch.stack(list(views), out=self.X)
 
-    def thin(self, X: torch.Tensor) -> None:
+    def thin(self, X: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Write ``P = U^T X`` and ``W^T = (X V + Ud C)^T``, ``C = P V``, into ``B`` and ``AT`` (four batched
-        products): then ``L X R - X = AT^T B`` for every member."""
+        products): then ``L X R - X = AT^T B`` for every member. ``keep`` (a 0-d tensor) multiplies both
+        products (two small launches), masking ``AT^T B`` without a pass over ``(b, m, n)``."""
         K = self.K
         P, WT = self.B[:, :K], self.AT[:, K:]
         P.baddbmm_(self.Ut, X, beta=0.0)
         WT.baddbmm_(self.Vh, X.transpose(1, 2), beta=0.0)  # (X V)^T
         C = torch.bmm(P, self.Vh.transpose(1, 2))  # (b, K, K)
         WT.baddbmm_(C.transpose(1, 2), self.AT[:, :K])  # + (Ud C)^T
+        if keep is not None:
+            P.mul_(keep)
+            WT.mul_(keep)
 
 
-def _op_stacks(ops: Sequence[_Operator], key=None, max_elements: int = 1 << 25) -> list[_OpStack]:
+def _op_stacks(ops: Sequence[_Operator], key=None, max_elements: int = 1 << 25,
+               transposed: bool = True) -> list[_OpStack]:
     """The operators grouped into :class:`_OpStack` s by (shape up to transpose, weight dtype, device,
     ``key(op)``), in chunks whose stacked weights hold at most ``max_elements`` elements (the per-step stack is
-    a copy). An operator joins a group of its transposed shape when one exists already."""
+    a copy). An operator joins a group of its transposed shape when one exists already, unless ``transposed``
+    is False (then shapes are grouped as they are)."""
     groups: dict[tuple, list[tuple[_Operator, bool]]] = {}
     for op in ops:
         extra = None if key is None else key(op)
         straight = (op.m, op.n, op.weight.dtype, op.weight.device, extra)
         flipped = (op.n, op.m, op.weight.dtype, op.weight.device, extra)
-        if straight not in groups and flipped in groups:
+        if transposed and straight not in groups and flipped in groups:
             groups[flipped].append((op, True))
         else:
             groups.setdefault(straight, []).append((op, False))

@@ -136,6 +136,30 @@ class AdamQ3R(torch.optim.Optimizer):
             flags["skipped"].zero_()
             self._report_skipped(count)
 
+    def _init_states(self, params: Sequence[torch.Tensor]) -> None:
+        """Zero Adam states for the parameters of ``params`` that have a gradient and none yet: the contiguous
+        ones of one device and dtype as views of one zeroed buffer (one launch for all moments and one for all
+        step counts, instead of three per parameter), the others (e.g. column-major) as ``zeros_like``."""
+        todo = [p for p in params if p.grad is not None and not self.state[p]]
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in todo:
+            if p.is_contiguous():
+                groups.setdefault((p.device, p.dtype), []).append(p)
+            else:
+                self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                     exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                                     exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+        for (device, dtype), members in groups.items():
+            total = sum(p.numel() for p in members)
+            moments = torch.zeros(2, total, dtype=dtype, device=device)
+            steps = torch.zeros(len(members), dtype=torch.float32, device=device)
+            off = 0
+            for j, p in enumerate(members):
+                n = p.numel()
+                self.state[p].update(step=steps[j], exp_avg=moments[0, off:off + n].view_as(p),
+                                     exp_avg_sq=moments[1, off:off + n].view_as(p))
+                off += n
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One optimizer step; ``closure`` (re-evaluating the loss with gradients) is called first.
@@ -197,8 +221,10 @@ class AdamQ3R(torch.optim.Optimizer):
         self.q3r.update()
         group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None}
         settings = {gi: (g["lr"], g["weight_decay"]) for gi, g in enumerate(self.param_groups)}
-        # the decay and the Q3R term of every regularised weight with a gradient, at the pre-step weights
-        self.q3r.decoupled_steps_(settings, key=lambda w: group_of.get(id(w)), keep=keep)
+        # the decay and the Q3R term of every regularised weight with a gradient, at the pre-step weights; the
+        # rows' common factor s is left to the fused AdamW kernel's weight-decay pass (weight_decay = (1 - s) / lr)
+        deferred = self.q3r.decoupled_steps_(settings, key=lambda w: group_of.get(id(w)), keep=keep,
+                                             defer_scale=True)
         regularised = {id(w) for w in self.q3r.params}
         lists: dict[tuple, tuple[list, ...]] = {}
         steps: dict[torch.device, list] = {}
@@ -208,13 +234,14 @@ class AdamQ3R(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._init_states(group["params"])
                 elif state["step"].device != p.device:  # loaded from a state_dict: counts live with the params
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-                # regularised weights were decayed above, with their Q3R term
-                wd = 0.0 if id(p) in regularised else group["weight_decay"]
+                # regularised weights were decayed above with their Q3R term, but for a deferred factor s
+                if id(p) in deferred:
+                    wd = (1.0 - deferred[id(p)]) / group["lr"]
+                else:
+                    wd = 0.0 if id(p) in regularised else group["weight_decay"]
                 entry = lists.setdefault((gi, p.device, p.dtype, wd), ([], [], [], [], []))
                 for lst, t in zip(entry, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]),
                                   strict=True):

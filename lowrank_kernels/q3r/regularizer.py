@@ -99,6 +99,10 @@ _KEEP_ULPS = 16
 _RESIDUAL_ULPS = 64
 # Rounds of subspace iterations for the operators whose rebuild failed the check, before the exact SVD.
 _REFINE_ROUNDS = 1
+# Whether the CPU reference path of the step stacks operators of transposed shapes together (the GPU and the Triton
+# path do: one set of launches fewer). Off: on the CPU the transposed copy into the stack and the transposed add
+# back cost more than the calls they save (ViT-Tiny's fc1/fc2, 1 thread: ~5 ms per step, a quarter of an AdamW step).
+_CPU_TRANSPOSED = False
 # Device types whose per-step factors are computed for same-shape operators together (batched products: a
 # few kernels instead of ~8 per operator). Not the CPU: there the stack copy and bmm cost more than they
 # save (ViT-Tiny's 72 operators, 2 cores: 16.7-18.4 ms batched vs 14.2-14.8 ms one by one).
@@ -645,61 +649,86 @@ class Q3R:
 
     @torch.no_grad()
     def decoupled_steps_(self, settings: Mapping, key: Callable[[torch.Tensor], object] | None = None,
-                         keep: torch.Tensor | None = None) -> None:
+                         keep: torch.Tensor | None = None, defer_scale: bool = False) -> dict[int, float]:
         """Every regularised weight ``w <- (1 - lr wd) w - lr G(w)`` in place, ``G`` evaluated at the old weights.
 
         ``(lr, wd) = settings[key(w)]`` (``key=None``: ``settings[None]``); a weight whose key is not in
         ``settings`` is left alone (AdamQ3R: no gradient this step). ``G = 2 lmbda L X R`` on each
         operator's rows, 0 on rows outside every slice (they only decay), as in :func:`ops.q3r_apply`.
-        ``keep``: ``None``, or a 0-d tensor on the weights' device holding 1 (apply) or 0 (leave every weight
-        unchanged), so a skip is decided on the device without a host sync.
+        ``keep``: ``None``, or a 0-d fp32 tensor on the weights' device holding 1 (apply) or 0 (leave every
+        weight unchanged), so a skip is decided on the device without a host sync.
+
+        ``defer_scale=True`` leaves out the factor ``s = 1 - lr (wd + 2 lmbda)`` that every covered row carries
+        (those weights end ``1/s`` times the above) for a caller that scales them anyway: torch's AdamW kernels
+        with ``weight_decay = (1 - s) / lr`` do it in their own pass over the weight, so the Q3R step only adds
+        ``-(lr / s) 2 lmbda (L X R - X)`` (on the CPU: 7 passes over the weights instead of 11). Not deferred
+        where ``s < 0.5`` (dividing by ``s`` would cost accuracy). Returns ``{id(w): s}`` for the weights whose
+        scale was deferred (empty without ``defer_scale``).
 
         The step AdamQ3R runs on every device: the operators are grouped into stacks by shape up to transpose,
         weight dtype, device and ``key`` (:func:`~.operator._op_stacks`, built once per rebuild), and each stack
         takes a fixed number of launches whatever its size: one copy of its weights, four batched thin
         products, then :func:`ops.q3r_apply.q3r_stack_step_` (the Triton kernel once where the backend picks
-        Triton, else two batched products, the mask and one multi-tensor add). Rows outside every slice: one
+        Triton, else one batched product, the mask and one multi-tensor add). Rows outside every slice: one
         multi-tensor multiply per ``key``. No host sync, no host-to-device copy (but once after a rebuild or
         when a weight moved), no shape that depends on data: capturable in a CUDA graph.
         """
         _sharded.decoupled_steps_(self, settings, key, keep)  # FSDP2 weights: their rows, one all-reduce
         plan = self._step_plan(key)
-        lmbda = self.lmbda
+        scales: dict = {}
+        for k, (lr, wd) in settings.items():
+            c, base = 2.0 * self.lmbda * lr, 1.0 - lr * wd
+            scales[k] = (c, base, base - c if defer_scale and 0.5 <= base - c < 1.0 else 1.0)
+        deferred: dict[int, float] = {}
         for stack in plan["stacks"]:
-            if stack.key not in settings:
+            if stack.key not in scales:
                 continue
-            lr, wd = settings[stack.key]
-            c, base = 2.0 * lmbda * lr, 1.0 - lr * wd
+            c, base, scale = scales[stack.key]
+            if scale != 1.0:
+                deferred.update((id(op.weight), scale) for op in stack.ops)
+            beta, alpha = (base - c) / scale, -c / scale
+            if scale != 1.0:
+                beta = 1.0  # (base - c) / scale, exactly
+                if not stack.K:
+                    continue  # nothing left to add: the scale is the caller's
             views = stack.views()
             X = stack.stacked(views)
             table = None
             if X.dtype == torch.float32 and backend.choose(X, op="q3r_apply") == "triton":
                 table = stack.table(views)
+            step_keep = keep
             if stack.K:
-                stack.thin(X)
-            q3r_stack_step_(views, X, stack.AT, stack.B, beta=base - c, alpha=-c, keep=keep, table=table)
+                # with beta = 1 the step is keep * alpha * (L X R - X): the reference masks the thin products
+                # (small) instead of its (b, m, n) result; the kernel reads keep itself
+                masked = beta == 1.0 and table is None and keep is not None
+                stack.thin(X, keep if masked else None)
+                step_keep = None if masked else keep
+            q3r_stack_step_(views, X, stack.AT, stack.B, beta=beta, alpha=alpha, keep=step_keep, table=table)
         for (k, dtype), rows in plan["uncovered"].items():
-            if k not in settings:
+            if k not in scales:
                 continue
-            lr, wd = settings[k]
-            base = 1.0 - lr * wd
+            _, base, _ = scales[k]
+            factor = base / deferred.get(id(rows[0][0]), 1.0)
+            if factor == 1.0:
+                continue
             views = [w[s:e] for w, s, e in rows]
-            if base == 1.0:
-                continue
             if keep is None:
-                torch._foreach_mul_(views, base)
-            else:  # the factor 1 + keep (base - 1) in the compute dtype (fp32 would round an fp64 decay)
+                torch._foreach_mul_(views, factor)
+            else:  # the factor 1 + keep (factor - 1) in the compute dtype (fp32 would round an fp64 decay)
                 wide = torch.promote_types(dtype, torch.float32)
-                torch._foreach_mul_(views, (keep.to(wide) * (base - 1.0)).add_(1.0))
+                torch._foreach_mul_(views, (keep.to(wide) * (factor - 1.0)).add_(1.0))
+        return deferred
 
     def _step_plan(self, key) -> dict:
         """The :meth:`decoupled_steps_` plan for ``key``: operator stacks and, per key, the rows outside every
         slice; rebuilt after a rebuild (``_stacks`` is reset) or when a weight's key changed."""
         keys = tuple(None if key is None else key(op.weight) for op in self.ops)
+        transposed = (_CPU_TRANSPOSED or backend.requested_backend() == "triton"
+                      or any(op.weight.device.type != "cpu" for op in self.ops))
         if self._stacks is None:
             self._stacks = {}
         plan = self._stacks.get("step")
-        if plan is None or plan["keys"] != keys:
+        if plan is None or plan["keys"] != keys or plan["transposed"] != transposed:
             key_of = {id(op): k for op, k in zip(self.ops, keys, strict=True)}
             uncovered: dict = {}
             for w in _sharded.plain(self.params):  # sharded weights: _sharded.decoupled_steps_
@@ -710,8 +739,9 @@ class Q3R:
                     if s > covered:
                         uncovered.setdefault((k, w.dtype), []).append((w, covered, s))
                     covered = max(covered, e)
-            plan = {"keys": keys, "uncovered": uncovered,
-                    "stacks": _op_stacks(_sharded.plain(self.ops), lambda op: key_of[id(op)], _BATCH_ELEMENTS)}
+            plan = {"keys": keys, "uncovered": uncovered, "transposed": transposed,
+                    "stacks": _op_stacks(_sharded.plain(self.ops), lambda op: key_of[id(op)], _BATCH_ELEMENTS,
+                                         transposed)}
             self._stacks["step"] = plan
         return plan
 
