@@ -1,4 +1,4 @@
-"""Benchmark AdamQ3R: optimizer step time vs ``torch.optim.AdamW`` and a straightforward seed version.
+"""Benchmark AdamQ3R: optimizer step time vs ``torch.optim.AdamW`` and the upstream Q3R algorithm written plainly.
 
 Parameter set (the issue's ViT-Tiny): 12 blocks, d=192, per block ``qkv 576x192`` (regularised as 3 slices),
 ``proj 192x192``, ``fc1 768x192``, ``fc2 192x768``, all with biases; AdamQ3R with ``steps=5``,
@@ -20,7 +20,7 @@ Kernel ``q3r``, mode ``step``, providers:
 * ``torch+cold`` / ``triton+cold``: AdamQ3R(warm_start=False), every rebuild a cold randomized SVD. (Rows named
   ``+warm_start`` in results before 2026-11-25 15:00 UTC measured the earlier opt-in warm start, one operator at a
   time, when the cold rebuild was the default.)
-* ``seed``: the seed's algorithm written plainly: a full SVD every 5 steps, dense ``L (m x m)`` and
+* ``upstream``: the upstream Q3R code's algorithm written plainly: a full SVD every 5 steps, dense ``L (m x m)`` and
   ``R (n x n)``, ``G = 2 lmbda L X R`` materialised and padded per slice, then AdamW and ``p -= lr G``.
 
 Kernel ``q3r``, mode ``update``: one rebuild of every operator (what ``steps`` amortises), providers
@@ -136,7 +136,7 @@ class _SeedAdamQ3R:
 def _step_fn(provider: str, model, tm):
     if provider in ("adamw", "adamw_fused"):
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=provider == "adamw_fused" or None)
-    elif provider == "seed":
+    elif provider == "upstream":
         opt = _SeedAdamQ3R(model, tm, TARGET, LMBDA, PERIOD, LR)
     else:
         opt = AdamQ3R(model.parameters(), tm, target_rank=TARGET, lmbda=LMBDA, steps=PERIOD, lr=LR,
@@ -174,11 +174,11 @@ def _update_fn(provider: str, tm):
 
 
 def run(quick: bool = True, device: str | None = None) -> list[dict]:
-    """Rows for AdamQ3R vs AdamW vs the seed (mode ``step``) and the operator rebuild (mode ``update``)."""
+    """Rows for AdamQ3R vs AdamW vs the upstream algorithm (mode ``step``) and the operator rebuild (mode ``update``)."""
     dev = resolve_device(device)
     blocks, d = (2, 64) if quick else (12, 192)
     dtype = torch.float32
-    step_providers = ["adamw", "adamw_fused", "torch", "torch+cold", "seed"]
+    step_providers = ["adamw", "adamw_fused", "torch", "torch+cold", "upstream"]
     step_providers += ["triton", "triton+cold"] if dev.type == "cuda" else []
     threads = torch.get_num_threads()
     if dev.type == "cpu":

@@ -2,8 +2,8 @@
 
 Providers: ``ours`` (``RankController.step``: exact stable ranks of all layers from their ``r x r`` cores, a
 fixed number of batched ops per shape group and one host read, in-place factored resize + AdamW state remap)
-and ``seed`` (the per-layer reference, the adaptive low-rank training code's approach: per layer form
-``W = U V``, ``||W||_F^2`` and ``SEED_POWER_ITERS`` power iterations on ``W`` for sigma_max, one host read per
+and ``upstream`` (the per-layer reference, the adaptive low-rank training code's approach: per layer form
+``W = U V``, ``||W||_F^2`` and ``UPSTREAM_POWER_ITERS`` power iterations on ``W`` for sigma_max, one host read per
 layer; on resize a full SVD of ``W`` with a sqrt split, random columns when growing, and a new AdamW). Mode
 ``step``; ``x`` is how many layers the decision resizes: 0 (a decision that keeps every rank, the common case)
 or all of them (worst case; the resize alternates shrink r -> r - 4 and grow back, so the time mixes both).
@@ -26,7 +26,7 @@ from lowrank_kernels.nn import LowRankLinear
 from lowrank_kernels.rank import RankController
 
 KERNEL = "rank_controller"
-SEED_POWER_ITERS = 5  # the adaptive low-rank training code's default ``power_iters``
+UPSTREAM_POWER_ITERS = 5  # the adaptive low-rank training code's default ``power_iters``
 
 
 def make_layers(depth: int, dim: int, rank: int, dev: torch.device) -> nn.ModuleDict:
@@ -48,7 +48,7 @@ def _with_adam_state(layers: nn.Module) -> torch.optim.AdamW:
     return opt
 
 
-def seed_stable_rank(U: torch.Tensor, V: torch.Tensor, iters: int = SEED_POWER_ITERS) -> float:
+def upstream_stable_rank(U: torch.Tensor, V: torch.Tensor, iters: int = UPSTREAM_POWER_ITERS) -> float:
     """The per-layer reference estimate: form ``W``, Frobenius norm, power iteration from a random vector (one
     host sync)."""
     W = U @ V
@@ -64,7 +64,7 @@ def seed_stable_rank(U: torch.Tensor, V: torch.Tensor, iters: int = SEED_POWER_I
     return float(W.square().sum() / (sigma.square() + 1e-8))
 
 
-def seed_resize(layer: LowRankLinear, new_rank: int) -> None:
+def upstream_resize(layer: LowRankLinear, new_rank: int) -> None:
     """The per-layer reference resize: full SVD of ``W`` (shrink) or random columns (grow); new Parameter
     objects."""
     with torch.no_grad():
@@ -81,15 +81,15 @@ def seed_resize(layer: LowRankLinear, new_rank: int) -> None:
     layer.V = nn.Parameter(V_new)
 
 
-def _seed_fn(layers: nn.ModuleDict, rank: int, resize: bool):
+def _upstream_fn(layers: nn.ModuleDict, rank: int, resize: bool):
     toggle = [rank]
 
     def step():
-        srs = [seed_stable_rank(m.U.detach(), m.V.detach()) for m in layers.values()]
+        srs = [upstream_stable_rank(m.U.detach(), m.V.detach()) for m in layers.values()]
         if resize:
             toggle[0] = rank - 4 if toggle[0] == rank else rank
             for m in layers.values():
-                seed_resize(m, toggle[0])
+                upstream_resize(m, toggle[0])
             torch.optim.AdamW(layers.parameters(), lr=1e-3)  # the reference rebuilds the optimizer: moments lost
         return srs
 
@@ -112,7 +112,7 @@ def _ours_fn(layers: nn.ModuleDict, rank: int, resize: bool):
 
 
 def run(quick: bool = True, device: str | None = None) -> list[dict]:
-    """Time, launch and sync rows for ``ours`` and ``seed`` at 0 and all layers resized (see the module
+    """Time, launch and sync rows for ``ours`` and ``upstream`` at 0 and all layers resized (see the module
     docstring)."""
     dev = resolve_device(device)
     depth, dim, rank = (2, 64, 8) if quick else (12, 768, 64)
@@ -121,10 +121,10 @@ def run(quick: bool = True, device: str | None = None) -> list[dict]:
     torch.manual_seed(0)
     for resize in (False, True):
         n_layers = 4 * depth
-        for provider, make in (("ours", _ours_fn), ("seed", _seed_fn)):
+        for provider, make in (("ours", _ours_fn), ("upstream", _upstream_fn)):
             layers = make_layers(depth, dim, rank, dev)
             fn = make(layers, rank, resize)
-            # the full seed resize costs seconds per call on a CPU: a few calls are enough
+            # the full upstream resize costs seconds per call on a CPU: a few calls are enough
             warmup, rep = (5, 20) if quick else (1, 1) if dev.type == "cpu" else (50, 500)
             p50, p20, p80 = time_fn(fn, dev, warmup=warmup, rep=rep)
             x = n_layers if resize else 0

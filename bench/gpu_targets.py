@@ -13,7 +13,7 @@ The targets, at the full shapes on one H100/H200 (``.ci/gpu`` runs this):
   M=8192, in=out=4096, r in {16, 64}), for the default ``composed`` path; the ``triton`` kernel's ratios are
   printed as information;
 * ``controller``: one ``RankController`` decision at least 3x faster than the per-layer reference
-  (``bench_rank_controller``'s ``seed`` / ``ours`` with no layer resized).
+  (``bench_rank_controller``'s ``upstream`` / ``ours`` with no layer resized).
 
 Quick mode runs the same code at the scripts' quick shapes (seconds on a CPU; the ratios then mean
 nothing, the run proves the command works). The exit status is 1 when a script failed, or with
@@ -105,8 +105,8 @@ def evaluate(rows: Sequence[dict], device_type: str = "cuda") -> list[Target]:
     ctrl = _times(rows, "rank_controller")
     xs = sorted({c for p, m, x, c in ctrl if m == "step" and x == "0"}) or [""]
     for c in xs:
-        targets.append(Target("controller decision seed / ours, 0 layers resized",
-                              _ratio(ctrl, ("seed", "step", "0", c), ("ours", "step", "0", c)), 3.0, False))
+        targets.append(Target("controller decision upstream / ours, 0 layers resized",
+                              _ratio(ctrl, ("upstream", "step", "0", c), ("ours", "step", "0", c)), 3.0, False))
     return targets
 
 

@@ -35,8 +35,8 @@ def _row(kernel, provider, mode, x, t, config="c"):
 def _rows(peft=2.6, composed=2.0, dense=1.0, composed_fwd=1.05, seed=3.3):
     rows = [_row("q3r", "adamw", "step", 12, 2.0), _row("q3r", "triton", "step", 12, 2.2),
             _row("q3r", "torch", "step", 12, 9.0),
-            _row("rank_controller", "ours", "step", 0, 1.0), _row("rank_controller", "seed", "step", 0, seed),
-            _row("rank_controller", "seed", "step", 48, 99.0)]
+            _row("rank_controller", "ours", "step", 0, 1.0), _row("rank_controller", "upstream", "step", 0, seed),
+            _row("rank_controller", "upstream", "step", 48, 99.0)]
     for r in (16, 64):
         rows += [_row("lora_matmul", "peft", "full", r, peft), _row("lora_matmul", "composed", "full", r, composed),
                  _row("lora_matmul", "dense", "forward", r, dense),
@@ -58,13 +58,13 @@ def test_evaluate_targets_from_rows():
     triton = targets["lora full PEFT / triton, r=64"]
     assert triton.measured == pytest.approx(0.65) and triton.met is False and triton.line().endswith("info")
     assert targets["lora forward triton / dense, r=16"].line().endswith("not measured")
-    ctrl = targets["controller decision seed / ours, 0 layers resized"]
+    ctrl = targets["controller decision upstream / ours, 0 layers resized"]
     assert ctrl.measured == pytest.approx(3.3) and ctrl.met
 
     missed = {t.name: t for t in gpu_targets.evaluate(_rows(peft=2.4, composed_fwd=1.2, seed=2.0), "cuda")}
     assert missed["lora full PEFT / composed, r=64"].line().endswith("MISSED")
     assert missed["lora forward composed / dense, r=16"].met is False
-    assert missed["controller decision seed / ours, 0 layers resized"].met is False
+    assert missed["controller decision upstream / ours, 0 layers resized"].met is False
 
 
 def test_evaluate_without_rows_reports_not_measured():
