@@ -143,7 +143,7 @@ class AdamQ3R(torch.optim.Optimizer):
         todo = [p for p in params if p.grad is not None and not self.state[p]]
         groups: dict[tuple, list[torch.Tensor]] = {}
         for p in todo:
-            if p.is_contiguous():
+            if p.is_contiguous() and not _sharded.is_sharded(p):  # FSDP2: DTensor moments (zeros_like)
                 groups.setdefault((p.device, p.dtype), []).append(p)
             else:
                 self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
