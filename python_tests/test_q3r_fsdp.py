@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lowrank_kernels import AdamQ3R
+from lowrank_kernels.adapters.spectral import eigenvalues
 from lowrank_kernels.q3r import sharded
 
 STEPS = 7  # steps=3: rebuilds at calls 1, 4 and 7
@@ -163,6 +164,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             warnings.simplefilter("always")
             opt.step()
         out["nan_skipped"] = all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters(), strict=True))
+        # spectra of the sharded weights (Gram or gathered rows) = those of the whole weights
+        mats = [net.qkv.weight, net.out.weight, net.wide.weight]
+        out["eigenvalues"] = (sharded.eigenvalues(mats), eigenvalues([w.full_tensor().detach() for w in mats]))
         # what assembles whole weights refuses sharded ones
         out["refused"] = []
         for what in ("val", "grad"):
@@ -257,3 +261,11 @@ def test_fsdp_nonfinite_skip_and_refusals(fsdp_runs):
         assert out["nan_skipped"], "a NaN in one shard's gradient must make every process skip the step"
         assert len(out["refused"]) == 2
         assert all("FSDP2" in msg and "(27, 8) rows 9:18" in msg for msg in out["refused"]), out["refused"]
+
+
+def test_fsdp_eigenvalues_without_gathering_tall_weights(fsdp_runs):
+    for out in fsdp_runs:
+        got, ref = out["eigenvalues"]
+        assert [t.numel() for t in got] == [8, 11, 144]
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * float(b.max()))

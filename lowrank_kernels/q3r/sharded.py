@@ -642,3 +642,42 @@ def plain(ops: Sequence) -> list:
     """The operators (or weights) of ``ops`` that are not sharded."""
     return [op for op in ops if not is_sharded(getattr(op, "weight", op))]
 
+
+
+# ------------------------------------------------------------------------------------------- spectra
+@torch.no_grad()
+def eigenvalues(weights: Sequence) -> list[torch.Tensor]:
+    """``sigma^2`` (eigenvalues of ``W^T W``, ascending, ``min(m, n)`` of them) of row-sharded ``DTensor`` weights
+    ``W (m, n)``, identical on every process, without gathering a weight where the maths allows: a tall one
+    (``m >= n``) all-reduces its fp64 Gram ``sum_i W_i^T W_i (n, n)`` (no more numbers than the weight) and takes
+    ``eigvalsh``; a wide one, whose right Gram would be larger than itself, is all-gathered (one balanced buffer
+    per dtype for all of them) and takes ``svdvals``. The contract of ``adapters.spectral.eigenvalues`` (HT-SR,
+    stable ranks ``sum(lam) / max(lam)``) for a model sharded by ``fully_shard``. A collective."""
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    tall, wide = [], []
+    for i, w in enumerate(weights):
+        if not is_sharded(w) or w.dim() != 2:
+            raise TypeError(f"eigenvalues takes 2-D DTensor weights sharded by rows, got {type(w).__name__} of shape "
+                            f"{tuple(w.shape)} (weight {i})")
+        (tall if w.shape[0] >= w.shape[1] else wide).append(i)
+
+    class _W:  # the fields of an operator that _shard/_layout/_gather_rows read: a whole weight
+        def __init__(self, w):
+            self.weight, self.rows, self.transposed = w, None, False
+            self.m, self.n, self.name = w.shape[0], w.shape[1], f"weight {tuple(w.shape)}"
+
+    for group, members in _groups([_W(weights[i]) for i in tall]):
+        grams = [op.weight.to_local().to(torch.float64).T @ op.weight.to_local().to(torch.float64) for op in members]
+        _dist.flat_all_reduce(grams, group=group)
+        for op, G in zip(members, grams, strict=True):
+            out[next(i for i in tall if weights[i] is op.weight)] = torch.linalg.eigvalsh(G).clamp_min(0)
+    for group, members in _groups([_W(weights[i]) for i in wide]):
+        jobs = [_Job(None, op, op.weight.to_local().to(_work_dtype(op.weight.dtype)), 0, "exact") for op in members]
+        for op, full in zip(members, _gather_rows(jobs, group), strict=True):
+            s = torch.linalg.svdvals(full)
+            out[next(i for i in wide if weights[i] is op.weight)] = (s * s).sort().values
+    return out  # type: ignore[return-value]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
