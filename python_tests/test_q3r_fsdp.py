@@ -39,7 +39,8 @@ class _Net(nn.Module):
         # 27 output rows: 14 on rank 0, 13 on rank 1; slice (9, 18) straddles the boundary, slices are 9 x 8 (tall:
         # the Gram path of the exact rebuild)
         self.qkv = nn.Linear(8, 27)
-        # 11 rows: 6 | 5, slice (4, 11) straddles; slices are 4 x 27 and 7 x 27 (wide: the all-gathered rows)
+        # 11 rows: 6 | 5, slice (4, 10) straddles, row 10 is in no slice (decay only); slices 4 x 27 and 6 x 27
+        # (wide: the exact rebuild all-gathers their rows)
         self.out = nn.Linear(27, 11)
         self.wide = nn.Linear(144, 144)  # min(m, n) > 128: randomized (warm or cold sketch) rebuilds
 
@@ -68,7 +69,7 @@ def _make(config: str, shard: bool):
         for m in (net.qkv, net.out, net.wide):
             fully_shard(m)
         fully_shard(net)
-    tm = {net.qkv: [(0, 9), (9, 18), (18, 27)], net.out: [(0, 4), (4, 11)], net.wide: None}
+    tm = {net.qkv: [(0, 9), (9, 18), (18, 27)], net.out: [(0, 4), (4, 10)], net.wide: None}
     opt = AdamQ3R(net.parameters(), tm, target_rank=0.3, lmbda=0.3, steps=3, lr=1e-2, weight_decay=0.01,
                   **CONFIGS[config])
     return net, opt
@@ -245,7 +246,7 @@ def test_fsdp_resume_and_state(fsdp_runs):
         for a, b in zip(out["resumed"], net.parameters(), strict=True):
             torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-9)
         # the state saved under FSDP2 holds whole operators, and loads into a single process
-        tm = {ref.qkv: [(0, 9), (9, 18), (18, 27)], ref.out: [(0, 4), (4, 11)], ref.wide: None}
+        tm = {ref.qkv: [(0, 9), (9, 18), (18, 27)], ref.out: [(0, 4), (4, 10)], ref.wide: None}
         single = AdamQ3R(ref.parameters(), tm, target_rank=0.3, lmbda=0.3, steps=3)
         single.q3r.load_state_dict(out["q3r_state"])
         mine = _single("warm", SPLIT)[1].q3r

@@ -526,10 +526,8 @@ def _step_weight(q3r, weight, P: dict, beta: float, alpha: float, rest: float, k
     cdtype = ops_w[0].cdtype
     X_all = local.to(cdtype, copy=True) if keep is not None or local.dtype != cdtype or not local.is_contiguous() \
         else local
-    covered = torch.zeros(local.shape[0], dtype=torch.bool)
     for op in ops_w:
         a, b = shard_of(op).local
-        covered[a:b] = True
         X = X_all[a:b]
         if not op.k or a == b:
             if beta != 1.0:
@@ -539,8 +537,12 @@ def _step_weight(q3r, weight, P: dict, beta: float, alpha: float, rest: float, k
         T = (X @ V + Ud @ (Pk @ V)) * op.d  # (Q + U D C) D, (m_i, k)
         delta = Ud @ Pk + T @ op.Vh
         X.mul_(beta).add_(delta, alpha=alpha)
-    if rest != 1.0 and not bool(covered.all()):
-        X_all[~covered.to(X_all.device)] *= rest
+    if rest != 1.0:  # local rows outside every operator (spans from the layout: no host read)
+        covered = 0
+        for a, b in sorted(shard_of(op).local for op in ops_w) + [(local.shape[0], local.shape[0])]:
+            if a > covered:
+                X_all[covered:a].mul_(rest)
+            covered = max(covered, b)
     if keep is not None:
         local.lerp_(X_all.to(local.dtype), keep.to(local.dtype))  # exact for keep in {0, 1}
     elif X_all is not local:
