@@ -87,6 +87,9 @@ _WIDEN_MARGIN = 4
 _K_ROUND = 4
 # Most weight elements stacked into one batched SVD call during a rebuild (the stack is a copy).
 _BATCH_ELEMENTS = 1 << 25
+# A rebuild's full SVDs of different shapes share one call, each matrix zero-padded to the call's largest shape
+# (:func:`_pad_targets`), while the padded elements stay within this factor of the real ones.
+_PAD_FACTOR = 4
 # Most elements of the seeded sketches kept between rebuilds (16 MB in fp32).
 _SKETCH_CACHE_ELEMENTS = 1 << 22
 # Up to this min(m, n) an operator's first rebuild (with warm_start) and a refinement of last resort take the exact
@@ -179,8 +182,9 @@ def _chunks(items: list, elements: int) -> list[list]:
 
 
 class _Run:
-    """One batched SVD of a rebuild: ``items`` ``[(index, op, X, k), ...]``, their stacked weights ``Xs (b, m, n)``,
-    the triplets ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)``, the Ritz residual norms ``res (b, k)`` (None when
+    """One batched SVD of a rebuild: ``items`` ``[(index, op, X, k), ...]``, their stacked weights ``Xs (b, m, n)``
+    (None for the runs of a padded full SVD, :func:`_padded_svd`, which are never checked nor refined), the
+    triplets ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)``, the Ritz residual norms ``res (b, k)`` (None when
     not checked), and, once :func:`_read_back` ran, host copies ``host_s`` and ``host_res`` (lists per matrix)."""
 
     def __init__(self, items, Xs, k, U, S, Vh, res):
@@ -226,6 +230,66 @@ def _by_shape(pairs: list[tuple[_Run, int]]) -> dict[tuple, list[tuple[_Run, int
         _, m, n = run.Xs.shape
         out.setdefault((m, n, run.k, run.Xs.dtype, run.Xs.device), []).append((run, j))
     return out
+
+
+def _pad_targets(counts: Mapping[tuple[int, int], int]) -> dict[tuple[int, int], tuple[int, int]]:
+    """The padded shape ``(M, N)`` each tall shape ``(m, n)`` (``m >= n``) of ``counts`` (how many operators have
+    it) takes in a rebuild's full SVD: the shapes are merged, largest first, while a merged call's padded elements
+    stay within ``_PAD_FACTOR`` times its real ones; shapes with the same target share one ``torch.linalg.svd``.
+
+    Computed from all of a :class:`Q3R`'s operators, not from those one rebuild or one process happens to
+    hold, so a matrix is padded alike in every rebuild and on every process (the SVD's rounding depends on
+    the padded shape; DDP's results must equal one process's to the bit). Every call costs a host sync (the
+    ``info`` check of LAPACK's/cuSOLVER's SVD), so one call instead of one per shape is what keeps a
+    rebuild's syncs fixed."""
+    order = sorted(counts, key=lambda mn: (-mn[0] * mn[1], -mn[0]))
+    targets, merged, M, N, count, real = {}, [], 0, 0, 0, 0
+    for mt, nt in order:
+        b = counts[(mt, nt)]
+        M2, N2 = max(M, mt), max(N, nt)
+        if merged and (count + b) * M2 * N2 <= _PAD_FACTOR * (real + b * mt * nt):
+            merged.append((mt, nt))
+            M, N, count, real = M2, N2, count + b, real + b * mt * nt
+        else:
+            targets.update((shape, (M, N)) for shape in merged)
+            merged, M, N, count, real = [(mt, nt)], mt, nt, b, b * mt * nt
+    targets.update((shape, (M, N)) for shape in merged)
+    return targets
+
+
+def _padded_svd(groups: list[tuple], M: int, N: int) -> list[_Run]:
+    """One ``torch.linalg.svd`` for the groups ``[(m, n, k, items), ...]`` (one :class:`_Run` each, of ``k``
+    triplets: at least as many as any of its items asks for), every matrix zero-padded to ``(M, N)``.
+
+    Matrix ``X (m, n)`` enters as ``X`` (``m >= n``) or ``X^T``, zero-padded to ``(M, N)``: padding adds only
+    zero singular values, and the singular vectors of the nonzero ones are zero in the padded rows and columns,
+    so the top ``k`` triplets are ``X``'s (to rounding) once the padding is cut off; a transposed one swaps its
+    ``U`` and ``V``. (Were ``X`` of rank below ``k``, its triplets with ``sigma = 0`` could point into the
+    padding: they are never kept, ``sigma > eps`` being required.) Per group the runs hold views of the call's
+    results truncated to the largest ``k`` (one copy each of ``U`` and ``Vh``, so the kept views do not hold
+    the whole SVD alive), ``Vh`` made row-major per group (``set_triplets`` takes its rows as they are); the
+    stacked weights ``Xs`` are not kept (None: these runs are exact and never checked nor refined).
+    """
+    views = [X if m >= n else X.T for m, n, _, items in groups for _, _, X, _ in items]
+    if all(tuple(v.shape) == (M, N) for v in views):
+        P = torch.stack(views)
+    else:
+        with warnings.catch_warnings():  # torch's strided nested tensors warn that they are a prototype
+            warnings.simplefilter("ignore", UserWarning)
+            P = torch.nested.nested_tensor(views).to_padded_tensor(0.0, output_size=(len(views), M, N))
+    U, S, Vh = torch.linalg.svd(P, full_matrices=False)
+    kc = max(k for _, _, k, _ in groups)
+    U, Vh = U[..., :kc].contiguous(), Vh[:, :kc].contiguous()
+    runs, p = [], 0
+    for m, n, k, items in groups:
+        q = p + len(items)
+        if m >= n:
+            Ug, Vhg = U[p:q, :m, :k], Vh[p:q, :k, :n]
+        else:
+            Ug, Vhg = Vh[p:q, :k, :m].transpose(1, 2), U[p:q, :n, :k].transpose(1, 2)
+        runs.append(_Run(items, None, k, Ug, S[p:q, :k], Vhg.contiguous(), None))
+        p = q
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------ Q3R
@@ -360,6 +424,13 @@ class Q3R:
     def _refresh_ops(self, items: list[tuple[int, _Operator]]) -> None:
         """Rebuild the operators ``items`` (index, operator); same-shape ones share batched SVD calls.
 
+        The full (LAPACK/cuSOLVER) SVDs, exact first rebuilds and every shape up to ``SMALL_DIM``, of all shapes
+        share one call per padded shape (:func:`_pad_targets`; usually a single one), since every such call
+        checks its ``info`` on the host. The ViT-like set (qkv slices, proj, fc1, fc2 at ``d <= 128``) thus
+        costs two host syncs per rebuild at any depth: that call and the one read of all sigma. Randomized
+        rebuilds add their own (:func:`ops.truncated_svd`); a refinement adds syncs only when an operator
+        fails the check, widening only when a kept count outgrows the triplets computed.
+
         A weight with NaN/Inf raises ``ValueError`` naming its operator before any operator changes: it makes the
         SVD fail or its sigma non-finite, which the one host read of all sigma sees (no separate pass).
         """
@@ -379,14 +450,28 @@ class Q3R:
             i, op, X, k = item
             groups.setdefault((op.m, op.n, k, X.dtype, X.device, self._svd_mode(op)), []).append(item)
         # every SVD first, then one host read of all their sigma and Ritz residuals
-        runs = []
+        runs, full = [], {}
         try:
-            for (m, n, k, _, _, mode), members in groups.items():
+            for (m, n, k, dtype, device, mode), members in groups.items():
+                if mode == "exact" or svd_path((m, n), k, self.oversample) == "full":
+                    # LAPACK's SVD: the groups of a dtype, device and padded shape in one call (_pad_targets)
+                    M, N = self._pad_target(m, n, dtype, device)
+                    full.setdefault((dtype, device, M, N), []).append((m, n, k, members))
+                    continue
                 for chunk in _chunks(members, m * n):  # the stack is a copy of the weights
                     Xs = torch.stack([X for _, _, X, _ in chunk])
                     U, S, Vh = self._svd(Xs, k, [i for i, *_ in chunk], mode, [op.basis for _, op, _, _ in chunk])
                     res = _ritz_residuals(Xs, U, S, Vh) if self._checked(mode, m, n, k) else None
                     runs.append(_Run(chunk, Xs, k, U, S, Vh, res))
+            for (_, _, M, N), parts in full.items():
+                per = max(1, _BATCH_ELEMENTS // (M * N))  # the padded stack is a copy of the weights
+                pieces = [(m, n, k, item) for m, n, k, items in parts for item in items]
+                for c in range(0, len(pieces), per):
+                    chunk: dict[tuple, list] = {}  # one run per shape: each item keeps its own k (_settle_run)
+                    for m, n, k, item in pieces[c:c + per]:
+                        chunk.setdefault((m, n), []).append(item)
+                    runs.extend(_padded_svd([(m, n, max(it[3] for it in items), items)
+                                             for (m, n), items in chunk.items()], M, N))
             _read_back(runs)
         except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
             _raise_if_nonfinite(work)
@@ -398,6 +483,20 @@ class Q3R:
         self._refine(runs)
         for run in runs:
             self._settle_run(run)
+
+    def _pad_target(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+        """The padded tall shape an ``(m, n)`` full SVD of ``dtype`` on ``device`` takes (:func:`_pad_targets` of
+        all operators, made once); a shape no operator has (not expected) is not padded."""
+        plans = self.__dict__.setdefault("_pad_plans", {})
+        if (dtype, device) not in plans:
+            counts: dict[tuple[int, int], int] = {}
+            for op in self.ops:
+                if op.cdtype == dtype and op.weight.device == device:
+                    shape = (max(op.m, op.n), min(op.m, op.n))
+                    counts[shape] = counts.get(shape, 0) + 1
+            plans[(dtype, device)] = _pad_targets(counts)
+        shape = (max(m, n), min(m, n))
+        return plans[(dtype, device)].get(shape, shape)
 
     def _checked(self, mode: str, m: int, n: int, k: int) -> bool:
         """Whether a rebuild's triplets get the a-posteriori check: randomized ones (warm or cold), not exact SVDs."""
@@ -485,8 +584,8 @@ class Q3R:
             op.eps, op.eps0 = self._next_eps(op, run.host_s[j][op.rank])
         eps = torch.tensor([op.eps for _, op, _, _ in run.items], dtype=run.S.dtype).to(run.S.device)
         d = _reweights(eps[:, None], run.S)
-        for j, (i, op, X, _) in enumerate(run.items):
-            self._settle(i, op, X, run.k, run.U[j], run.S[j], run.Vh[j], run.host_s[j], d[j])
+        for j, (i, op, X, k) in enumerate(run.items):  # a run of a padded SVD may hold more than k triplets
+            self._settle(i, op, X, k, run.U[j][:, :k], run.S[j][:k], run.Vh[j][:k], run.host_s[j][:k], d[j][:k])
 
     def _settle(self, i: int, op: _Operator, X: torch.Tensor, k: int, U, S, Vh, host_s: list[float],
                 d: torch.Tensor) -> None:
