@@ -387,10 +387,10 @@ def test_step_cost_amortised_over_rebuilds(path, request, monkeypatch):
         grads = [p.grad for p in layers.parameters()]
         update, inner = opt.q3r.update, []
 
-        def counted_update(*args, _update=update, **kwargs):
+        def counted_update(*args, _update=update, _inner=inner, **kwargs):
             with count_gpu_cost() as c:
                 out = _update(*args, **kwargs)
-            inner.append(c.syncs)
+            _inner.append(c.syncs)
             return out
 
         monkeypatch.setattr(opt.q3r, "update", counted_update)
