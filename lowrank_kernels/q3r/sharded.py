@@ -533,10 +533,10 @@ def _step_weight(q3r, weight, P: dict, beta: float, alpha: float, rest: float, k
             if beta != 1.0:
                 X.mul_(beta)
             continue
-        Ud, V, Pk = op.U * op.d, op.Vh.T, P[id(op)]
-        T = (X @ V + Ud @ (Pk @ V)) * op.d  # (Q + U D C) D, (m_i, k)
-        delta = Ud @ Pk + T @ op.Vh
-        X.mul_(beta).add_(delta, alpha=alpha)
+        Ud, V, Pk = _ud(op), op.Vh.T, P[id(op)]
+        T = torch.addmm(X @ V, Ud, Pk @ V).mul_(op.d)  # (Q + U D C) D at the old X, (m_i, k)
+        X.addmm_(Ud, Pk, beta=beta, alpha=alpha)  # beta X + alpha U D P
+        X.addmm_(T, op.Vh, alpha=alpha)
     if rest != 1.0:  # local rows outside every operator (spans from the layout: no host read)
         covered = 0
         for a, b in sorted(shard_of(op).local for op in ops_w) + [(local.shape[0], local.shape[0])]:
@@ -547,6 +547,14 @@ def _step_weight(q3r, weight, P: dict, beta: float, alpha: float, rest: float, k
         local.lerp_(X_all.to(local.dtype), keep.to(local.dtype))  # exact for keep in {0, 1}
     elif X_all is not local:
         local.copy_(X_all)
+
+
+def _ud(op) -> torch.Tensor:
+    """``U D`` of ``op`` (local rows), formed once per set of triplets."""
+    cached = getattr(op, "_sharded_ud", None)
+    if cached is None or cached[0] is not op.U or cached[1] is not op.d:
+        cached = op._sharded_ud = (op.U, op.d, op.U * op.d)
+    return cached[2]
 
 
 @torch.no_grad()
