@@ -195,10 +195,14 @@ def _dist_orth(Ys: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[
     for _ in range(2):
         grams = [Y.to(torch.float64).T @ Y.to(torch.float64) for Y in Ys]
         _dist.flat_all_reduce(grams, group=group)
-        for j, (Y, G) in enumerate(zip(Ys, grams, strict=True)):
-            L, info = torch.linalg.cholesky_ex(G)
-            piv = L.diagonal()
-            if int(info) != 0 or not bool(piv.amin() > _CHOL_MIN_PIVOT * piv.amax()):
+        factors = [torch.linalg.cholesky_ex(G) for G in grams]
+        if not factors:
+            break
+        # one host read for every matrix: factorised, and the smallest pivot resolved against the largest
+        flags = torch.stack([(info == 0) & (L.diagonal().amin() > _CHOL_MIN_PIVOT * L.diagonal().amax())
+                             for L, info in factors]).tolist()
+        for j, (Y, (L, _), flag) in enumerate(zip(Ys, factors, flags, strict=True)):
+            if not flag:
                 ok[j] = False
                 continue
             eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
@@ -324,9 +328,18 @@ def _read_back(jobs: list[_Job], group, residuals: bool) -> None:
     if residuals:
         res = [(job.X @ job.Vh.T - job.U * job.S).square().sum(0) for job in jobs]
         _dist.flat_all_reduce(res, group=group)
-    for j, job in enumerate(jobs):
-        job.host_s = job.S.tolist()
-        job.host_res = res[j].sqrt().tolist() if residuals else None
+    if not jobs:
+        return
+    flat = torch.cat([t.to(torch.float64).reshape(-1) for job in jobs for t in [job.S]]
+                     + [r.sqrt().to(torch.float64) for r in res]).tolist()  # the one host read
+    pos = 0
+    for job in jobs:
+        job.host_s, pos = flat[pos:pos + job.S.numel()], pos + job.S.numel()
+    for job in jobs if residuals else []:
+        job.host_res, pos = flat[pos:pos + job.S.numel()], pos + job.S.numel()
+    if not residuals:
+        for job in jobs:
+            job.host_res = None
 
 
 def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
