@@ -42,6 +42,13 @@ be empty, and a slice may straddle a shard boundary. Nothing here gathers a whol
   every operator (one flat all-reduce of the zero-padded rows; a collective: call it on every process), so a
   state saved under FSDP2 is the single-process state and loads into either.
 
+Usage: apply ``fully_shard`` first, then build ``AdamQ3R`` (or ``Q3R``) on the sharded model, as any optimizer
+(its operators hold the ``DTensor`` parameters), and call ``step`` on every process. Checkpoints: the model
+through ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` (full or sharded), the optimizer as
+each process's ``AdamQ3R.state_dict()`` (``DTensor`` moments and the whole Q3R operators; ``torch.save`` /
+``torch.load(weights_only=True)`` round-trip it). ``get_optimizer_state_dict`` of torch drops the ``"q3r"``
+entry, so it cannot carry AdamQ3R's state.
+
 Limits: the shard dimension must be 0 (``fully_shard``'s default) over one mesh dimension (other mesh
 dimensions may replicate, as in HSDP; a wholly replicated ``DTensor`` is refused), split as ``torch.chunk``
 splits it; Conv1D-style ``(in, out)`` weights are refused (their shards split the operator's columns);
