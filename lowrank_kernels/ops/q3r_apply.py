@@ -186,7 +186,10 @@ def q3r_apply(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_av
     b1, b2 = float(betas[0]), float(betas[1])
     tensors = (p, grad, exp_avg, exp_avg_sq)
     contiguous = all(t.is_contiguous() for t in tensors)
-    if backend.choose(*tensors, op="q3r_apply") == "torch" or not contiguous or p.numel() == 0:
+    # the interpreter rounds fp32 -> bf16 towards zero (not to nearest): bf16 CPU tensors take the reference
+    interpreted_bf16 = p.device.type == "cpu" and p.dtype in backend.INTERPRETER_WRONG_DTYPES
+    if (backend.choose(*tensors, op="q3r_apply") == "torch" or not contiguous or p.numel() == 0
+            or interpreted_bf16):
         q3r_apply_ref(p, grad, exp_avg, exp_avg_sq, factors, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
                       weight_decay=weight_decay, lmbda=lmbda)
         return
@@ -231,6 +234,7 @@ def q3r_stack_step_(views: Sequence[torch.Tensor], X: torch.Tensor, AT: torch.Te
     """
     dtype = views[0].dtype
     if (table is not None and X.dtype == torch.float32 and dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and not (X.device.type == "cpu" and dtype in backend.INTERPRETER_WRONG_DTYPES)  # rounds towards 0
             and backend.choose(X, op="q3r_apply") == "triton"):
         from ..kernels.q3r_apply import q3r_stack_triton
 
