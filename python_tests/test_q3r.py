@@ -901,3 +901,29 @@ def test_refinement_is_batched_and_warns_beyond_the_exact_size(monkeypatch):
     assert q.last_rebuild == {"operators": 3, "checked": 3, "refined": 3, "exact": 0, "failed": 3}
     exact = torch.linalg.svdvals(layers[0].weight.detach())
     assert_verbose_allclose(q.ops[0].S, exact[:q.ops[0].k], rtol=2e-2, name="refined sigma (a flat spectrum)")
+
+
+def test_refresh_reads_the_callers_tensors_in_its_one_host_read():
+    """``refresh(reads=...)`` / ``update(reads=...)`` fetch a caller's tensors (an optimizer's found-inf flags) in
+    the rebuild's one read of all sigma: still two host syncs for the ViT-like set, the values returned; no
+    read at all on a step that does not rebuild."""
+    from lowrank_kernels.testing import count_gpu_cost
+
+    torch.manual_seed(0)
+    q = Q3R(_vit_like_d32(2), target_rank=0.2, lmbda=0.1, steps=2)
+    flags = torch.tensor([3.0, 0.5])
+    with count_gpu_cost() as cost:
+        assert q.update(reads=[flags, torch.tensor(7.0)])
+    assert q.last_reads == [3.0, 0.5, 7.0] and cost.syncs <= 2, (q.last_reads, cost.syncs)
+    with count_gpu_cost() as cost:
+        assert not q.update(reads=[flags])
+    assert q.last_reads == [] and cost.syncs == 0
+    with count_gpu_cost() as cost:
+        assert q.refresh(reads=[flags]) == [3.0, 0.5]
+    assert cost.syncs <= 2
+    # nothing to rebuild (every rank >= min(m, n)): the reads still come back, in one read
+    with pytest.warns(UserWarning, match="keep no"):
+        q_full = Q3R([nn.Linear(4, 4)], target_rank=4, lmbda=0.1)
+    with count_gpu_cost() as cost:
+        assert q_full.refresh(reads=[flags]) == [3.0, 0.5]
+    assert cost.syncs == 1

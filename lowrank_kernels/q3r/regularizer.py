@@ -204,20 +204,30 @@ class _Run:
             self.host_res[j] = None if other.host_res is None else other.host_res[jj]
 
 
-def _read_back(runs: list[_Run]) -> None:
-    """Host copies of every run's ``S`` and ``res``: one read per device for all of them."""
+def _read_back(runs: list[_Run], extra: Sequence[torch.Tensor] = ()) -> list[float]:
+    """Host copies of every run's ``S`` and ``res``: one read per device for all of them.
+
+    ``extra``: tensors of the caller's to read in the same host read (their device's); returns their values,
+    each flattened, concatenated in order, as floats (fp64)."""
     by_device: dict = {}
     for run in runs:
-        by_device.setdefault(run.S.device, []).append(run)
-    for group in by_device.values():
-        flat = torch.cat([t.to(torch.float64).flatten() for run in group for t in (run.S, run.res) if t is not None])
-        values, pos = flat.tolist(), 0  # the one host sync
+        by_device.setdefault(run.S.device, ([], []))[0].append(run)
+    for j, t in enumerate(extra):
+        by_device.setdefault(t.device, ([], []))[1].append(j)
+    extra_values: list[list[float]] = [[] for _ in extra]
+    for group, extras in by_device.values():
+        parts = [t.to(torch.float64).flatten() for run in group for t in (run.S, run.res) if t is not None]
+        parts += [extra[j].detach().to(torch.float64).flatten() for j in extras]
+        values, pos = torch.cat(parts).tolist(), 0  # the one host sync
         for run in group:
             b, k = run.S.shape
             rows = [values[pos + j * k:pos + (j + 1) * k] for j in range(b)]
             run.host_s, pos = rows, pos + b * k
             if run.res is not None:
                 run.host_res, pos = [values[pos + j * k:pos + (j + 1) * k] for j in range(b)], pos + b * k
+        for j in extras:
+            extra_values[j], pos = values[pos:pos + extra[j].numel()], pos + extra[j].numel()
+    return [v for vals in extra_values for v in vals]
 
 
 def _raise_if_nonfinite(work: list) -> None:
@@ -391,20 +401,31 @@ class Q3R:
         """The regularised weights, each once, in operator order."""
         return list({id(op.weight): op.weight for op in self.ops}.values())
 
-    def update(self, force: bool = False) -> bool:
+    def update(self, force: bool = False, reads: Sequence[torch.Tensor] = ()) -> bool:
         """Count one training step; rebuild every operator on the first call and every ``steps`` calls.
 
-        Returns whether the operators were rebuilt.
+        Returns whether the operators were rebuilt. ``reads``: see :meth:`refresh`; their values are left in
+        ``last_reads`` (empty when there was no rebuild, and nothing is read then).
         """
         self.t += 1
+        self.last_reads: list[float] = []
         if force or (self.t - 1) % self.steps == 0:
-            self.refresh()
+            # refresh() without arguments when there is nothing to read (callers may wrap it)
+            if reads:
+                self.last_reads = self.refresh(reads)
+            else:
+                self.refresh()
             return True
         return False
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Rebuild the operators from the current weights (this rank's share when distributed)."""
+    def refresh(self, reads: Sequence[torch.Tensor] = ()) -> list[float]:
+        """Rebuild the operators from the current weights (this rank's share when distributed).
+
+        ``reads``: tensors of the caller's (e.g. an optimizer's found-inf flags) whose values the rebuild's one
+        host read of all sigma fetches too, saving the caller its own host sync; returns them (each flattened,
+        concatenated, as floats; read separately only where this process rebuilds nothing on their device).
+        """
         if self.t0 is None:
             self.t0 = self.t
         me, dist_on = _dist.rank(self.group), _dist.is_distributed(self.group)
@@ -412,12 +433,15 @@ class Q3R:
             costs = [op.m * op.n * (op.rank + 1) for op in self.ops]
             self._owners = _dist.balanced_assignment(costs, _dist.world_size(self.group))
         # FSDP2 (DTensor) weights: every process rebuilds its rows of each of their operators (q3r/sharded.py)
-        self._refresh_ops(_sharded.refresh(self, [(i, op) for i, op in enumerate(self.ops)
-                                                  if not dist_on or self._owners[i] == me]))
+        items = _sharded.refresh(self, [(i, op) for i, op in enumerate(self.ops)
+                                        if not dist_on or self._owners[i] == me])
+        # _refresh_ops(items) alone when there is nothing to read (callers and tests may wrap it)
+        values = self._refresh_ops(items, reads) if reads else (self._refresh_ops(items), [])[1]
         if dist_on:
             _sharded.share_states(self, me)
         self.n_refresh += 1
         self._stacks = self._batches = None
+        return values
 
     def _seed(self, i: int) -> int:
         # one sketch per operator for the whole run: with a new draw per rebuild, the default schedule's
@@ -425,7 +449,7 @@ class Q3R:
         # held fixed would creep up from rebuild to rebuild)
         return (self.seed * 1_000_003 + i * 7919) % (2**63)
 
-    def _refresh_ops(self, items: list[tuple[int, _Operator]]) -> None:
+    def _refresh_ops(self, items: list[tuple[int, _Operator]], reads: Sequence[torch.Tensor] = ()) -> list[float]:
         """Rebuild the operators ``items`` (index, operator); same-shape ones share batched SVD calls.
 
         The full (LAPACK/cuSOLVER) SVDs, exact first rebuilds and every shape up to ``SMALL_DIM``, of all shapes
@@ -437,6 +461,7 @@ class Q3R:
 
         A weight with NaN/Inf raises ``ValueError`` naming its operator before any operator changes: it makes the
         SVD fail or its sigma non-finite, which the one host read of all sigma sees (no separate pass).
+        Returns the values of ``reads``, fetched in that read (:meth:`refresh`).
         """
         work = []
         for i, op in items:
@@ -448,7 +473,7 @@ class Q3R:
                 work.append((i, op, op.view(op.weight.detach()).to(op.cdtype), k))
         if not work:
             self.last_rebuild = {"operators": 0, "checked": 0, "refined": 0, "exact": 0, "failed": 0}
-            return
+            return _read_back([], reads)
         groups: dict[tuple, list] = {}
         for item in work:
             i, op, X, k = item
@@ -472,11 +497,11 @@ class Q3R:
                 pieces = [(m, n, k, item) for m, n, k, items in parts for item in items]
                 for c in range(0, len(pieces), per):
                     chunk: dict[tuple, list] = {}  # one run per shape: each item keeps its own k (_settle_run)
-                    for m, n, k, item in pieces[c:c + per]:
+                    for m, n, _, item in pieces[c:c + per]:
                         chunk.setdefault((m, n), []).append(item)
                     runs.extend(_padded_svd([(m, n, max(it[3] for it in items), items)
                                              for (m, n), items in chunk.items()], M, N))
-            _read_back(runs)
+            values = _read_back(runs, reads)
         except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
             _raise_if_nonfinite(work)
             raise
@@ -487,6 +512,7 @@ class Q3R:
         self._refine(runs)
         for run in runs:
             self._settle_run(run)
+        return values
 
     def _pad_target(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
         """The padded tall shape an ``(m, n)`` full SVD of ``dtype`` on ``device`` takes (:func:`_pad_targets` of
