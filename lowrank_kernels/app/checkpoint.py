@@ -21,6 +21,13 @@ Guarantees:
 * **Complete.** :func:`load_checkpoint` checks the keys the trainer needs (``REQUIRED``, and the RNG streams
   in ``RNG_KEYS``) and names the missing ones; :func:`restore` turns a state dict that does not fit the
   model/optimizer/... into a :class:`CheckpointError` naming the file and the part.
+
+Under ``torchrun`` (``distributed`` ddp / fsdp2) a checkpoint is a set of files: ``checkpoint.pt`` (written by
+rank 0: the whole model state, as one process holds it, the scheduler, technique state, rank 0's RNG,
+``world_size`` and ``optimizer: None``) and one ``checkpoint-step<S>.rank<r>.pt`` per process (its own optimizer
+state, e.g. AdamQ3R's ``DTensor`` moments under FSDP2, and its RNG; ``RANK_REQUIRED``). The rank files carry the
+step in their names and are written (and synchronised) before ``checkpoint.pt`` replaces the old one; the files of
+older steps are deleted only after that, so a run killed at any point leaves a complete, consistent set.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from .errors import ConfigError
 MAGIC = b"LOWRANK-KERNELS-CHECKPOINT 1\n"
 REQUIRED = ("config", "step", "elapsed", "model", "optimizer", "scheduler", "technique", "rng", "spectra_before")
 RNG_KEYS = ("torch", "python", "numpy")
+RANK_REQUIRED = ("rank", "world_size", "step", "optimizer", "rng")
 _HEADER_MAX = 200  # bytes: the sha256 line is < 100
 
 
@@ -173,3 +181,34 @@ def restore(path: str | os.PathLike, parts: list[tuple[str, Callable[[], object]
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"checkpoint {str(path)!r}: its {name} state does not fit this run "
                                   f"({type(exc).__name__}: {first})") from None
+
+
+# ----------------------------------------------------------------------------- one file per process
+def rank_checkpoint_path(path: str | os.PathLike, step: int, rank: int) -> Path:
+    """``checkpoint-step<step>.rank<rank>.pt`` next to ``path`` (``checkpoint.pt``): one process's own state."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-step{step}.rank{rank}{path.suffix}")
+
+
+def prune_rank_checkpoints(path: str | os.PathLike, keep_step: int) -> None:
+    """Delete the rank files of ``path`` whose step is not ``keep_step`` (call after ``path`` is written)."""
+    path = Path(path)
+    keep = f"{path.stem}-step{keep_step}.rank"
+    for f in path.parent.glob(f"{path.stem}-step*.rank*{path.suffix}"):
+        if not f.name.startswith(keep):
+            f.unlink(missing_ok=True)
+
+
+def load_rank_checkpoint(path: str | os.PathLike, step: int, rank: int, world_size: int) -> dict:
+    """Process ``rank``'s file of the checkpoint ``path`` saved at ``step`` by ``world_size`` processes, checked
+    (digest, keys, and that it belongs to that rank, step and world size)."""
+    f = rank_checkpoint_path(path, step, rank)
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} was saved at step {step} but its file for process {rank}, "
+                              f"{str(f)!r}, is missing")
+    obj = load_checkpoint(f, RANK_REQUIRED)
+    got = (obj["rank"], obj["world_size"], obj["step"])
+    if got != (rank, world_size, step):
+        raise CheckpointError(f"checkpoint {str(f)!r} holds rank {got[0]} of {got[1]} at step {got[2]}, expected "
+                              f"rank {rank} of {world_size} at step {step}")
+    return obj

@@ -76,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     res = run(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports (every process got the same res)
+        return 0
     if "stopped_at" in res:
         print(f"stopped after step {res['stopped_at']}; checkpoint in {cfg.out}/checkpoint.pt (continue with --resume)")
         return 0

@@ -16,6 +16,9 @@ from .techniques import TECHNIQUES
 
 MODELS = ("vit-tiny", "gpt-tiny")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp2")
+# techniques that run under torchrun (``distributed`` ddp / fsdp2); the others need one process
+DISTRIBUTED_TECHNIQUES = {"ddp": ("adamw", "adamq3r", "controller"), "fsdp2": ("adamw", "adamq3r")}
 SCHEDULES = ("cosine", "constant")
 EPS_SCHEDULES = Q3R_SCHEDULES
 
@@ -97,6 +100,9 @@ class TrainConfig:
     # run control
     seed: int = _f(0, "seed (model init, data order)")
     device: str = _f("auto", "device", DEVICES)
+    distributed: str = _f("auto", "under torchrun: ddp (DistributedDataParallel) or fsdp2 (fully_shard) with each process "
+                                  "training a disjoint slice of every batch; none: one process; auto: ddp when "
+                                  "launched by torchrun with WORLD_SIZE > 1, else none", DISTRIBUTED)
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     out: str = _f("runs/run", "output folder (config, log.jsonl, checkpoint.pt, final.json, plots)")
     ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
@@ -285,6 +291,47 @@ def validate(cfg: TrainConfig) -> None:
     _check(not cfg.max_rank or cfg.max_rank >= cfg.min_rank,
            f"max_rank={cfg.max_rank} is smaller than min_rank={cfg.min_rank}")
     _check(bool(cfg.target_modules.strip()), "target_modules is empty")
+    _check_distributed(cfg)
+
+
+def launched_world_size() -> int:
+    """The number of processes of this launch: ``torch.distributed``'s group when initialised, else torchrun's
+    ``WORLD_SIZE`` (1 without torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def resolve_distributed(mode: str) -> str:
+    """``auto`` -> ``ddp`` when launched with more than one process, else ``none``; other modes unchanged."""
+    if mode == "auto":
+        return "ddp" if launched_world_size() > 1 else "none"
+    return mode
+
+
+def _check_distributed(cfg: TrainConfig) -> None:
+    mode = resolve_distributed(cfg.distributed)
+    if mode == "none":
+        return
+    if mode == "fsdp2" and cfg.technique == "controller":
+        raise ConfigError("technique 'controller' cannot run with distributed=fsdp2: the rank controller resizes the "
+                          "factors U and V, and fully_shard cannot follow a change of a sharded parameter's shape; "
+                          "use --distributed ddp")
+    allowed = DISTRIBUTED_TECHNIQUES[mode]
+    if cfg.technique not in allowed:
+        raise ConfigError(f"technique {cfg.technique!r} does not run with distributed={mode} (choose from "
+                          f"{', '.join(allowed)}, or --distributed none)")
+    world = launched_world_size()
+    if world < 2:
+        raise ConfigError(f"distributed={mode} needs several processes: launch with torchrun --nproc-per-node N "
+                          f"-m lowrank_kernels.app train ... (WORLD_SIZE is {world})")
+    _check(cfg.batch_size >= world, f"batch_size={cfg.batch_size} is smaller than the {world} processes: every "
+                                    f"process needs at least one sample of each batch")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

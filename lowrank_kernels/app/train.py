@@ -17,10 +17,24 @@ The adapter techniques (``lora``, ``tenslora``, ``spectral-lora``) fine-tune a p
 head, to classes 5-9, and the run is evaluated on the test images of classes 5-9. The base is trained once per
 (model shape, data, ``pretrain_steps``) with a fixed seed and cached in ``cache_dir``; its training does not
 touch the run's random state, so a cached and a fresh base give the same run.
+
+Under ``torchrun`` (``distributed``: ``ddp``, or ``fsdp2``; ``auto`` picks ``ddp`` when ``WORLD_SIZE > 1``) every
+process runs ``run(cfg)``: the process group is initialised from torchrun's environment (gloo on the CPU, nccl on
+CUDA, ``cuda:LOCAL_RANK``) and destroyed at the end. Each global batch (the single-process batch of the
+``(seed, epoch)`` order) is cut into ``world_size`` contiguous, disjoint parts, one per process, and each process
+scales its summed loss by ``world_size / (tokens of the global batch)``, so the averaged gradient is that of the
+global batch: DDP reproduces the single-process run up to rounding. The model is wrapped
+(``DistributedDataParallel``; or ``fully_shard`` on every target Linear, then on the whole model) before the
+optimizer is built (AdamQ3R then holds the ``DTensor`` weights, see ``lowrank_kernels.q3r.sharded``); after a
+rank-controller resize the DDP wrapper is rebuilt (``rewrap_ddp``). Rank 0 alone writes ``config.json``,
+``log.jsonl``, ``final.json``, ``final_model.pt`` and the plots; the logged loss is that of the global batch.
+Checkpoints hold the whole model state plus one optimizer / RNG file per process (see :mod:`.checkpoint`);
+``--resume`` under torchrun with the same number of processes continues the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,8 +49,9 @@ from torch import nn
 
 from .._modules import matches_target
 from . import report
-from .checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
-from .config import RUN_CONTROL, TrainConfig, from_dict, load_file, to_dict, validate
+from .checkpoint import (load_checkpoint, load_rank_checkpoint, prune_rank_checkpoints, rank_checkpoint_path, restore,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import RUN_CONTROL, TrainConfig, from_dict, load_file, resolve_distributed, to_dict, validate
 from .data import Data, epoch_order, make_data, split_classes
 from .errors import ConfigError
 from .techniques import ADAPTERS, Technique, TechniqueUnavailable, availability
@@ -245,21 +260,129 @@ class _Log:
         self.f.close()
 
 
+class _Dist:
+    """Where this process stands: ``mode`` (none / ddp / fsdp2), ``rank``, ``world``; ``main`` writes the files."""
+
+    def __init__(self, mode: str):
+        import torch.distributed as dist
+
+        self.mode, self.rank, self.world, self.local_rank, self.owns_group = mode, 0, 1, 0, False
+        if mode == "none":
+            return
+        if not dist.is_initialized():
+            missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise ConfigError(f"distributed={mode}: launch with torchrun (the environment lacks "
+                                  f"{', '.join(missing)})")
+            self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.owns_group = True
+        else:
+            self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+class _NoLog:
+    def write(self, rec: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _device(cfg: TrainConfig, dd: _Dist) -> torch.device:
+    device = resolve_device(cfg.device)
+    if dd.world > 1 and device.type == "cuda":
+        return torch.device("cuda", dd.local_rank)
+    return device
+
+
+def _shard(model: nn.Module, targets: list[str]) -> None:
+    """FSDP2: ``fully_shard`` every target Linear (its weight split by rows), then the whole model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name in targets:
+        fully_shard(model.get_submodule(name))
+    fully_shard(model)
+
+
+class _Shadow:
+    """A plain (unsharded) copy of an FSDP2 model on rank 0 for the reports: :meth:`sync` (a collective, every
+    process calls it) gathers the whole weights into it."""
+
+    def __init__(self, plain: nn.Module, model: nn.Module, dd: _Dist):
+        self.plain, self.model, self.dd = plain, model, dd
+
+    @torch.no_grad()
+    def sync(self) -> nn.Module:
+        mine = dict(self.plain.named_parameters()) if self.dd.main else {}
+        for name, p in self.model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            if self.dd.main:
+                mine[name].copy_(full)
+        return self.plain
+
+
+def _model_state(model: nn.Module, dd: _Dist) -> dict:
+    """The whole model state as one process holds it (a collective under FSDP2; only rank 0's is complete)."""
+    if dd.mode == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
 def run(cfg: TrainConfig) -> dict:
-    """Train ``cfg``; returns the final metrics (``{"stopped_at": step}`` when ``stop_after`` ends it early)."""
+    """Train ``cfg``; returns the final metrics (``{"stopped_at": step}`` when ``stop_after`` ends it early).
+
+    Under torchrun every process calls it and gets the same result (see the module docstring)."""
     validate(cfg)
+    cfg = dataclasses.replace(cfg, distributed=resolve_distributed(cfg.distributed))
+    dd = _Dist(cfg.distributed)
+    try:
+        return _run(cfg, dd)
+    finally:
+        dd.close()
+
+
+def _run(cfg: TrainConfig, dd: _Dist) -> dict:
     out = Path(cfg.out)
     ckpt_path, final_path = out / "checkpoint.pt", out / "final.json"
-    ckpt = None
+    ckpt = rank_ckpt = None
     if cfg.resume:
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {str(ckpt_path)!r}")
         ckpt = load_checkpoint(ckpt_path)  # digest, keys and weights_only checked (see checkpoint.py)
         saved = ckpt["config"]
-        diff = [k for k, v in to_dict(cfg).items() if k not in RUN_CONTROL and saved.get(k) != v]
+        diff = [k for k, v in to_dict(cfg).items() if k not in RUN_CONTROL and saved.get(k, "none" if k == "distributed" else None) != v]
         if diff:
             raise ConfigError(f"--resume: config differs from the checkpoint's in {', '.join(diff)}")
-    device = resolve_device(cfg.device)
+        if ckpt.get("world_size", 1) != dd.world:
+            raise ConfigError(f"--resume: the checkpoint was saved by {ckpt.get('world_size', 1)} processes, this "
+                              f"launch has {dd.world} (each batch is split over the processes)")
+        if dd.world > 1:
+            rank_ckpt = load_rank_checkpoint(ckpt_path, ckpt["step"], dd.rank, dd.world)
+    device = _device(cfg, dd)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +411,14 @@ def run(cfg: TrainConfig) -> dict:
     spe = math.ceil(len(xtr) / cfg.batch_size)
     total = cfg.steps or cfg.epochs * spe
     spectra_before = report.spectra(model, targets, fused)
+    shadow = None
+    if dd.mode == "fsdp2":  # the plain model takes the saved weights, then is sharded; the optimizer comes after
+        import copy
+
+        if ckpt is not None:
+            restore(ckpt_path, [("model", lambda: model.load_state_dict(ckpt["model"]))])
+        shadow = _Shadow(copy.deepcopy(model) if dd.main else None, model, dd)
+        _shard(model, targets)
     try:
         tech = Technique(cfg, model, targets, fused, total)
     except ConfigError:  # already phrased for the user (unknown or unavailable technique)
@@ -298,29 +429,56 @@ def run(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     step, elapsed = 0, 0.0
     if ckpt is not None:
-        restore(ckpt_path, [("technique", lambda: tech.load_state_dict(ckpt["technique"])),
-                            ("model", lambda: model.load_state_dict(ckpt["model"])),
-                            ("optimizer", lambda: opt.load_state_dict(ckpt["optimizer"])),
-                            ("scheduler", lambda: sched.load_state_dict(ckpt["scheduler"])),
-                            ("rng", lambda: set_rng_state(ckpt["rng"]))])
+        parts = [("technique", lambda: tech.load_state_dict(ckpt["technique"]))]
+        if dd.mode != "fsdp2":
+            parts.append(("model", lambda: model.load_state_dict(ckpt["model"])))
+        own = rank_ckpt if rank_ckpt is not None else ckpt
+        parts += [("optimizer", lambda: opt.load_state_dict(own["optimizer"])),
+                  ("scheduler", lambda: sched.load_state_dict(ckpt["scheduler"])),
+                  ("rng", lambda: set_rng_state(own["rng"]))]
+        restore(ckpt_path, parts)
         step, elapsed, spectra_before = ckpt["step"], ckpt["elapsed"], ckpt["spectra_before"]
-    else:
+    elif dd.main:
         final_path.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    log = _Log(out / "log.jsonl", step if ckpt is not None else None)
+    net = model  # what the loop calls: the model, or its DDP wrapper
+    if dd.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def view() -> nn.Module:  # the plain model for reports (a collective under FSDP2)
+        return shadow.sync() if shadow is not None else model
+
+    if dd.main:
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        log = _Log(out / "log.jsonl", step if ckpt is not None else None)
+    else:
+        log = _NoLog()
     if ckpt is None and cfg.rank_every:
-        log.write({"step": 0, **_rank_record(tech, model, targets, fused)})
+        plain = view()
+        if dd.main:
+            log.write({"step": 0, **_rank_record(tech, plain, targets, fused)})
 
     def save_ckpt():
-        save_checkpoint({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,
-                         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "technique": tech.state_dict(), "rng": rng_state(), "spectra_before": spectra_before},
-                        ckpt_path)
+        model_sd, opt_sd = _model_state(model, dd), opt.state_dict()  # collectives under FSDP2 / Q3R sharded
+        if dd.world > 1:  # every process's own optimizer and RNG state, then rank 0's main file
+            save_checkpoint({"rank": dd.rank, "world_size": dd.world, "step": step, "optimizer": opt_sd,
+                             "rng": rng_state()}, rank_checkpoint_path(ckpt_path, step, dd.rank))
+            dd.barrier()
+            opt_sd = None
+        if dd.main:
+            save_checkpoint({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,
+                             "model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+                             "technique": tech.state_dict(), "rng": rng_state(), "spectra_before": spectra_before,
+                             "world_size": dd.world}, ckpt_path)
+            if dd.world > 1:
+                prune_rank_checkpoints(ckpt_path, step)
+        dd.barrier()
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc=cfg.technique, dynamic_ncols=True,
-               leave=False)
+    bar = tqdm(total=total, initial=step, disable=not cfg.progress or not dd.main, desc=cfg.technique,
+               dynamic_ncols=True, leave=False)
     t_loop = time.time()
     model.train()
     order, order_epoch, ranks = None, -1, {}
@@ -330,11 +488,24 @@ def run(cfg: TrainConfig) -> dict:
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(len(xtr), cfg.seed, epoch).to(device), epoch
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            loss = task_loss(model(xtr[idx]), ytr[idx])
+            if dd.world == 1:
+                loss = task_loss(net(xtr[idx]), ytr[idx])
+                fit = loss
+            else:  # this process's part of the global batch; the gradient average is the global batch's
+                tokens = len(idx) * ytr[0].numel()
+                mine = idx.tensor_split(dd.world)[dd.rank]
+                part = F.cross_entropy(net(xtr[mine]).flatten(0, -2), ytr[mine].flatten(), reduction="sum")
+                fit = part * (dd.world / tokens)
+                loss = part.detach().clone()
+                import torch.distributed as dist
+
+                dist.all_reduce(loss)
+                loss = loss / tokens
             extra = tech.extra_loss()
-            total_loss = loss if extra is None else loss + extra
-            if not torch.isfinite(total_loss):
-                raise RuntimeError(f"loss became {float(total_loss)} at step {step} (try a smaller lr / lmbda)")
+            total_loss = fit if extra is None else fit + extra
+            seen = loss if extra is None else loss + extra  # under torchrun: the global batch's, the same everywhere
+            if not torch.isfinite(seen):
+                raise RuntimeError(f"loss became {float(seen)} at step {step} (try a smaller lr / lmbda)")
             opt.zero_grad(set_to_none=True)
             total_loss.backward()
             if cfg.grad_clip:
@@ -342,6 +513,10 @@ def run(cfg: TrainConfig) -> dict:
             opt.step()
             sched.step()
             events = tech.after_step()
+            if events and dd.mode == "ddp":  # the reducer caches the parameter shapes a resize changed
+                from ..rank import rewrap_ddp
+
+                net = rewrap_ddp(net)
             step += 1
             rec = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6), "lr": opt.param_groups[0]["lr"]}
             if tech.reg_value() is not None:
@@ -349,11 +524,14 @@ def run(cfg: TrainConfig) -> dict:
             if events:
                 rec["events"] = events
             if cfg.rank_every and (step % cfg.rank_every == 0 or step == total or events):
-                rec.update(_rank_record(tech, model, targets, fused))
-                ranks = rec.get("factor_ranks", rec["ranks"])
+                plain = view()
+                if dd.main:
+                    rec.update(_rank_record(tech, plain, targets, fused))
+                    ranks = rec.get("factor_ranks", rec["ranks"])
             log.write(rec)
             if step % spe == 0 or step == total:
-                log.write({"step": step, "eval": evaluate(model, xte, yte)})
+                ev = evaluate(model, xte, yte)  # every process (FSDP2's forward is a collective)
+                log.write({"step": step, "eval": ev})
             bar.update(1)
             if step % 10 == 0 or step == total:
                 bar.set_postfix(loss=f"{loss.item():.3f}", ranks=_rank_span(ranks))
@@ -365,8 +543,17 @@ def run(cfg: TrainConfig) -> dict:
     finally:
         bar.close()
         log.close()
-    return _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out,
-                   elapsed + time.time() - t_loop, total, base_info)
+    train_time = elapsed + time.time() - t_loop
+    plain = view()
+    final = None
+    if dd.main:
+        final = _finish(cfg, tech, plain, targets, fused, xte, yte, spectra_before, out, train_time, total, base_info,
+                        inf=plain if shadow is not None else None)
+    if dd.world > 1:
+        from ..distributed import broadcast_object
+
+        final = broadcast_object(final, 0)
+    return final
 
 
 def _rank_record(tech, model, targets, fused) -> dict:
@@ -379,10 +566,12 @@ def _rank_record(tech, model, targets, fused) -> dict:
 
 
 def _finish(cfg, tech, model, targets, fused, xte, yte, spectra_before, out: Path, train_time: float,
-            total: int, base_info: dict | None = None) -> dict:
+            total: int, base_info: dict | None = None, inf: nn.Module | None = None) -> dict:
+    """Final metrics, ``final_model.pt``, plots and ``final.json``; ``inf``: the model as deployed (default:
+    ``tech.inference_model()``; under FSDP2 the gathered plain copy)."""
     from .models import count_parameters
 
-    inf = tech.inference_model()
+    inf = tech.inference_model() if inf is None else inf
     res = evaluate(inf, xte, yte)
     sp_after = report.spectra(inf, targets, fused)
     ranks_t = report.target_ranks(inf, targets, fused, cfg.target_rank)
