@@ -179,7 +179,10 @@ def test_closure_and_zero_grad():
 
 
 @pytest.mark.parametrize("where", ["grad", "weight"])
-def test_nan_skips_step_with_warning(where):
+def test_nan_at_a_rebuild(where):
+    """On a rebuilding step: a NaN gradient skips the update on the device (parameters and moments unchanged;
+    the operators are rebuilt from the finite weights) and is reported by that rebuild's own host read; a NaN
+    regularised weight cannot be rebuilt: ValueError naming the operator, nothing changed."""
     model, data = _setup()
     opt = _opt(model)
     _train(model, opt, data, 3)  # the next step rebuilds the operators (steps=3)
@@ -190,15 +193,20 @@ def test_nan_skips_step_with_warning(where):
     with torch.no_grad():
         (target.grad if where == "grad" else target)[3, 4] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
-    state_before = opt.state_dict()
-    with pytest.warns(RuntimeWarning, match="NaN"):
-        opt.step()
+    state_before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    if where == "grad":
+        with pytest.warns(RuntimeWarning, match=r"1 step\(s\) .* NaN"):
+            with count_gpu_cost() as cost:
+                opt.step()
+        assert opt.q3r.n_refresh == 2 and cost.syncs <= 2  # the rebuild's read carried the flags
+    else:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            opt.step()
     for a, b in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, b) or (where == "weight" and b is target and torch.equal(a.nan_to_num(), b.nan_to_num()))
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters() if p is not target)
-    assert opt.q3r.t == state_before["q3r"]["t"]
-    for i, st in opt.state_dict()["state"].items():
-        assert torch.equal(st["exp_avg"], state_before["state"][i]["exp_avg"])
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[p][k]), f"state {k} of {tuple(p.shape)} changed"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -376,8 +384,8 @@ def test_step_between_rebuilds_is_batched_and_sync_free(path, request):
 def test_step_cost_amortised_over_rebuilds(path, request, monkeypatch):
     """Issue 15's targets on the ViT-like set, amortised over 10 steps from a fresh optimizer (state creation,
     the first, exact rebuild and one warm rebuild included): <= 60 launches per step at 8 blocks, at most 1.25x
-    those at 2 blocks. Host syncs: none between rebuilds, at most one per rebuild outside ``Q3R.update`` (the
-    NaN/Inf flags and the count of steps skipped on the device, read once)."""
+    those at 2 blocks, <= 0.4 host syncs per step, none of them outside ``Q3R.update`` (the count of steps
+    skipped on the device is fetched by the rebuild's own read)."""
     if path == "triton":
         request.getfixturevalue("triton_backend")
     totals = {}
@@ -399,8 +407,9 @@ def test_step_cost_amortised_over_rebuilds(path, request, monkeypatch):
                 torch._foreach_neg_(grads)
                 opt.step()
         totals[blocks] = cost.launches / 10
-        own_syncs = cost.syncs - sum(inner)
-        assert own_syncs <= 2, f"{blocks} blocks: AdamQ3R's own host syncs {own_syncs} in 10 steps (2 rebuilds)"
+        # the found-inf flags ride on the rebuild's own host read: AdamQ3R reads nothing itself
+        assert cost.syncs == sum(inner), f"{blocks} blocks: host syncs outside Q3R.update: {cost.syncs - sum(inner)}"
+        assert cost.syncs / 10 <= 0.4, f"{blocks} blocks: {cost.syncs / 10:.2f} host syncs per step ({path})"
     assert totals[8] <= 60, f"{totals[8]:.1f} launches per step at 8 blocks ({path})"
     assert totals[8] <= 1.25 * totals[2], f"{totals[2]:.1f} -> {totals[8]:.1f} launches per step, 2 -> 8 blocks"
 

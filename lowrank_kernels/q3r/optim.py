@@ -54,13 +54,13 @@ class AdamQ3R(torch.optim.Optimizer):
             must be among ``params``.
         target_rank, lmbda, steps: see :class:`Q3R` (rank fraction of ``min(m, n)``, int, or list per operator);
             required unless ``config`` is given.
-        nan_policy: ``"skip"`` (default): when a gradient holds NaN/Inf the whole step is skipped (parameters,
-            moments and Adam step counts unchanged). Between rebuilds this is decided on the device and reported
-            by one ``RuntimeWarning`` at the next rebuild (or ``state_dict()``) with the number of steps skipped;
-            the Q3R step counter still advances, so rebuilds keep their schedule. On a rebuilding step the
-            gradients and the regularised weights are checked on the host (one read) and a bad step is skipped
-            at once with a warning naming the tensor, the counter included. ``"raise"``: ``ValueError`` naming
-            the tensor, checked on the host every step (one sync per step). ``"off"``: no check.
+        nan_policy: ``"skip"`` (default): when a gradient holds NaN/Inf the step is skipped (parameters, moments
+            and Adam step counts unchanged), decided on the device (no host sync) and reported by one
+            ``RuntimeWarning`` at the next rebuild (or ``state_dict()``) with the number of steps skipped; the
+            Q3R step counter still advances, so rebuilds keep their schedule. A regularised weight holding NaN/Inf
+            cannot be rebuilt: the rebuild raises ``ValueError`` naming its operator. ``"raise"``: ``ValueError``
+            naming the gradient or weight, checked on the host every step (one sync per step). ``"off"``: no
+            check. (With parameters on several devices "skip" is checked on the host, every step.)
         config: a :class:`Q3RConfig` (or a mapping of its fields) with the Q3R settings; the keyword arguments
             above and in ``q3r_kwargs`` override its fields.
         q3r_kwargs: forwarded to :class:`Q3R`: any :class:`Q3RConfig` field (``epsilon_schedule``, ``N``,
@@ -168,9 +168,9 @@ class AdamQ3R(torch.optim.Optimizer):
         layers (see :meth:`Q3R.decoupled_steps_`): the found-inf check (one multi-tensor pass), the Q3R term of
         every stack, then one ``torch._fused_adamw_`` per (param group, device, dtype, weight decay) with the
         found-inf flag, which skips the update on the device. The host reads tensor data only on steps that
-        rebuild the operators (every ``steps`` steps; the rebuild itself, plus one read of the NaN/Inf flags that
-        warns about the steps skipped since the previous rebuild), or every step with ``nan_policy="raise"``
-        or with parameters on several devices.
+        rebuild the operators (every ``steps`` steps: the rebuild's one read of its sigmas, which fetches the count
+        of steps skipped since the previous rebuild too), or every step with ``nan_policy="raise"`` or with
+        parameters on several devices.
         """
         loss = None
         if closure is not None:
@@ -182,43 +182,40 @@ class AdamQ3R(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"AdamQ3R does not support sparse gradients (param {i})")
         keep = found = None
+        reads: list[torch.Tensor] = []
         if self.nan_policy != "off" and active:
             rebuild = self.q3r.t % self.q3r.steps == 0
-            # a non-finite weight only breaks the operator rebuild (the SVD); between rebuilds it stays in its own rows
-            weights = self.q3r.params if rebuild else []
-            devices = {p.device for _, p in active} | {w.device for w in weights}
-            if len(devices) == 1 and self.nan_policy == "skip" and not rebuild:
-                # decided on the device: found = any non-finite gradient; the update is masked by it
+            devices = {p.device for _, p in active}
+            if len(devices) == 1 and self.nan_policy == "skip":
+                # decided on the device: found = any non-finite gradient; the update is masked by it. The count of
+                # skipped steps is read by the next rebuild's own host read of its sigmas (Q3R.update(reads=...))
                 flags = self._flags(next(iter(devices)))
                 found = flags["found"]
                 found.zero_()
                 torch._amp_foreach_non_finite_check_and_unscale_([p.grad for _, p in active], found, flags["one"])
                 flags["skipped"].add_(found)
                 keep = torch.rsub(found, 1.0)
+                if rebuild:
+                    reads = [flags["skipped"]]
             else:
-                bad = None
-                if len(devices) == 1:
-                    # one host read for this step's flag and the count of steps skipped since the last rebuild
-                    flags = self._flags(next(iter(devices)))
-                    flags["found"].zero_()
-                    torch._amp_foreach_non_finite_check_and_unscale_([p.grad for _, p in active] + weights,
-                                                                     flags["found"], flags["one"])
-                    now, skipped = torch.stack([flags["found"], flags["skipped"]]).tolist()
-                    if skipped:
-                        flags["skipped"].zero_()
-                        self._report_skipped(skipped)
-                    if now:
-                        bad = self._first_nonfinite(active, weights)
-                else:
-                    self._flush_skipped()
-                    bad = self._first_nonfinite(active, weights)
+                # "raise", or parameters on several devices: checked on the host, every step
+                self._flush_skipped()
+                # a non-finite weight only breaks the operator rebuild (the SVD); between rebuilds it stays in its rows
+                weights = self.q3r.params if rebuild else []
+                bad = self._first_nonfinite(active, weights)
                 if bad is not None:
                     if self.nan_policy == "raise":
                         raise ValueError(f"AdamQ3R: the {bad} contains NaN or Inf")
                     warnings.warn(f"AdamQ3R: the {bad} contains NaN or Inf; skipping this step", RuntimeWarning,
                                   stacklevel=2)
                     return loss
-        self.q3r.update()
+        if reads:
+            self.q3r.update(reads=reads)
+            if self.q3r.last_reads and self.q3r.last_reads[0]:
+                reads[0].zero_()
+                self._report_skipped(self.q3r.last_reads[0])
+        else:
+            self.q3r.update()
         group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None}
         settings = {gi: (g["lr"], g["weight_decay"]) for gi, g in enumerate(self.param_groups)}
         # the decay and the Q3R term of every regularised weight with a gradient, at the pre-step weights; the
