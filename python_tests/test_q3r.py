@@ -348,7 +348,7 @@ def test_batched_rebuild_matches_one_operator_at_a_time(monkeypatch, warm_start)
     tm = {m: None for m in layers[:3]} | {layers[3]: [(0, 160), (160, 320), (320, 480)]}
     calls = []
     original = q3r_mod._sketched_svd
-    monkeypatch.setattr(q3r_mod, "_sketched_svd", lambda X, *a: calls.append(X.shape[0]) or original(X, *a))
+    monkeypatch.setattr(q3r_mod, "_sketched_svd", lambda X, *a, **kw: calls.append(X.shape[0]) or original(X, *a, **kw))
 
     def run():
         q = Q3R(tm, target_rank=0.2, lmbda=0.1, steps=1, warm_start=warm_start, rebuild_tol=None)  # no refinement
@@ -574,14 +574,15 @@ def _digits_rebuild_errors(steps: int, **q3r_kwargs) -> tuple[list[float], list[
     q, errors, logs = opt.q3r, [], []
     refresh = q.refresh
 
-    def checked_refresh():
-        refresh()
+    def checked_refresh(*args):  # AdamQ3R may pass tensors to read with the rebuild (Q3R.refresh's reads)
+        out = refresh(*args)
         worst = 0.0
         for op in q.ops:
             exact = torch.linalg.svdvals(op.view(op.weight.detach()).double())[:op.k]
             worst = max(worst, float(((op.S.double() - exact).abs() / exact).max()) if op.k else 0.0)
         errors.append(worst)
         logs.append(dict(getattr(q, "last_rebuild", {})))
+        return out
 
     q.refresh = checked_refresh
     g = torch.Generator().manual_seed(0)
@@ -830,10 +831,11 @@ def test_rebuild_syncs_while_training_the_vit_like_set():
         opt = AdamQ3R(model.parameters(), mods, target_rank=0.2, lmbda=1.0, lr=2e-3, steps=5)
         q, refresh, costs = opt.q3r, opt.q3r.refresh, []
 
-        def counted(refresh=refresh, costs=costs):
+        def counted(*args, refresh=refresh, costs=costs):  # args: AdamQ3R's tensors to read with the rebuild
             with count_gpu_cost() as cost:
-                refresh()
+                out = refresh(*args)
             costs.append((cost.launches, cost.syncs))
+            return out
 
         q.refresh = counted
         g = torch.Generator().manual_seed(0)
@@ -890,7 +892,7 @@ def test_refinement_is_batched_and_warns_beyond_the_exact_size(monkeypatch):
     q.update()  # exact
     calls = []
     original = q3r_mod._sketched_svd
-    monkeypatch.setattr(q3r_mod, "_sketched_svd", lambda X, *a: calls.append(X.shape[0]) or original(X, *a))
+    monkeypatch.setattr(q3r_mod, "_sketched_svd", lambda X, *a, **kw: calls.append(X.shape[0]) or original(X, *a, **kw))
     monkeypatch.setattr(q3r_mod, "_EXACT_COLD_DIM", 100)
     with torch.no_grad():
         for m in layers:

@@ -42,9 +42,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     done = []
     original = Q3R._refresh_ops
 
-    def counting(self, items):
+    def counting(self, items, *reads):
         done.extend(i for i, _ in items)
-        return original(self, items)
+        return original(self, items, *reads)
 
     Q3R._refresh_ops = counting
     try:

@@ -211,12 +211,17 @@ def _gram_eigh(B: torch.Tensor, rank: int, min_ratio: float):
     return W, S, (W.transpose(-1, -2) @ B) / S[..., None]
 
 
-def _converged(U: torch.Tensor, S: torch.Tensor) -> bool:
-    """Finite and orthonormal (one host sync). ``Vh`` is finite whenever ``S`` and ``U`` are; a NaN in ``U``
-    makes the orthonormality error NaN, which fails the comparison."""
+def _converged_flag(U: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Finite and orthonormal, as a 0-d bool tensor on ``U``'s device (no host sync). ``Vh`` is finite whenever
+    ``S`` and ``U`` are; a NaN in ``U`` makes the orthonormality error NaN, which fails the comparison."""
     eye = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
     err = (U.transpose(-1, -2) @ U - eye).abs().amax()
-    return bool(torch.isfinite(S).all() & (err <= _ORTHO_TOL[U.dtype]))
+    return torch.isfinite(S).all() & (err <= _ORTHO_TOL[U.dtype])
+
+
+def _converged(U: torch.Tensor, S: torch.Tensor) -> bool:
+    """:func:`_converged_flag` on the host (one host sync)."""
+    return bool(_converged_flag(U, S))
 
 
 @torch.no_grad()
@@ -260,20 +265,7 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
     if _use_full_svd(m, n, rank, oversample):
         check_finite(W, "W")
         return truncated_svd_ref(A, rank)
-    k = sketch_width(W.shape, rank, oversample)
-    if sketch is None:
-        if generator is None:
-            generator = torch.Generator(device=A.device)
-            generator.manual_seed(0)
-        sketch = torch.randn(*A.shape[:-2], n, k, dtype=A.dtype, device=A.device, generator=generator)
-    else:
-        check_tensor(sketch, "sketch")
-        if sketch.shape != (*A.shape[:-2], n, k):
-            raise ValueError(f"sketch has shape {tuple(sketch.shape)}, expected {(*A.shape[:-2], n, k)} for W of "
-                             f"shape {tuple(W.shape)}, rank {rank} and oversample {oversample}")
-        if sketch.device != A.device:
-            raise ValueError(f"sketch is on {sketch.device} but W is on {A.device}")
-        sketch = sketch.to(A.dtype)
+    sketch = _start_block(W, A, rank, oversample, generator, sketch)
     # Cholesky-QR failures (rank-deficient or very ill-conditioned bases) show up only in the final check;
     # the run is then repeated with Householder QR, and only if that fails too does the full SVD run.
     for method in dict.fromkeys((_method(None, A.device), "householder")):
@@ -289,6 +281,56 @@ def truncated_svd(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int 
     warnings.warn(f"truncated_svd: randomized subspace iteration did not converge for W of shape "
                   f"{tuple(W.shape)} at rank {rank}; falling back to torch.linalg.svd", RuntimeWarning, stacklevel=2)
     return truncated_svd_ref(A, rank)
+
+
+@torch.no_grad()
+def truncated_svd_deferred(W: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 4,
+                           generator: torch.Generator | None = None, sketch: torch.Tensor | None = None):
+    """:func:`truncated_svd` without its final host check: ``(U, S, Vh, ok)``.
+
+    ``ok`` is a 0-d bool tensor on ``W``'s device (the whole batch finite and orthonormal), or None when the
+    full SVD answered (exact: nothing to check). The triplets are those of :func:`truncated_svd`'s first
+    attempt, so where ``ok`` holds they equal its result; where it does not, the caller calls
+    :func:`truncated_svd` with the same arguments (which repeats that attempt when the start is a ``sketch``,
+    not a ``generator``'s draw, then falls back to Householder QR and the full SVD). A caller that reads other
+    results anyway (``Q3R``'s one read of all sigma) thus saves this function's host sync; the
+    orthonormalisation's own syncs (the CPU's ``"hybrid"`` method) and the small SVD's (``eigh``/``svd`` check
+    their ``info`` on the host) remain. Arguments and errors as :func:`truncated_svd`; a failed factorisation
+    (``LinAlgError``) falls back to it at once.
+    """
+    m, n = _check_args(W, rank, oversample, n_iter)
+    A = W.to(_compute_dtype(W.dtype))
+    if _use_full_svd(m, n, rank, oversample):
+        check_finite(W, "W")
+        return (*truncated_svd_ref(A, rank), None)
+    start = _start_block(W, A, rank, oversample, generator, sketch)
+    try:
+        U, S, Vh = _randomized(A, rank, n_iter, start, _method(None, A.device))
+    except torch.linalg.LinAlgError:
+        return (*truncated_svd(W, rank, oversample, n_iter, generator, sketch), None)
+    return U, S, Vh, _converged_flag(U, S)
+
+
+def _start_block(W: torch.Tensor, A: torch.Tensor, rank: int, oversample: int, generator: torch.Generator | None,
+                 sketch: torch.Tensor | None) -> torch.Tensor:
+    """The randomized method's starting block ``(..., n, k)`` in ``A``'s dtype: ``sketch`` checked, or a draw from
+    ``generator`` (a fresh one seeded with 0 when None; a generator's state is advanced by each call)."""
+    n = A.shape[-1]
+    k = sketch_width(W.shape, rank, oversample)
+    if sketch is None:
+        if generator is None:
+            generator = torch.Generator(device=A.device)
+            generator.manual_seed(0)
+        sketch = torch.randn(*A.shape[:-2], n, k, dtype=A.dtype, device=A.device, generator=generator)
+    else:
+        check_tensor(sketch, "sketch")
+        if sketch.shape != (*A.shape[:-2], n, k):
+            raise ValueError(f"sketch has shape {tuple(sketch.shape)}, expected {(*A.shape[:-2], n, k)} for W of "
+                             f"shape {tuple(W.shape)}, rank {rank} and oversample {oversample}")
+        if sketch.device != A.device:
+            raise ValueError(f"sketch is on {sketch.device} but W is on {A.device}")
+        sketch = sketch.to(A.dtype)
+    return sketch
 
 
 def sketch_width(shape: tuple[int, ...], rank: int, oversample: int = 16) -> int:

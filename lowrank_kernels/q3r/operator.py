@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import ops
-from ..ops.truncated_svd import sketch_width, svd_path
+from ..ops.truncated_svd import sketch_width, svd_path, truncated_svd_deferred
 from .config import check_rank_spec
 
 EPS_START = 1e8
@@ -146,8 +146,12 @@ def _seeded_sketch(seeds: Sequence[int], n: int, width: int, dtype: torch.dtype,
 
 def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int, n_iter: int,
                   cache: dict | None = None, cache_elements: int = 0,
-                  bases: Sequence[torch.Tensor] | None = None):
+                  bases: Sequence[torch.Tensor] | None = None, deferred: bool = False):
     """Top-``k`` triplets of each ``X[j] (m, n)`` of a same-shape stack ``X (b, m, n)``.
+
+    ``deferred=True``: :func:`~lowrank_kernels.ops.truncated_svd.truncated_svd_deferred` instead (a fourth
+    result, the convergence flag on the device or None, for the caller to read with its own results; where it
+    is False the caller repeats the call without ``deferred``).
 
     One batched :func:`ops.truncated_svd` call (one set of kernels for the whole stack), each matrix from its
     own seeded sketch (:func:`_seeded_sketch`; ``cache``, ``cache_elements`` as there), so that its result does
@@ -173,6 +177,8 @@ def _sketched_svd(X: torch.Tensor, k: int, seeds: Sequence[int], oversample: int
             else:
                 for j, (basis, c) in enumerate(zip(bases, widths, strict=True)):
                     sketch[j, :, :c] = basis[:c].T
+    if deferred:
+        return truncated_svd_deferred(X, k, oversample=oversample, n_iter=n_iter, sketch=sketch)
     return ops.truncated_svd(X, k, oversample=oversample, n_iter=n_iter, sketch=sketch)
 
 

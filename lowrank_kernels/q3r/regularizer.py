@@ -191,8 +191,11 @@ class _Run:
     triplets ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)``, the Ritz residual norms ``res (b, k)`` (None when
     not checked), and, once :func:`_read_back` ran, host copies ``host_s`` and ``host_res`` (lists per matrix)."""
 
-    def __init__(self, items, Xs, k, U, S, Vh, res):
+    def __init__(self, items, Xs, k, U, S, Vh, res, ok: torch.Tensor | None = None):
         self.items, self.Xs, self.k, self.U, self.S, self.Vh, self.res = items, Xs, k, U, S, Vh, res
+        # the randomized method's convergence flag (0-d bool, on the device) when its host check was deferred to
+        # the rebuild's one read; host_ok is that read's value (None: nothing to check)
+        self.ok, self.host_ok = ok, None
         self.host_s: list | None = None
         self.host_res: list | None = None
 
@@ -216,7 +219,7 @@ def _read_back(runs: list[_Run], extra: Sequence[torch.Tensor] = ()) -> list[flo
         by_device.setdefault(t.device, ([], []))[1].append(j)
     extra_values: list[list[float]] = [[] for _ in extra]
     for group, extras in by_device.values():
-        parts = [t.to(torch.float64).flatten() for run in group for t in (run.S, run.res) if t is not None]
+        parts = [t.to(torch.float64).flatten() for run in group for t in (run.S, run.res, run.ok) if t is not None]
         parts += [extra[j].detach().to(torch.float64).flatten() for j in extras]
         values, pos = torch.cat(parts).tolist(), 0  # the one host sync
         for run in group:
@@ -225,6 +228,8 @@ def _read_back(runs: list[_Run], extra: Sequence[torch.Tensor] = ()) -> list[flo
             run.host_s, pos = rows, pos + b * k
             if run.res is not None:
                 run.host_res, pos = [values[pos + j * k:pos + (j + 1) * k] for j in range(b)], pos + b * k
+            if run.ok is not None:
+                run.host_ok, pos = values[pos] != 0.0, pos + 1
         for j in extras:
             extra_values[j], pos = values[pos:pos + extra[j].numel()], pos + extra[j].numel()
     return [v for vals in extra_values for v in vals]
@@ -479,7 +484,7 @@ class Q3R:
             i, op, X, k = item
             groups.setdefault((op.m, op.n, k, X.dtype, X.device, self._svd_mode(op)), []).append(item)
         # every SVD first, then one host read of all their sigma and Ritz residuals
-        runs, full = [], {}
+        runs, full, run_modes = [], {}, {}
         try:
             for (m, n, k, dtype, device, mode), members in groups.items():
                 if mode == "exact" or svd_path((m, n), k, self.oversample) == "full":
@@ -489,9 +494,12 @@ class Q3R:
                     continue
                 for chunk in _chunks(members, m * n):  # the stack is a copy of the weights
                     Xs = torch.stack([X for _, _, X, _ in chunk])
-                    U, S, Vh = self._svd(Xs, k, [i for i, *_ in chunk], mode, [op.basis for _, op, _, _ in chunk])
+                    # the randomized method's convergence check is read with all sigma (below), not on its own
+                    U, S, Vh, ok = self._svd(Xs, k, [i for i, *_ in chunk], mode, [op.basis for _, op, _, _ in chunk],
+                                             deferred=True)
                     res = _ritz_residuals(Xs, U, S, Vh) if self._checked(mode, m, n, k) else None
-                    runs.append(_Run(chunk, Xs, k, U, S, Vh, res))
+                    runs.append(_Run(chunk, Xs, k, U, S, Vh, res, ok))
+                    run_modes[id(runs[-1])] = mode
             for (_, _, M, N), parts in full.items():
                 per = max(1, _BATCH_ELEMENTS // (M * N))  # the padded stack is a copy of the weights
                 pieces = [(m, n, k, item) for m, n, k, items in parts for item in items]
@@ -507,12 +515,29 @@ class Q3R:
             raise
         if not all(math.isfinite(v) for run in runs for row in run.host_s for v in row):
             _raise_if_nonfinite(work)
+        self._repeat_unconverged([run for run in runs if run.host_ok is False], run_modes)
         self.last_rebuild = {"operators": len(work), "checked": sum(len(r.items) for r in runs if r.res is not None),
                              "refined": 0, "exact": 0, "failed": 0}
         self._refine(runs)
         for run in runs:
             self._settle_run(run)
         return values
+
+    def _repeat_unconverged(self, runs: list[_Run], modes: dict[int, str]) -> None:
+        """Repeat the randomized SVDs of ``runs`` whose deferred convergence check failed (rare: a basis that
+        lost orthonormality, e.g. a rank-deficient weight under Cholesky-QR) with :func:`ops.truncated_svd`'s
+        own checks and fallbacks (Householder QR, then the full SVD): the results :func:`ops.truncated_svd`
+        would have given. Costs host syncs, but only when a check failed."""
+        if not runs:
+            return
+        for run in runs:
+            m, n = run.Xs.shape[1:]
+            mode = modes[id(run)]
+            run.U, run.S, run.Vh = self._svd(run.Xs, run.k, [i for i, *_ in run.items], mode,
+                                             [op.basis for _, op, _, _ in run.items])
+            run.res = _ritz_residuals(run.Xs, run.U, run.S, run.Vh) if self._checked(mode, m, n, run.k) else None
+            run.ok = None
+        _read_back(runs)
 
     def _pad_target(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
         """The padded tall shape an ``(m, n)`` full SVD of ``dtype`` on ``device`` takes (:func:`_pad_targets` of
@@ -595,17 +620,20 @@ class Q3R:
             return "warm"
         return "exact" if self.warm_start and min(op.m, op.n) <= _EXACT_COLD_DIM else "sketch"
 
-    def _svd(self, X: torch.Tensor, k: int, idx: list[int], mode: str, bases: list) -> tuple:
+    def _svd(self, X: torch.Tensor, k: int, idx: list[int], mode: str, bases: list, deferred: bool = False) -> tuple:
         """Top-``k`` triplets of the stack ``X (b, m, n)`` of operators ``idx``: ``mode`` is ``"exact"`` (full
-        SVD), ``"sketch"`` (cold randomized, ``n_iter``) or ``"warm"`` (one product with ``bases``)."""
+        SVD), ``"sketch"`` (cold randomized, ``n_iter``) or ``"warm"`` (one product with ``bases``).
+        ``deferred=True``: a fourth result, the randomized method's convergence flag on the device (None for a
+        full SVD), instead of its host check (:func:`~lowrank_kernels.ops.truncated_svd.truncated_svd_deferred`)."""
         if mode == "exact" or svd_path(X.shape, k, self.oversample) == "full":  # small: the SVD is as cheap
             U, S, Vh = torch.linalg.svd(X, full_matrices=False)
             # row-major copies of the top k: the kept views (and the basis) must not hold the whole SVD alive, and
             # the kept rows of Vh are then contiguous slices
-            return U[..., :k].contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous()
+            out = U[..., :k].contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous()
+            return (*out, None) if deferred else out
         warm = mode == "warm"
         return _sketched_svd(X, k, [self._seed(i) for i in idx], self.oversample, 0 if warm else self.n_iter,
-                             self._sketches, _SKETCH_CACHE_ELEMENTS, bases if warm else None)
+                             self._sketches, _SKETCH_CACHE_ELEMENTS, bases if warm else None, deferred=deferred)
 
     def _settle_run(self, run: _Run) -> None:
         """:meth:`_settle` for every operator of ``run``, with the reweights ``d`` of the whole run computed in one
