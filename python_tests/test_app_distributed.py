@@ -44,6 +44,7 @@ def _env(tmp: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", FINAL_WRITES=str(tmp))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.pop("LOWRANK_KERNELS_DEBUG", None)
+    env.pop("TRITON_INTERPRET", None)  # as a user's CPU run: the torch path, not the Triton interpreter
     return env
 
 
@@ -56,9 +57,9 @@ def _torchrun(tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=120)
 
 
-def _single(tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lowrank_kernels.app", "train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=120)
+def _single(args: list[str]) -> None:
+    """The same run in this process (no torchrun): the reference."""
+    assert main(["train", *args]) == 0
 
 
 def _ok(res: subprocess.CompletedProcess) -> None:
@@ -90,7 +91,7 @@ def _written_once_by_rank0(tmp: Path, out: Path) -> None:
 @pytest.fixture(scope="module")
 def single_adamq3r(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    _ok(_single(tmp, ["--technique", "adamq3r", *SMALL, "--out", str(tmp / "run")]))
+    _single(["--technique", "adamq3r", *SMALL, "--out", str(tmp / "run")])
     return _params(tmp / "run")
 
 
@@ -130,7 +131,7 @@ def test_controller_ddp_resizes_and_equals_one_process(tmp_path):
     _written_once_by_rank0(tmp_path, out)
     events = [line for line in (out / "log.jsonl").read_text().splitlines() if '"events"' in line]
     assert events, "the controller resized nothing: the DDP rewrap after a resize was not exercised"
-    _ok(_single(tmp_path, [*CONTROLLER, *SMALL, "--out", str(one)]))
+    _single([*CONTROLLER, *SMALL, "--out", str(one)])
     a, b = _params(out), _params(one)
     assert _max_diff(a, b) < 1e-4  # same ranks (shapes) and the same weights
 
