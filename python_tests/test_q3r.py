@@ -1,6 +1,7 @@
 """Q3R regularizer: gradient vs autograd of the value (fp64), the value vs its definition with explicit
 L and R, eps schedules, target-rank semantics, extract_linear and every bad argument."""
 
+import importlib
 import warnings
 
 import pytest
@@ -929,3 +930,39 @@ def test_refresh_reads_the_callers_tensors_in_its_one_host_read():
     with count_gpu_cost() as cost:
         assert q_full.refresh(reads=[flags]) == [3.0, 0.5]
     assert cost.syncs == 1
+
+
+def test_randomized_rebuild_reads_its_convergence_check_with_all_sigma(monkeypatch):
+    """A warm randomized rebuild does not check truncated_svd's convergence on the host per shape group: the
+    flag is read with all sigma. A flag that fails (forced here on the first call) repeats that group through
+    ops.truncated_svd's own checks, which gives the result an unforced rebuild gets."""
+    tsvd_mod = importlib.import_module("lowrank_kernels.ops.truncated_svd")
+
+    def rebuilt(force_fail: bool):
+        torch.manual_seed(0)
+        layers = [nn.Linear(160, 160) for _ in range(2)] + [nn.Linear(160, 320)]
+        q = Q3R({m: None for m in layers}, target_rank=8, lmbda=0.1, steps=1, rebuild_tol=None)
+        q.update()  # exact
+        with torch.no_grad():
+            for m in layers:
+                m.weight.add_(1e-3 * torch.randn_like(m.weight))
+        host_checks, flags = [], []
+        converged, flag = tsvd_mod._converged, tsvd_mod._converged_flag
+        monkeypatch.setattr(tsvd_mod, "_converged", lambda *a: host_checks.append(1) or converged(*a))
+
+        def failing_once(*a):
+            flags.append(1)
+            return torch.tensor(False) if force_fail and len(flags) == 1 else flag(*a)
+
+        monkeypatch.setattr(tsvd_mod, "_converged_flag", failing_once)
+        q.update()  # warm: two shape groups, randomized (min(m, n) = 160 > SMALL_DIM)
+        monkeypatch.setattr(tsvd_mod, "_converged", converged)
+        monkeypatch.setattr(tsvd_mod, "_converged_flag", flag)
+        return q, len(host_checks), len(flags)
+
+    q, host_checks, flags = rebuilt(False)
+    assert (host_checks, flags) == (0, 2), "one device flag per group, no host check"
+    forced, host_checks, _ = rebuilt(True)
+    assert host_checks == 1, "the flagged group repeated through truncated_svd's host check"
+    for a, b in zip(q.ops, forced.ops, strict=True):
+        assert a.k == b.k and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh) and a.eps == b.eps

@@ -269,3 +269,31 @@ def test_cholesky_qr1x2_orthonormal_or_householder(cond):
     Q = tsvd_mod._cholesky_qr1x2(Y)
     _check_orthonormal(Q, tol=1e-5)
     assert_verbose_allclose(Q @ (Q.T @ Y), Y, rtol=0, atol=1e-5, name="projection of Y on span(Q)")
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_deferred_check_equals_truncated_svd_or_flags_the_failure(zero, ortho):
+    """truncated_svd_deferred returns truncated_svd's first attempt and its convergence check as a device flag,
+    with no host sync of its own beyond the orthonormalisation's and the small SVD's: equal results where the
+    flag holds; a zero W under Cholesky-QR (the attempt truncated_svd repeats with Householder) does not pass."""
+    from lowrank_kernels.testing import count_gpu_cost
+
+    W = torch.zeros(3, 120, 100) if zero else torch.stack([_with_spectrum((120, 100), 0.9 ** torch.arange(100.0))
+                                                           for _ in range(3)])
+    sketch = torch.randn(3, 100, 26, generator=torch.Generator().manual_seed(1))
+    with count_gpu_cost() as deferred_cost:
+        U, S, Vh, ok = tsvd_mod.truncated_svd_deferred(W, 10, sketch=sketch)
+    with count_gpu_cost() as checked_cost:
+        U2, S2, Vh2 = ops.truncated_svd(W, 10, sketch=sketch)
+    if zero and ortho == "cholesky":
+        # the NaN basis makes the small eigh raise (then truncated_svd's result, checked: ok None) or is flagged
+        assert ok is None or not bool(ok), "a failed first attempt must not pass"
+        if ok is None:
+            assert torch.equal(S, S2) and torch.equal(U, U2) and torch.equal(Vh, Vh2)
+        return
+    assert ok is not None and ok.dtype == torch.bool and ok.dim() == 0 and bool(ok)
+    for a, b, name in ((U, U2, "U"), (S, S2, "S"), (Vh, Vh2, "Vh")):
+        assert torch.equal(a, b), name
+    assert deferred_cost.syncs == checked_cost.syncs - 1, (deferred_cost.syncs, checked_cost.syncs)
+    # the full-SVD path has nothing to check
+    assert tsvd_mod.truncated_svd_deferred(W[:, :40, :40], 10)[3] is None
