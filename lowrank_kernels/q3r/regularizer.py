@@ -770,8 +770,9 @@ class Q3R:
 
         ``G = 2 lmbda L X R`` on each operator's rows and 0 on rows outside every slice, as in
         :func:`ops.q3r_apply`, but without forming the factors: the operators of same-size adjacent slices
-        (QKV) run as one batch of six products on a view of the weight. What ``AdamQ3R`` runs on the CPU
-        before torch's fused AdamW kernel. ``weight`` (one of :attr:`params`) must be contiguous fp32/fp64.
+        (QKV) run as one batch of six products on a view of the weight. One weight at a time (launches grow with
+        the number of weights): ``AdamQ3R`` runs :meth:`decoupled_steps_`, all weights in a fixed number of
+        batched launches. ``weight`` (one of :attr:`params`) must be contiguous fp32/fp64.
 
         ``defer_scale=True`` leaves out the factor ``s = 1 - lr (weight_decay + 2 lmbda)`` that every row of the
         result carries (the weight ends ``1/s`` times the above) and returns ``s``, for a caller that scales the
