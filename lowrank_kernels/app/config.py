@@ -100,9 +100,9 @@ class TrainConfig:
     # run control
     seed: int = _f(0, "seed (model init, data order)")
     device: str = _f("auto", "device", DEVICES)
-    distributed: str = _f("auto", "under torchrun: ddp (DistributedDataParallel) or fsdp2 (fully_shard) with each process "
-                                  "training a disjoint slice of every batch; none: one process; auto: ddp when "
-                                  "launched by torchrun with WORLD_SIZE > 1, else none", DISTRIBUTED)
+    distributed: str = _f("auto", "under torchrun: ddp (DistributedDataParallel) or fsdp2 (fully_shard), each "
+                                  "process training a disjoint slice of every batch; none: one process; auto: ddp "
+                                  "when launched by torchrun with WORLD_SIZE > 1, else none", DISTRIBUTED)
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     out: str = _f("runs/run", "output folder (config, log.jsonl, checkpoint.pt, final.json, plots)")
     ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
@@ -117,7 +117,10 @@ class TrainConfig:
 
 
 # fields that may differ between a run and its resumption
-RUN_CONTROL = {"device", "threads", "out", "ckpt_every", "resume", "stop_after", "progress", "plots", "cache_dir"}
+# (``distributed``: a resumed run must have the checkpoint's mode and number of processes, which the trainer checks
+# against the checkpoint itself, so ``auto`` and the mode it chose are the same run)
+RUN_CONTROL = {"device", "threads", "out", "ckpt_every", "resume", "stop_after", "progress", "plots", "cache_dir",
+               "distributed"}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 

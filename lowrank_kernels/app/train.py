@@ -34,7 +34,6 @@ Checkpoints hold the whole model state plus one optimizer / RNG file per process
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -49,8 +48,16 @@ from torch import nn
 
 from .._modules import matches_target
 from . import report
-from .checkpoint import (load_checkpoint, load_rank_checkpoint, prune_rank_checkpoints, rank_checkpoint_path, restore,
-                         rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (
+    load_checkpoint,
+    load_rank_checkpoint,
+    prune_rank_checkpoints,
+    rank_checkpoint_path,
+    restore,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import RUN_CONTROL, TrainConfig, from_dict, load_file, resolve_distributed, to_dict, validate
 from .data import Data, epoch_order, make_data, split_classes
 from .errors import ConfigError
@@ -319,8 +326,14 @@ def _device(cfg: TrainConfig, dd: _Dist) -> torch.device:
 
 def _shard(model: nn.Module, targets: list[str]) -> None:
     """FSDP2: ``fully_shard`` every target Linear (its weight split by rows), then the whole model."""
+    import warnings
+
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 warns that a Linear applied to a (B, T, C) input returns a view (an in-place op on it would skip the
+    # backward all-gather); the app's models never modify a Linear's output in place, and the 2-process runs
+    # equal the 1-process ones (python_tests/test_app_distributed.py)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     for name in targets:
         fully_shard(model.get_submodule(name))
     fully_shard(model)
@@ -357,8 +370,7 @@ def run(cfg: TrainConfig) -> dict:
 
     Under torchrun every process calls it and gets the same result (see the module docstring)."""
     validate(cfg)
-    cfg = dataclasses.replace(cfg, distributed=resolve_distributed(cfg.distributed))
-    dd = _Dist(cfg.distributed)
+    dd = _Dist(resolve_distributed(cfg.distributed))
     try:
         return _run(cfg, dd)
     finally:
@@ -374,12 +386,13 @@ def _run(cfg: TrainConfig, dd: _Dist) -> dict:
             raise ConfigError(f"--resume: no checkpoint at {str(ckpt_path)!r}")
         ckpt = load_checkpoint(ckpt_path)  # digest, keys and weights_only checked (see checkpoint.py)
         saved = ckpt["config"]
-        diff = [k for k, v in to_dict(cfg).items() if k not in RUN_CONTROL and saved.get(k, "none" if k == "distributed" else None) != v]
+        diff = [k for k, v in to_dict(cfg).items() if k not in RUN_CONTROL and saved.get(k) != v]
         if diff:
             raise ConfigError(f"--resume: config differs from the checkpoint's in {', '.join(diff)}")
-        if ckpt.get("world_size", 1) != dd.world:
-            raise ConfigError(f"--resume: the checkpoint was saved by {ckpt.get('world_size', 1)} processes, this "
-                              f"launch has {dd.world} (each batch is split over the processes)")
+        if (ckpt.get("distributed", "none"), ckpt.get("world_size", 1)) != (dd.mode, dd.world):
+            raise ConfigError(f"--resume: the checkpoint was saved with distributed={ckpt.get('distributed', 'none')} "
+                              f"by {ckpt.get('world_size', 1)} process(es), this launch is distributed={dd.mode} with "
+                              f"{dd.world} (the batch split and the optimizer state depend on both)")
         if dd.world > 1:
             rank_ckpt = load_rank_checkpoint(ckpt_path, ckpt["step"], dd.rank, dd.world)
     device = _device(cfg, dd)
@@ -470,7 +483,7 @@ def _run(cfg: TrainConfig, dd: _Dist) -> dict:
             save_checkpoint({"config": to_dict(cfg), "step": step, "elapsed": elapsed + time.time() - t_loop,
                              "model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
                              "technique": tech.state_dict(), "rng": rng_state(), "spectra_before": spectra_before,
-                             "world_size": dd.world}, ckpt_path)
+                             "distributed": dd.mode, "world_size": dd.world}, ckpt_path)
             if dd.world > 1:
                 prune_rank_checkpoints(ckpt_path, step)
         dd.barrier()
