@@ -104,7 +104,7 @@ _RESIDUAL_ULPS = 64
 _REFINE_ROUNDS = 1
 # Whether the CPU reference path of the step stacks operators of transposed shapes together (the GPU and the Triton
 # path do: one set of launches fewer). Off: on the CPU the transposed copy into the stack and the transposed add
-# back cost more than the calls they save (ViT-Tiny's fc1/fc2, 1 thread: ~5 ms per step, a quarter of an AdamW step).
+# back cost more than the calls they save (for ViT-Tiny's fc1/fc2 about a quarter of an AdamW step).
 _CPU_TRANSPOSED = False
 # Most weight elements per stack on that CPU reference path: its products then run on chunks that stay in cache
 # between the five products of a step (ViT-Tiny, 1 thread: ~20% less time than one stack of 1.8M elements). A
@@ -112,7 +112,7 @@ _CPU_TRANSPOSED = False
 _CPU_STEP_ELEMENTS = 1 << 19
 # Device types whose per-step factors are computed for same-shape operators together (batched products: a
 # few kernels instead of ~8 per operator). Not the CPU: there the stack copy and bmm cost more than they
-# save (ViT-Tiny's 72 operators, 2 cores: 16.7-18.4 ms batched vs 14.2-14.8 ms one by one).
+# save (about 20% slower for ViT-Tiny's 72 operators).
 _BATCHED_FACTORS = {"cuda"}
 
 
