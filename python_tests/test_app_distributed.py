@@ -177,3 +177,12 @@ def test_distributed_option_is_validated(capsys):
     from lowrank_kernels.app.config import resolve_distributed
 
     assert resolve_distributed("auto") == "none"  # no WORLD_SIZE here
+
+
+def test_distributed_none_under_torchrun_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from lowrank_kernels.app.config import resolve_distributed
+
+    assert resolve_distributed("auto") == "ddp"
+    assert main(["train", "--technique", "adamq3r", "--distributed", "none"]) == 2
+    assert "distributed=none with 2 processes" in capsys.readouterr().err

@@ -320,6 +320,9 @@ def resolve_distributed(mode: str) -> str:
 def _check_distributed(cfg: TrainConfig) -> None:
     mode = resolve_distributed(cfg.distributed)
     if mode == "none":
+        world = launched_world_size()
+        _check(world == 1, f"distributed=none with {world} processes: each would train alone and write the same "
+                           f"files; use --distributed ddp or fsdp2 under torchrun, or launch one process")
         return
     if mode == "fsdp2" and cfg.technique == "controller":
         raise ConfigError("technique 'controller' cannot run with distributed=fsdp2: the rank controller resizes the "
