@@ -133,13 +133,45 @@ def _iter_weights(model: nn.Module, include_conv: bool, conv_normalization: floa
             continue
         if isinstance(module, nn.Linear) or _is_quantized_linear(module):
             w = dequantized_weight(module)
-            yield name, module, w.reshape(w.shape[0], -1).unsqueeze(0)
+            yield name, module, (w if _is_dtensor(w) else w.reshape(w.shape[0], -1).unsqueeze(0))
         elif is_conv1d(module):  # GPT-2 family: weight stored (in, out)
-            yield name, module, linear_weight(module).detach().unsqueeze(0)
+            if _is_dtensor(module.weight):
+                # rows of the stored (in, out) weight are sharded; W and W^T share their min(m, n) eigenvalues
+                yield name, module, module.weight.detach()
+            else:
+                yield name, module, linear_weight(module).detach().unsqueeze(0)
         elif include_conv and isinstance(module, nn.Conv2d):
             # AlphaPruning / WeightWatcher convention: one (out, in) matrix per kernel position.
-            w = dequantized_weight(module).flatten(2) * math.sqrt(conv_normalization)
+            w = dequantized_weight(module)
+            if _is_dtensor(w):  # sharded conv kernels are gathered (not done on the shards)
+                w = w.full_tensor()
+            w = w.flatten(2) * math.sqrt(conv_normalization)
             yield name, module, w.permute(2, 0, 1)
+
+
+def _is_dtensor(w) -> bool:
+    from ..q3r.sharded import is_sharded
+
+    return is_sharded(w)
+
+
+def _all_eigenvalues(mats: list) -> list[torch.Tensor]:
+    """:func:`eigenvalues` of plain matrices/stacks; row-sharded ``DTensor`` weights (FSDP2) go through
+    :func:`lowrank_kernels.q3r.sharded.eigenvalues` (all-reduced Grams of tall weights, gathered rows of wide ones;
+    a collective, so every process calls it with the same layers in the same order) and are cast to the dtype
+    that :func:`eigenvalues` would return for the whole weight, so that every process and a single process
+    reach the same statistics."""
+    dist_idx = [i for i, m in enumerate(mats) if _is_dtensor(m)]
+    plain_idx = [i for i, m in enumerate(mats) if not _is_dtensor(m)]
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    for i, lam in zip(plain_idx, eigenvalues([mats[i] for i in plain_idx]), strict=True):
+        out[i] = lam
+    if dist_idx:
+        from ..q3r import sharded
+
+        for i, lam in zip(dist_idx, sharded.eigenvalues([mats[i] for i in dist_idx]), strict=True):
+            out[i] = lam.to(torch.float64 if mats[i].dtype == torch.float64 else torch.float32)
+    return out  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,22 +345,32 @@ def spectral_analysis(model: nn.Module, *, fit_method: str = "ks", sigma_mp: str
     ``Conv1D`` (as ``(out, in)``), ``nn.Conv2d`` with ``include_conv``. Eigenvalues below
     ``eigenvalue_threshold`` are dropped before the Hill fit; a layer keeping fewer than ``min_eigenvalues``
     gets ``alpha = NaN`` and is never selected.
+
+    A model sharded by FSDP2 (``fully_shard``: ``DTensor`` weights split by rows) is analysed without gathering
+    its tall Linear/Conv1D weights (one all-reduce of the fp64 Grams ``sum_i W_i^T W_i`` per process group; wide
+    ones and Conv2d kernels are gathered): call it on every process, which all get the same rows.
     """
-    names, shapes, mats = [], [], []
-    for name, _, m in _iter_weights(model, include_conv, conv_normalization, target_modules, exclude_modules):
+    names, shapes, dims, mats = [], [], [], []
+    for name, module, m in _iter_weights(model, include_conv, conv_normalization, target_modules, exclude_modules):
         names.append(name)
-        shapes.append(tuple(m.shape[1:]) if m.shape[0] == 1 else tuple(m.shape))
+        if _is_dtensor(m):  # a whole (2-D) sharded weight, stored (in, out) for a Conv1D
+            shape = tuple(m.shape[::-1]) if is_conv1d(module) else tuple(m.shape)
+            shapes.append(shape)
+            dims.append(shape)
+        else:
+            shapes.append(tuple(m.shape[1:]) if m.shape[0] == 1 else tuple(m.shape))
+            dims.append((m.shape[1], m.shape[2]))
         mats.append(m)
     if not mats:
         raise ValueError(f"no Linear or Conv1D layer (or Conv2d with include_conv=True) of {type(model).__name__} "
                          f"matched target_modules={target_modules!r}, exclude_modules={exclude_modules!r}")
-    lams = eigenvalues(mats)
+    lams = _all_eigenvalues(mats)
     rows: list[LayerSpectrum | None] = [None] * len(mats)
     # second batching level: identical (m, n, #eigs) share the Hill and MP calls
     groups: dict[tuple, list[int]] = {}
-    for i, (m, lam) in enumerate(zip(mats, lams, strict=True)):
-        groups.setdefault((m.shape[1], m.shape[2], lam.numel(), lam.device), []).append(i)
-    for (mm, nn_, _, _), idx in groups.items():
+    for i, ((mm, nn_), lam) in enumerate(zip(dims, lams, strict=True)):
+        groups.setdefault((mm, nn_, lam.numel(), lam.device, lam.dtype), []).append(i)
+    for (mm, nn_, _, _, _), idx in groups.items():
         lam = torch.stack([lams[i] for i in idx])
         spikes, edge = mp_spikes(lam, mm, nn_, sigma_mp=sigma_mp, tracy_widom=tracy_widom,
                                  sigma_quantile=sigma_quantile)

@@ -711,3 +711,54 @@ def eigenvalues(weights: Sequence) -> list[torch.Tensor]:
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def stable_ranks(weights: Sequence, iters: int = 200, tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stable_rank (B,), sigma_max (B,))`` fp64 of row-sharded ``DTensor`` weights ``W (m, n)``, identical on every
+    process, without gathering any weight (tall or wide): the sharded counterpart of ``ops.stable_rank`` /
+    ``ops.spectral_norm``.
+
+    ``||W||_F^2 = sum_i ||W_i||_F^2``: one all-reduce of ``B`` numbers per process group. ``sigma_max^2``: power
+    iteration on ``W^T W = sum_i W_i^T W_i`` from the same start vector on every process; an iteration forms
+    ``W_i^T (W_i v)`` locally and all-reduces the ``n``-vectors of all weights of a group in one flat fp64 buffer,
+    so every process holds the same iterate and takes the same stopping decision (all Rayleigh quotients
+    changed by at most ``tol`` relatively, or ``iters`` iterations). ``sigma_max`` is the square root of the last
+    Rayleigh quotient; a zero weight gets stable rank 0 (as ``ops.stable_rank``). The stop on the relative change
+    leaves an error of about ``tol / (1 - (sigma_2 / sigma_1)^2)``: close leading singular values need more
+    iterations (hence the defaults, larger than ``ops.stable_rank``'s). A collective: every process calls it with
+    the same weights in the same order.
+    """
+    for i, w in enumerate(weights):
+        if not is_sharded(w) or w.dim() != 2:
+            raise TypeError(f"stable_ranks takes 2-D DTensor weights sharded by rows, got {type(w).__name__} of "
+                            f"shape {tuple(w.shape)} (weight {i})")
+    fro = torch.zeros(len(weights), dtype=torch.float64)
+    sigma_sq = torch.zeros(len(weights), dtype=torch.float64)
+
+    class _W:  # what _groups / shard_of read
+        def __init__(self, i, w):
+            self.i, self.weight, self.rows, self.transposed, self.name = i, w, None, False, f"weight {i}"
+
+    for group, members in _groups([_W(i, w) for i, w in enumerate(weights)]):
+        local = [op.weight.to_local().to(torch.float64) for op in members]
+        f = torch.stack([x.square().sum() for x in local]).cpu()
+        _dist.flat_all_reduce([f], group=group)
+        # a deterministic start with every component non-zero (not orthogonal to the top right vector in general)
+        vs = [torch.linspace(1.0, 2.0, x.shape[1], dtype=torch.float64, device=x.device) for x in local]
+        vs = [v / v.norm() for v in vs]
+        rq = torch.zeros(len(members), dtype=torch.float64)
+        for _ in range(iters):
+            zs = [x.T @ (x @ v) for x, v in zip(local, vs, strict=True)]
+            _dist.flat_all_reduce(zs, group=group)
+            new = torch.stack([(z @ v).cpu() for z, v in zip(zs, vs, strict=True)])  # v^T W^T W v, |v| = 1
+            norms = [z.norm() for z in zs]
+            vs = [z / n if float(n) > 0 else v for z, n, v in zip(zs, norms, vs, strict=True)]
+            done = bool(((new - rq).abs() <= tol * new.abs()).all())
+            rq = new
+            if done:
+                break
+        for j, op in enumerate(members):
+            fro[op.i], sigma_sq[op.i] = f[j], rq[j].clamp_min(0)
+    sr = torch.where(sigma_sq == 0, torch.zeros_like(fro), fro / sigma_sq.clamp_min(1e-300))
+    return sr, sigma_sq.sqrt()
