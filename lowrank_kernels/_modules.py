@@ -61,8 +61,10 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2 family), whose ``weight`` is ``(in, out)``.
 
-    Checked by class name and attributes, so transformers need not be importable."""
-    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+    Checked by class name (of any base class: ``fully_shard`` makes ``FSDPConv1D``) and attributes, so
+    transformers need not be importable."""
+    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
             and module.weight.dim() == 2 and hasattr(module, "nf"))
 
 

@@ -19,16 +19,20 @@ from lowrank_kernels.adapters import spectral as S
 from lowrank_kernels.q3r import sharded
 
 pytest.importorskip("peft")
+Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
 # (in, out) per layer: all tall (out > in) so that the Grams are smaller than the weights; 27 / 33 rows split
 # unevenly over the 2 processes
 LAYERS = [(16, 48), (16, 48), (12, 40), (16, 27), (12, 33), (16, 48)]
+# plus a transformers Conv1D (GPT-2 style, weight stored (in, out) = (40, 16), sharded over its 40 input rows)
+CONV1D = (40, 16)
 
 
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in LAYERS)
+        self.proj = Conv1D(CONV1D[1], CONV1D[0])
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():  # different spectra: planted spikes of different strengths and heavy rows
             for j, lin in enumerate(self.layers):
@@ -38,6 +42,7 @@ class _Net(nn.Module):
                     w += (0.6 + 0.5 * j) * (u @ v).double() / (w.shape[0] * w.shape[1]) ** 0.5 * (s + 1)
                 w *= torch.rand(w.shape[0], 1, generator=g, dtype=torch.float64) ** j
                 lin.weight.copy_(w)
+            self.proj.weight.copy_(torch.randn(CONV1D, generator=g, dtype=torch.float64) ** 3 / 10)
 
 
 KW = dict(min_eigenvalues=8, maximum_rank=12, minimum_rank=2, layer_selection_percentile=0.5)
@@ -46,7 +51,8 @@ KW = dict(min_eigenvalues=8, maximum_rank=12, minimum_rank=2, layer_selection_pe
 def _table(net):
     rows = []
     cfg = S.adaptive_lora_config(net, table=rows, **KW)
-    return [r.as_dict() for r in rows], dict(cfg.rank_pattern), dict(cfg.alpha_pattern), cfg.target_modules
+    return ([r.as_dict() for r in rows], dict(cfg.rank_pattern), dict(cfg.alpha_pattern), cfg.target_modules,
+            cfg.fan_in_fan_out)
 
 
 class _Count:
@@ -89,10 +95,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         net = _Net().double()
         out["single"] = _table(net)
         fulls = [lin.weight.detach().clone() for lin in net.layers]
-        for lin in net.layers:
+        for lin in [*net.layers, net.proj]:
             fully_shard(lin)
         fully_shard(net)
-        assert all(sharded.is_sharded(lin.weight) for lin in net.layers)
+        assert all(sharded.is_sharded(lin.weight) for lin in [*net.layers, net.proj])
         with _Count() as c:
             out["sharded"] = _table(net)
         out["table_log"] = c.log
@@ -124,22 +130,23 @@ def runs(tmp_path_factory):
 
 def test_sharded_table_equals_single_process(runs):
     for out in runs:
-        (rows, rp, ap, target), (ref_rows, ref_rp, ref_ap, ref_target) = out["sharded"], out["single"]
-        assert rp == ref_rp and target == ref_target
+        (rows, rp, ap, target, fifo), (ref_rows, ref_rp, ref_ap, ref_target, ref_fifo) = out["sharded"], out["single"]
+        assert rp == ref_rp and target == ref_target and fifo == ref_fifo
         assert ap == pytest.approx(ref_ap)
-        assert len(rows) == len(LAYERS) and sum(r["selected"] for r in rows) == len(LAYERS) // 2
+        assert len(rows) == len(LAYERS) + 1 and sum(r["selected"] for r in rows) == (len(LAYERS) + 2) // 2
+        assert rows[-1]["name"] == "proj" and rows[-1]["shape"] == (16, 40)
         for a, b in zip(rows, ref_rows, strict=True):
             assert (a["name"], a["shape"], a["num_eigs"], a["spikes"], a["rank"], a["selected"]) == \
                 (b["name"], b["shape"], b["num_eigs"], b["spikes"], b["rank"], b["selected"])
             for key in ("alpha", "ks_distance", "mp_edge", "spectral_norm", "score"):
                 assert a[key] == pytest.approx(b[key], rel=1e-8, abs=1e-12), (a["name"], key)
     # the rows are not all alike (the test could not pass with a constant table)
-    assert len({round(r["alpha"], 6) for r in runs[0]["single"][0]}) == len(LAYERS)
+    assert len({round(r["alpha"], 6) for r in runs[0]["single"][0]}) == len(LAYERS) + 1
 
 
 def test_sharded_table_moves_grams_only(runs):
-    grams = sum(i * i for i, _ in LAYERS)
-    weights = sum(i * o for i, o in LAYERS)
+    grams = sum(i * i for i, _ in LAYERS) + CONV1D[1] ** 2
+    weights = sum(i * o for i, o in LAYERS) + CONV1D[0] * CONV1D[1]
     for out in runs:
         log = out["table_log"]
         assert [kind for kind, _ in log] == ["all_reduce"], log  # one flat fp64 buffer: every Gram at once
