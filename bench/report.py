@@ -29,9 +29,15 @@ END = "<!-- bench-table:end -->"
 OURS = ("triton", "cuda", "ours", "lowrank_kernels", "composed")
 
 
-def is_ours(provider: str) -> bool:
-    """``triton`` and its variants such as ``triton+warm_start`` are ours."""
-    return provider.split("+")[0] in OURS
+# Kernels whose ``torch`` provider is this library's own PyTorch path (not plain torch): AdamQ3R's step, whose
+# baselines are AdamW and the upstream algorithm. Their ``torch`` rows are ours (on a CPU the only ones).
+TORCH_IS_OURS = {"q3r"}
+
+
+def is_ours(provider: str, kernel: str = "") -> bool:
+    """``triton`` and its variants such as ``triton+warm_start`` are ours; so is ``torch`` of :data:`TORCH_IS_OURS`."""
+    base = provider.split("+")[0]
+    return base in OURS or (base == REFERENCE and kernel in TORCH_IS_OURS)
 REFERENCE = "torch"
 COMPILED = "torch_compile"
 README = REPO_ROOT / "README.md"
@@ -105,7 +111,9 @@ def device_table(rows: Sequence[dict]) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for key in sorted(time):
         by_x = time[key]
-        usable = [x for x in by_x if any(map(is_ours, by_x[x])) and not all(map(is_ours, by_x[x]))]
+        kernel = key[0]
+        mine = [x for x in by_x if any(is_ours(p, kernel) for p in by_x[x])]
+        usable = [x for x in mine if not all(is_ours(p, kernel) for p in by_x[x])]
         if not usable:
             continue
         x = max(usable, key=x_sort_key)
@@ -115,10 +123,10 @@ def device_table(rows: Sequence[dict]) -> str:
         mem = memory.get(key, {}).get(x, {})
         lau = launches.get(key, {}).get(x, {})
         syn = syncs.get(key, {}).get(x, {})
-        for ours in sorted(p for p in providers if is_ours(p)):
+        for ours in sorted(p for p in providers if is_ours(p, kernel)):
             t = providers[ours]
             alternatives = ", ".join(f"{p} {_ratio(providers[p], t)}" for p in sorted(providers)
-                                     if not is_ours(p) and p not in (REFERENCE, COMPILED)) or "–"
+                                     if not is_ours(p, kernel) and p not in (REFERENCE, COMPILED)) or "–"
             ref = providers.get(REFERENCE)
             lines.append(f"| {kernel} | {mode} | {shape} | {ours} | {_ms(t)} | {_ms(ref)} | {_ratio(ref, t)} | "
                          f"{_ratio(providers.get(COMPILED), t)} | {alternatives} | "
