@@ -16,6 +16,23 @@ from .. import ops
 from ..ops.truncated_svd import sketch_width, svd_path, truncated_svd_deferred
 from .config import check_rank_spec
 
+# Rebuild settings shared by the one-process rebuild (regularizer.py) and the sharded one (sharded.py).
+# Triplets computed beyond max(r, last kept count) + 1, so that sigma_{r+1} is not the sketch's last (least
+# accurate) place and a lagging eps rarely needs a second, wider SVD.
+_WIDEN_MARGIN = 4
+# Triplet counts are rounded up to a multiple of this, so that operators whose kept counts differ a little still
+# share a batched call (larger multiples cost columns in every product).
+_K_ROUND = 4
+# Most elements of the seeded sketches kept between rebuilds (16 MB in fp32).
+_SKETCH_CACHE_ELEMENTS = 1 << 22
+# Up to this min(m, n) an operator's first rebuild (with warm_start) and a refinement of last resort take the exact
+# SVD; beyond it the randomized one (the full SVD's cost grows with min(m, n)^2 max(m, n)).
+_EXACT_COLD_DIM = 1024
+# A kept sigma must exceed eps by more than this many units of roundoff of sigma_1.
+_KEEP_ULPS = 16
+# Rounds of subspace iterations for the operators whose rebuild failed the check, before the exact SVD.
+_REFINE_ROUNDS = 1
+
 EPS_START = 1e8
 Rank = int | float
 

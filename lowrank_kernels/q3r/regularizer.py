@@ -65,6 +65,12 @@ from ..ops.truncated_svd import svd_path
 from . import sharded as _sharded
 from .config import Q3RConfig
 from .operator import (
+    _EXACT_COLD_DIM,
+    _K_ROUND,
+    _KEEP_ULPS,
+    _REFINE_ROUNDS,
+    _SKETCH_CACHE_ELEMENTS,
+    _WIDEN_MARGIN,
     EPS_START,
     Rank,
     _factors,
@@ -79,29 +85,14 @@ from .operator import (
 
 __all__ = ["EPS_START", "Q3R", "TargetMap", "extract_linear", "resolve_rank"]
 
-# Triplets computed beyond max(r, last kept count) + 1, so that sigma_{r+1} is not the sketch's last (least
-# accurate) place and a lagging eps rarely needs a second, wider SVD.
-_WIDEN_MARGIN = 4
-# Triplet counts are rounded up to a multiple of this, so that operators whose kept counts differ a little still
-# share a batched call (larger multiples cost columns in every product).
-_K_ROUND = 4
 # Most weight elements stacked into one batched SVD call during a rebuild (the stack is a copy).
 _BATCH_ELEMENTS = 1 << 25
 # A rebuild's full SVDs of different shapes share one call, each matrix zero-padded to the call's largest shape
 # (:func:`_pad_targets`), while the padded elements stay within this factor of the real ones.
 _PAD_FACTOR = 4
-# Most elements of the seeded sketches kept between rebuilds (16 MB in fp32).
-_SKETCH_CACHE_ELEMENTS = 1 << 22
-# Up to this min(m, n) an operator's first rebuild (with warm_start) and a refinement of last resort take the exact
-# SVD; beyond it the randomized one (the full SVD's cost grows with min(m, n)^2 max(m, n)).
-_EXACT_COLD_DIM = 1024
-# A kept sigma must exceed eps by more than this many units of roundoff of sigma_1.
-_KEEP_ULPS = 16
 # A rebuild's Ritz residual ||X v_i - s_i u_i|| may exceed rebuild_tol * s_i by this many units of roundoff of
 # sigma_1 (the residual of an exact triplet is roundoff, not zero).
 _RESIDUAL_ULPS = 64
-# Rounds of subspace iterations for the operators whose rebuild failed the check, before the exact SVD.
-_REFINE_ROUNDS = 1
 # Whether the CPU reference path of the step stacks operators of transposed shapes together (the GPU and the Triton
 # path do: one set of launches fewer). Off: on the CPU the transposed copy into the stack and the transposed add
 # back cost more than the calls they save (for ViT-Tiny's fc1/fc2 about a quarter of an AdamW step).

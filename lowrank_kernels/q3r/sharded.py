@@ -64,6 +64,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import distributed as _dist
+from .operator import _EXACT_COLD_DIM, _K_ROUND, _KEEP_ULPS, _REFINE_ROUNDS, _SKETCH_CACHE_ELEMENTS, _WIDEN_MARGIN
 
 try:  # torch built without distributed: nothing is ever sharded
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -180,12 +181,11 @@ class _Job:
 def _sketch_of(q3r, job: _Job, width: int) -> torch.Tensor:
     """The ``(n, width)`` starting block one process uses for this operator (``operator._sketched_svd``): the
     operator's seeded Gaussian block, its first columns replaced by ``job.basis`` on a warm start."""
-    from . import regularizer
     from .operator import _seeded_sketch
 
     op = job.op
     sketch = _seeded_sketch([q3r._seed(job.i)], op.n, width, job.X.dtype, job.X.device, q3r._sketches,
-                            getattr(regularizer, "_SKETCH_CACHE_ELEMENTS", 0))[0]
+                            _SKETCH_CACHE_ELEMENTS)[0]
     if job.mode == "warm" and job.basis is not None:
         sketch = sketch.clone()
         c = min(job.basis.shape[0], width)
@@ -355,7 +355,6 @@ def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
     exact SVD where ``min(m, n) <= _EXACT_COLD_DIM`` (a ``RuntimeWarning`` for those left as they are)."""
     import warnings
 
-    from . import regularizer as R
 
     tol = getattr(q3r, "rebuild_tol", None)
     checked = [job for job in jobs if tol is not None and hasattr(q3r, "_failing") and _randomized_path(q3r, job)]
@@ -366,7 +365,7 @@ def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
         job.op._sharded_refined = job in failed  # read by _gathers at the next rebuild
     stats = q3r.__dict__.setdefault("sharded_rebuild", {})
     stats.update(checked=len(checked), refined=len(failed), exact=0)
-    for _ in range(getattr(R, "_REFINE_ROUNDS", 1)):
+    for _ in range(_REFINE_ROUNDS):
         if not failed:
             return
         for job in failed:
@@ -374,8 +373,8 @@ def _check_and_refine(q3r, jobs: list[_Job], group) -> None:
         _svds(q3r, failed, group, n_iter=max(1, q3r.n_iter))
         _read_back(failed, group, True)
         failed = [job for job in failed if q3r._failing(job.op, job.host_s, job.host_res)]
-    exact = [job for job in failed if min(job.op.m, job.op.n) <= R._EXACT_COLD_DIM]
-    late = [job.op.name for job in failed if min(job.op.m, job.op.n) > R._EXACT_COLD_DIM]
+    exact = [job for job in failed if min(job.op.m, job.op.n) <= _EXACT_COLD_DIM]
+    late = [job.op.name for job in failed if min(job.op.m, job.op.n) > _EXACT_COLD_DIM]
     if late:
         warnings.warn(f"Q3R: the rebuilt triplets of {late} still have Ritz residuals above rebuild_tol={tol}; "
                       "kept as they are", RuntimeWarning, stacklevel=4)
@@ -460,13 +459,12 @@ def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
     the same SVD mode per operator (``Q3R._svd_mode``) and sketch, the same a-posteriori check, eps moved by
     ``Q3R._next_eps``, widening (a cold SVD of twice the width) while the last sigma is above eps.
     """
-    from . import regularizer as R
 
     work = []
     for i, op in items:
         kmax = min(op.m, op.n)
         if op.rank < kmax:
-            k = min(kmax, -(-(max(op.rank, op.k) + 1 + R._WIDEN_MARGIN) // R._K_ROUND) * R._K_ROUND)
+            k = min(kmax, -(-(max(op.rank, op.k) + 1 + _WIDEN_MARGIN) // _K_ROUND) * _K_ROUND)
             X = local_view(op, op.weight.detach()).to(op.cdtype)
             work.append(_Job(i, op, X, k, q3r._svd_mode(op), op.basis))
     q3r.sharded_rebuild = {"operators": len(work), "checked": 0, "refined": 0, "exact": 0}
@@ -490,7 +488,7 @@ def refresh_ops(q3r, items: list[tuple[int, object]]) -> None:
             widen = []
             for job in jobs:
                 op, host_s = job.op, job.host_s
-                cut = op.eps + R._KEEP_ULPS * torch.finfo(op.cdtype).eps * host_s[0]
+                cut = op.eps + _KEEP_ULPS * torch.finfo(op.cdtype).eps * host_s[0]
                 if job.k < min(op.m, op.n) and host_s[-1] > cut:
                     job.k = min(2 * job.k, min(op.m, op.n))
                     job.mode, job.basis = q3r._svd_mode(op, warm=False), None
