@@ -394,3 +394,12 @@ def main(run: Callable[..., list[dict]], argv: Sequence[str] | None = None) -> l
     print(format_table(rows))
     print(f"\n{len(rows)} rows -> {path}")
     return rows
+
+
+def replace_between(text: str, start_marker: str, end_marker: str, block: str) -> str:
+    """``text`` with everything between the two marker lines replaced by ``block`` (the README's generated
+    tables); ``ValueError`` when the markers are missing or out of order."""
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < start:
+        raise ValueError(f"README has no {start_marker} ... {end_marker} markers")
+    return text[: start + len(start_marker)] + "\n" + block + "\n" + text[end:]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import tables
-from bench.common import DEFAULT_OUT, REPO_ROOT, append_rows, read_rows, slugify, x_sort_key
+from bench.common import DEFAULT_OUT, REPO_ROOT, append_rows, read_rows, replace_between, slugify, x_sort_key
 
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
@@ -159,10 +159,7 @@ def render(results_dir: str | Path = DEFAULT_OUT) -> str:
 
 def replace_block(text: str, block: str) -> str:
     """``text`` with everything between the markers replaced by ``block``; ``ValueError`` without markers."""
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"README has no {START} ... {END} markers")
-    return text[: start + len(START)] + "\n" + block + "\n" + text[end:]
+    return replace_between(text, START, END, block)
 
 
 def merge_into(results_dir: str | Path, csv_paths: Sequence[str | Path]) -> list[Path]:

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import DEFAULT_OUT, device_slug, env_info
+from bench.common import DEFAULT_OUT, device_slug, env_info, replace_between
 
 START = "<!-- results-tables:start -->"
 END = "<!-- results-tables:end -->"
@@ -85,7 +85,4 @@ def render(results_dir: str | Path = DEFAULT_OUT) -> str:
 
 def replace_block(text: str, block: str) -> str:
     """``text`` with the block between :data:`START` and :data:`END` replaced; ``ValueError`` without markers."""
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"README has no {START} ... {END} markers")
-    return text[: start + len(START)] + "\n" + block + "\n" + text[end:]
+    return replace_between(text, START, END, block)
