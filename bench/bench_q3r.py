@@ -174,7 +174,7 @@ def _update_fn(provider: str, tm):
 
 
 def run(quick: bool = True, device: str | None = None) -> list[dict]:
-    """Rows for AdamQ3R vs AdamW vs the upstream algorithm (mode ``step``) and the operator rebuild (mode ``update``)."""
+    """Rows for AdamQ3R vs AdamW vs the upstream algorithm (mode ``step``) and the rebuild (mode ``update``)."""
     dev = resolve_device(device)
     blocks, d = (2, 64) if quick else (12, 192)
     dtype = torch.float32

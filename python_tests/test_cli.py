@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from lowrank_kernels.app.techniques import ADAPTERS, DESCRIPTIONS, TECHNIQUES, availability
 from lowrank_kernels.app.cli import main
+from lowrank_kernels.app.techniques import ADAPTERS, DESCRIPTIONS, TECHNIQUES, availability
 
 # a tiny model on synthetic data: every run below takes well under a second of training
 TINY = ["--data", "synthetic", "--dim", "16", "--heads", "2", "--depth", "1", "--batch-size", "16", "--rank", "4",

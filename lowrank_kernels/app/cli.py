@@ -104,9 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    from .demo import default_results_path
+    from .demo import default_results_path, run_demo
 
     results = default_results_path() if args.results == "auto" else args.results or None
     run_demo(out=args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=args.progress,

@@ -116,7 +116,8 @@ def split_classes(data: Data, lo: int, hi: int) -> Data:
     if data.task != "classify":
         raise ConfigError(f"a class split needs a classification dataset, not {data.description}")
     if not 0 <= lo < hi <= data.num_classes:
-        raise ConfigError(f"class split [{lo}, {hi}) is not inside the {data.num_classes} classes of {data.description}")
+        raise ConfigError(f"class split [{lo}, {hi}) is not inside the {data.num_classes} classes of "
+                          f"{data.description}")
     tr = (data.y_train >= lo) & (data.y_train < hi)
     te = (data.y_test >= lo) & (data.y_test < hi)
     return Data(data.x_train[tr], data.y_train[tr] - lo, data.x_test[te], data.y_test[te] - lo, "classify", hi - lo,

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .._modules import matches_target, set_submodule
-
 from .errors import ConfigError
 
 TECHNIQUES = ("adamw", "adamq3r", "q3r", "lorita-q3r", "controller", "lora", "tenslora", "spectral-lora")
@@ -130,8 +129,7 @@ class Technique:
         self.optimizer = self._adamw()
 
     def _setup_adamq3r(self, total_steps: int) -> None:
-        from ..q3r import AdamQ3R
-        from ..q3r import extract_linear
+        from ..q3r import AdamQ3R, extract_linear
 
         mods = extract_linear(self.model, self.targets, fused=self._fused_map())
         self.optimizer = AdamQ3R(param_groups(self.model, self.cfg.weight_decay), trainable_modules=mods,

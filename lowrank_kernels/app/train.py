@@ -95,7 +95,8 @@ BASE_LR, BASE_BATCH, BASE_SEED, _BASE_FORMAT = 3e-3, 64, 0, 1
 
 
 def cache_dir(cfg: TrainConfig) -> Path:
-    """``cfg.cache_dir``, else ``$LOWRANK_KERNELS_CACHE``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)/lowrank-kernels."""
+    """``cfg.cache_dir``, else ``$LOWRANK_KERNELS_CACHE``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``) +
+    ``/lowrank-kernels``."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
     if os.environ.get("LOWRANK_KERNELS_CACHE"):

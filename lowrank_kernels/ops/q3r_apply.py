@@ -79,7 +79,8 @@ def q3r_apply_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     """PyTorch reference of :func:`q3r_apply` (arguments already checked).
 
     ``fused`` (default): on the CPU, the Adam part goes through torch's fused CPU AdamW kernel (the one of
-    ``torch.optim.AdamW(fused=True)``: one pass over memory instead of ~8, about 3x faster on the CPU) when the four tensors are contiguous fp32/fp64 of one dtype; ``False`` is the eager oracle.
+    ``torch.optim.AdamW(fused=True)``: one pass over memory instead of ~8, about 3x faster on the CPU) when the
+    four tensors are contiguous fp32/fp64 of one dtype; ``False`` is the eager oracle.
 
     fp16/bf16 tensors are computed in fp32 and stored back in their dtype, as the Triton kernel does (in
     their own precision ``eps = 1e-8`` rounds to 0 in fp16 and an underflowed ``v`` divides by zero).
