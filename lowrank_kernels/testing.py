@@ -252,3 +252,16 @@ def git_commit(cwd: str | None = None) -> str:
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def q3r_reference_step(q3r, adamw: torch.optim.Optimizer, lr) -> None:
+    """The oracle of one ``AdamQ3R`` step, on a reference copy of the model: ``q3r.update()`` (a ``Q3R`` over the
+    copy's weights), ``adamw.step()``, then ``w -= lr * Q3R.grad[w]`` for every regularised weight, with the
+    gradient taken at the weights before the Adam step (the decoupled term). ``lr``: a float, or
+    ``{id(weight): lr}`` where param groups differ."""
+    q3r.update()
+    grads = q3r.grad
+    adamw.step()
+    with torch.no_grad():
+        for w in q3r.params:
+            w.sub_((lr[id(w)] if isinstance(lr, dict) else lr) * grads[w])

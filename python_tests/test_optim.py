@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowrank_kernels import Q3R, AdamQ3R
-from lowrank_kernels.testing import assert_verbose_allclose, count_gpu_cost
+from lowrank_kernels.testing import assert_verbose_allclose, count_gpu_cost, q3r_reference_step
 
 
 def _effective_rank(w, rel=0.01):
@@ -145,13 +145,8 @@ def test_step_is_adamw_plus_decoupled_q3r_gradient(dtype, path, request):
         for m, o in ((model, opt), (ref_model, adamw)):
             o.zero_grad()
             (m(X) - Y).square().mean().backward()
-        q.update()
-        G = q.grad
         opt.step()
-        adamw.step()
-        with torch.no_grad():
-            for w in q.params:
-                w.sub_(1e-2 * G[w])
+        q3r_reference_step(q, adamw, 1e-2)
         for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
             assert_verbose_allclose(a, b, rtol=tol, atol=tol, name="AdamQ3R vs AdamW + Q3R.grad")
 
@@ -318,13 +313,8 @@ def test_stacks_with_transposed_members_and_param_groups_match_formula(dtype, pa
             o.zero_grad()
             h = m[0](X)
             (m[3](torch.tanh(m[2](h[:, :8]))).square().mean() + m[1](h[:, 8:16]).square().mean()).backward()
-        q.update()
-        G = q.grad
         opt.step()
-        adamw.step()
-        with torch.no_grad():
-            for w in q.params:
-                w.sub_(lr_of[id(w)] * G[w])
+        q3r_reference_step(q, adamw, lr_of)
         for a, b in zip(model.parameters(), ref.parameters(), strict=True):
             assert_verbose_allclose(a, b, rtol=tol, atol=tol, name=f"AdamQ3R vs AdamW + Q3R.grad ({path})")
     stacks = opt.q3r._stacks["step"]["stacks"]

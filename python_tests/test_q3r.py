@@ -11,7 +11,7 @@ from torch import nn
 from lowrank_kernels import Q3R, extract_linear
 from lowrank_kernels.app.models import vit_tiny
 from lowrank_kernels.q3r import EPS_START, resolve_rank
-from lowrank_kernels.testing import assert_verbose_allclose
+from lowrank_kernels.testing import assert_verbose_allclose, q3r_reference_step
 
 SLICINGS = {
     "full": None,
@@ -720,13 +720,8 @@ def test_adamq3r_on_gpt2_is_adamw_plus_q3r_grad(dtype=torch.float64):
         for m, o in ((model, opt), (ref, adamw)):
             o.zero_grad()
             m(idx, labels=idx).loss.backward()
-        q.update()
-        G = q.grad
         opt.step()
-        adamw.step()
-        with torch.no_grad():
-            for w in q.params:
-                w.sub_(1e-2 * G[w])
+        q3r_reference_step(q, adamw, 1e-2)
         for (name, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
             assert_verbose_allclose(a, b, rtol=tol, atol=tol, name=f"AdamQ3R vs AdamW + Q3R.grad: {name}")
     assert [s["kept"] for s in opt.stats()] == q.effective_ranks()
