@@ -265,3 +265,20 @@ def q3r_reference_step(q3r, adamw: torch.optim.Optimizer, lr) -> None:
     with torch.no_grad():
         for w in q3r.params:
             w.sub_((lr[id(w)] if isinstance(lr, dict) else lr) * grads[w])
+
+
+def run_processes(worker, nprocs: int, args: tuple, timeout: float) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes (``torch.multiprocessing``) and wait for all of
+    them; after ``timeout`` seconds kill them and raise ``TimeoutError`` (a hung collective fails a test instead of
+    hanging the suite). A worker's exception is re-raised by ``torch.multiprocessing``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{nprocs} worker processes did not finish in {timeout:g} s")

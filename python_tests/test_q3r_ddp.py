@@ -4,16 +4,15 @@ those of the single-process run. Also the generic helpers of ``lowrank_kernels.d
 
 import os
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from lowrank_kernels import AdamQ3R
 from lowrank_kernels.distributed import balanced_assignment, broadcast_object, flat_all_reduce
 from lowrank_kernels.q3r import Q3R
+from lowrank_kernels.testing import run_processes
 
 STEPS = 7  # Q3R rebuilds at calls 1, 4, 7 (steps=3)
 
@@ -70,13 +69,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_matches_single_process(tmp_path):
-    ctx = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 120
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish in 120 s")
+    run_processes(_worker, 2, (2, str(tmp_path / "init"), str(tmp_path)), timeout=120)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -9,17 +9,16 @@ the single-process one.
 
 import os
 import sys
-import time
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from lowrank_kernels import AdamQ3R
 from lowrank_kernels.adapters.spectral import eigenvalues
 from lowrank_kernels.q3r import sharded
+from lowrank_kernels.testing import run_processes
 
 STEPS = 7  # steps=3: rebuilds at calls 1, 4 and 7
 SPLIT = 4  # the resumed run saves after this many steps
@@ -187,13 +186,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    ctx = mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=False)
-    deadline = time.time() + 120
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("FSDP2 workers did not finish in 120 s")
+    run_processes(_worker, 2, (2, str(tmp / "init"), str(tmp)), timeout=120)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

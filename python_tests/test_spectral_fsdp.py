@@ -7,16 +7,15 @@ weights); the sharded stable ranks / spectral norms must equal those of the whol
 
 import os
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from lowrank_kernels import ops
 from lowrank_kernels.adapters import spectral as S
 from lowrank_kernels.q3r import sharded
+from lowrank_kernels.testing import run_processes
 
 pytest.importorskip("peft")
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
@@ -118,13 +117,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spectral_fsdp")
-    ctx = mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=False)
-    deadline = time.time() + 60
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("FSDP2 workers did not finish in 60 s")
+    run_processes(_worker, 2, (2, str(tmp / "init"), str(tmp)), timeout=60)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
