@@ -15,6 +15,7 @@ from lowrank_kernels.adapters import spectral as S  # noqa: E402
 from lowrank_kernels.nn import (  # noqa: E402
     LoRALinear,
     LowRankLinear,
+    LowRankPretrainedMixin,
     fuse_peft_lora,
     load_lowrank_pretrained,
     lowrank_layers,
@@ -163,6 +164,53 @@ def test_save_and_load_lowrank_pretrained_round_trip(kind, tmp_path):
     torch.testing.assert_close(_out(again, x), ref, rtol=0, atol=0)
     half = load_lowrank_pretrained(type(model), tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+class _LowRankGPT2(LowRankPretrainedMixin, transformers.GPT2LMHeadModel):
+    """A model class whose ``__init__`` makes its layers low-rank (as a user's own class would)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        replace_linear(self, 6)
+
+
+@pytest.mark.parametrize("save", ["save_lowrank_pretrained", "save_pretrained"])
+def test_from_pretrained_of_a_low_rank_class_restores_resized_ranks(save, tmp_path):
+    torch.manual_seed(0)
+    model = _LowRankGPT2(_gpt2().config).eval()
+    ranks = _resize_some(model)
+    assert sorted(set(ranks.values())) != [6]  # the saved ranks differ from the ones __init__ builds
+    x = {"input_ids": _ids()}
+    if save == "save_lowrank_pretrained":
+        save_lowrank_pretrained(model, tmp_path)
+    else:
+        model.save_pretrained(tmp_path)  # e.g. what a Trainer checkpoint holds: ranks read from U/V
+    again = _LowRankGPT2.from_pretrained(tmp_path)
+    assert type(again) is _LowRankGPT2 and not again.training
+    assert {n: s["rank"] for n, s in lowrank_layers(again).items()} == ranks
+    torch.testing.assert_close(_out(again, x), _out(model, x), rtol=0, atol=0)
+    half = _LowRankGPT2.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(TypeError, match="accepts only dtype"):
+        _LowRankGPT2.from_pretrained(tmp_path, device_map="cpu")
+
+
+def test_from_pretrained_never_leaves_low_rank_layers_random(tmp_path):
+    torch.manual_seed(0)
+    _gpt2().save_pretrained(tmp_path)  # dense weights: nothing for the factors __init__ creates
+    with pytest.raises(ValueError, match="random initialisation"):
+        _LowRankGPT2.from_pretrained(tmp_path)
+
+    class DenseGPT2(LowRankPretrainedMixin, transformers.GPT2LMHeadModel):
+        pass
+
+    model, info = DenseGPT2.from_pretrained(tmp_path, output_loading_info=True)  # transformers' own path
+    assert not info["missing_keys"] and type(model) is DenseGPT2
+    torch.testing.assert_close(_out(model, {"input_ids": _ids()}), _out(_gpt2_from(tmp_path), {"input_ids": _ids()}))
+
+
+def _gpt2_from(directory):
+    return transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
 
 
 def test_model_load_state_dict_across_ranks_keeps_parameter_objects():

@@ -11,11 +11,10 @@ with it, the file and the shapes must agree.
 
 A plain ``ModelClass.from_pretrained(dir)`` cannot know about the low-rank layers: transformers builds
 dense layers and reports their weights as newly initialised. A class whose ``__init__`` calls
-``replace_linear`` loads with ``from_pretrained`` while the saved ranks are the ones it builds; after a
-resize, transformers compares shapes before any module code runs and refuses the checkpoint (size
-mismatch). :func:`load_lowrank_pretrained` handles every case. A model object that already has low-rank
-layers (of any rank) loads such weights with ``load_state_dict``: :class:`LowRankLinear` resizes itself to
-the stored rank.
+``replace_linear`` gets ``from_pretrained`` at the saved ranks, resizes included, by putting
+:class:`LowRankPretrainedMixin` first in its bases; :func:`load_lowrank_pretrained` handles every case. A
+model object that already has low-rank layers (of any rank) loads such weights with ``load_state_dict``:
+:class:`LowRankLinear` resizes itself to the stored rank.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from torch import nn
 from .._modules import is_linear_like, linear_weight, set_submodule
 from .lowrank_linear import LowRankLinear
 
-__all__ = ["LOWRANK_CONFIG_NAME", "load_lowrank_pretrained", "lowrank_layers", "save_lowrank_pretrained"]
+__all__ = ["LOWRANK_CONFIG_NAME", "LowRankPretrainedMixin", "load_lowrank_pretrained", "lowrank_layers",
+           "save_lowrank_pretrained"]
 
 LOWRANK_CONFIG_NAME = "lowrank_config.json"
 _FORMAT = "lowrank_kernels.low_rank_layers"
@@ -209,3 +209,61 @@ def load_lowrank_pretrained(model_cls_or_factory: type | Callable[[], nn.Module]
         raise ValueError(f"{directory} does not match {type(model).__name__} with the recorded low-rank layers: "
                          f"missing keys {missing}, unexpected keys {unexpected}")
     return model.eval()
+
+
+def _saved_keys(directory: str) -> list[str]:
+    """The tensor names of a directory's safetensors weights, read from the headers only (``[]`` without any)."""
+    from safetensors import safe_open
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            return list(f.keys())
+    if os.path.isfile(index):
+        with open(index) as f:
+            return list(json.load(f)["weight_map"])
+    return []
+
+
+class LowRankPretrainedMixin:
+    """Makes ``from_pretrained`` of a transformers model class restore saved low-rank layers at their saved ranks.
+
+    For a class whose ``__init__`` makes layers low-rank, e.g.::
+
+        class LowRankGPT2(LowRankPretrainedMixin, GPT2LMHeadModel):
+            def __init__(self, config):
+                super().__init__(config)
+                replace_linear(self, rank=16)
+
+    transformers alone builds the layers at the ranks ``__init__`` chooses and refuses a checkpoint saved after
+    a resize (it compares shapes before any module code runs). With the mixin first in the bases, a local
+    directory whose weights hold low-rank factors (written by :func:`save_lowrank_pretrained`, ``save_pretrained``
+    or a ``Trainer`` checkpoint) is loaded by :func:`load_lowrank_pretrained`: every layer at its saved rank,
+    strictly (a missing or unused key is a ``ValueError``). Such a directory accepts only ``dtype=``; anything
+    else (a hub name, a directory of dense weights) goes to transformers' own ``from_pretrained``, and a
+    ``ValueError`` is raised where that would leave low-rank layers at their random initialisation (dense weights
+    into a class that makes them low-rank: load the dense class, then call ``replace_linear``).
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        directory = os.fspath(pretrained_model_name_or_path)
+        lowrank = os.path.isdir(directory) and (
+            os.path.isfile(os.path.join(directory, LOWRANK_CONFIG_NAME))
+            or any(k.endswith(".U") for k in _saved_keys(directory)))
+        if not lowrank:
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, **kwargs)
+            random = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ()) if k.endswith((".U", ".V"))})
+            if random:
+                raise ValueError(f"{pretrained_model_name_or_path} has no low-rank factors for {random}: they would "
+                                 f"keep their random initialisation. Load the dense model with its own class, then "
+                                 f"call replace_linear (its SVD keeps the trained weights)")
+            return (model, info) if want_info else model
+        dtype = kwargs.pop("dtype", None)
+        if model_args or kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained of the low-rank directory {directory} accepts only "
+                            f"dtype=, got {[*map(repr, model_args), *sorted(kwargs)]}")
+        return load_lowrank_pretrained(cls, directory, dtype=dtype)
