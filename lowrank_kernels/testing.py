@@ -282,3 +282,16 @@ def run_processes(worker, nprocs: int, args: tuple, timeout: float) -> None:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"{nprocs} worker processes did not finish in {timeout:g} s")
+
+
+def exit_worker() -> None:
+    """End a successful worker process of :func:`run_processes` without the interpreter's normal teardown.
+
+    With torch 2.13's gloo, C++ static destructors at exit abort about one run in seven ("terminate called
+    without an active exception") after all the work and the process group's destruction have finished; a
+    failure before this call still raises and exits non-zero."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -3,7 +3,6 @@ each rank rebuilds only its own, states shared by all-reduce; the parameters aft
 those of the single-process run. Also the generic helpers of ``lowrank_kernels.distributed``."""
 
 import os
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from lowrank_kernels import AdamQ3R
 from lowrank_kernels.distributed import balanced_assignment, broadcast_object, flat_all_reduce
 from lowrank_kernels.q3r import Q3R
-from lowrank_kernels.testing import run_processes
+from lowrank_kernels.testing import exit_worker, run_processes
 
 STEPS = 7  # Q3R rebuilds at calls 1, 4, 7 (steps=3)
 
@@ -60,12 +59,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     finally:
         Q3R._refresh_ops = original
         dist.destroy_process_group()
-    # Success: leave without the interpreter's normal teardown. With torch 2.13's gloo, C++ static destructors
-    # at exit abort ~1 run in 7 ("terminate called without an active exception") after all the work and the
-    # group's destruction have finished; a failure above still raises and exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()
 
 
 def test_ddp_matches_single_process(tmp_path):

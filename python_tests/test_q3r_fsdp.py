@@ -8,7 +8,6 @@ the single-process one.
 """
 
 import os
-import sys
 import warnings
 
 import pytest
@@ -18,7 +17,7 @@ from torch import nn
 from lowrank_kernels import AdamQ3R
 from lowrank_kernels.adapters.spectral import eigenvalues
 from lowrank_kernels.q3r import sharded
-from lowrank_kernels.testing import run_processes
+from lowrank_kernels.testing import exit_worker, run_processes
 
 STEPS = 7  # steps=3: rebuilds at calls 1, 4 and 7
 SPLIT = 4  # the resumed run saves after this many steps
@@ -178,9 +177,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as in test_q3r_ddp: torch 2.13's gloo sometimes aborts in static destructors at exit
+    exit_worker()
 
 
 @pytest.fixture(scope="module")

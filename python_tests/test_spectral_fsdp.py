@@ -6,7 +6,6 @@ weights); the sharded stable ranks / spectral norms must equal those of the whol
 """
 
 import os
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 from lowrank_kernels import ops
 from lowrank_kernels.adapters import spectral as S
 from lowrank_kernels.q3r import sharded
-from lowrank_kernels.testing import run_processes
+from lowrank_kernels.testing import exit_worker, run_processes
 
 pytest.importorskip("peft")
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
@@ -109,9 +108,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as in test_q3r_fsdp: gloo sometimes aborts in static destructors at exit
+    exit_worker()
 
 
 @pytest.fixture(scope="module")
