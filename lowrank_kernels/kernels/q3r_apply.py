@@ -14,6 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile ``pid`` of a row-major grid of ``(BLOCK_M, BLOCK_N)`` tiles over ``(M, N)``: its row-block index,
+    its rows and columns, and which of them are inside the matrix."""
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, rows, cols, rows < M, cols < N
+
+
+@triton.jit
 def _q3r_apply_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, a_ptr, b_ptr, rs_ptr, kbeg_ptr, kend_ptr,
     M, N, stride_am, stride_bk,
@@ -21,13 +32,7 @@ def _q3r_apply_kernel(
     HAS_Q3R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
+    pid_m, rows, cols, rmask, cmask = _tile(pid, M, N, BLOCK_M, BLOCK_N)
     mask = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * N + cols[None, :]
 
@@ -112,13 +117,7 @@ def _q3r_stack_kernel(
     # its own strides, AT_j (K2, M) and B_j (K2, N) contiguous fp32.
     pid = tl.program_id(0)
     row = tab_ptr + 5 * tl.program_id(1).to(tl.int64)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
+    pid_m, rows, cols, rmask, cmask = _tile(pid, M, N, BLOCK_M, BLOCK_N)
     mask = rmask[:, None] & cmask[None, :]
     x_base = tl.load(row).to(tl.pointer_type(DTYPE))
     offs = rows[:, None].to(tl.int64) * tl.load(row + 1) + cols[None, :].to(tl.int64) * tl.load(row + 2)
