@@ -144,8 +144,11 @@ def test_torch_backend_is_the_reference(torch_backend, device):
                                rtol=0, atol=0)
 
 
-def test_torch_compile_fullgraph(triton_backend, device):
-    """The custom op's fake and autograd let dynamo + AOTAutograd trace forward and backward in one graph."""
+@pytest.mark.parametrize("path", ["triton_backend", "composed_calls"])
+def test_torch_compile_fullgraph(path, device, request):
+    """Both paths (the Triton custom op's fake and autograd, the composed autograd Function) let dynamo +
+    AOTAutograd trace forward and backward in one graph."""
+    request.getfixturevalue(path)
     tensors = _inputs((2, 7), 40, 24, 5, torch.float32, device, w_grad=True)
     compiled = torch.compile(ops.lora_matmul, fullgraph=True, backend="aot_eager")
     dy = torch.randn(2, 7, 24, device=device)
@@ -286,17 +289,6 @@ def test_composed_dropout_draws_one_mask(composed_calls, device):
 def test_bad_dropout(p):
     with pytest.raises(ValueError, match="dropout"):
         ops.lora_matmul(**_bad(), dropout=p)
-
-
-def test_composed_torch_compile_fullgraph(composed_calls, device):
-    tensors = _inputs((2, 7), 40, 24, 5, torch.float32, device, w_grad=True)
-    compiled = torch.compile(ops.lora_matmul, fullgraph=True, backend="aot_eager")
-    dy = torch.randn(2, 7, 24, device=device)
-    y, grads = _run(compiled, tensors, 0.5, dy)
-    y_ref, grads_ref = _run(lora_matmul_ref, tensors, 0.5, dy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_triton_forced_takes_composed_for_fp64_and_dropout(triton_backend, composed_calls, device):
